@@ -1,0 +1,600 @@
+//! Turns desired tables into map writes: only the difference is written, and
+//! a service's backend set switches atomically.
+//!
+//! A new backend set is written as slots under the next revision beside the
+//! old ones; the service entry is then rewritten to point at that revision
+//! (one map update, atomic for readers), and only then are the old slots
+//! deleted. A packet therefore sees the old set or the new one, never a mix.
+//! Ids are stable: a frontend keeps its service id and a backend (address,
+//! port, protocol) its backend id for as long as they are programmed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use lb_common::{
+    backend::{FLAG_LOCAL, FLAG_TERMINATING, Lb4Backend},
+    service::{
+        KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER, KIND_NODE_PORT, Lb4Service,
+        Lb4ServiceKey, SCOPE_EXTERNAL,
+    },
+    slot::{Lb4Slot, Lb4SlotKey},
+};
+
+use crate::model::{DesiredTables, FrontendKind, FrontendSpec};
+
+/// Where the programmer writes; the kernel maps in production, a recording
+/// fake in tests.
+pub trait TableWriter {
+    fn put_service(&mut self, key: &Lb4ServiceKey, value: &Lb4Service) -> anyhow::Result<()>;
+    fn delete_service(&mut self, key: &Lb4ServiceKey) -> anyhow::Result<()>;
+    fn put_slot(&mut self, key: &Lb4SlotKey, value: &Lb4Slot) -> anyhow::Result<()>;
+    fn delete_slot(&mut self, key: &Lb4SlotKey) -> anyhow::Result<()>;
+    fn put_backend(&mut self, id: u32, value: &Lb4Backend) -> anyhow::Result<()>;
+    fn delete_backend(&mut self, id: u32) -> anyhow::Result<()>;
+}
+
+/// What one `apply` did.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    /// Frontends programmed after the apply.
+    pub frontends: usize,
+    /// Backends programmed after the apply.
+    pub backends: usize,
+    /// Map entries written or deleted.
+    pub writes: usize,
+    /// Frontends the datapath does not serve yet (IPv6), left unprogrammed.
+    pub unsupported: usize,
+    /// Failures, each naming the service; the service keeps its previous
+    /// programming and every other service is unaffected.
+    pub errors: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+struct ProgrammedService {
+    entry: Lb4Service,
+    backend_ids: Vec<u32>,
+}
+
+/// Backend identity: what makes two endpoints the same backend.
+type BackendKey = ([u8; 4], u16, u8);
+
+/// The agent's image of what the maps hold.
+#[derive(Debug)]
+pub struct Programmer {
+    services: BTreeMap<Lb4ServiceKey, ProgrammedService>,
+    backends: BTreeMap<BackendKey, (u32, Lb4Backend)>,
+    next_service_id: u32,
+    next_backend_id: u32,
+}
+
+impl Default for Programmer {
+    fn default() -> Self {
+        Self {
+            services: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            next_service_id: 1,
+            next_backend_id: 1,
+        }
+    }
+}
+
+fn kind_code(kind: FrontendKind) -> u32 {
+    match kind {
+        FrontendKind::ClusterIp => KIND_CLUSTER_IP,
+        FrontendKind::NodePort => KIND_NODE_PORT,
+        FrontendKind::LoadBalancer => KIND_LOAD_BALANCER,
+        FrontendKind::ExternalIp => KIND_EXTERNAL_IP,
+    }
+}
+
+impl Programmer {
+    /// Rebuilds the image from maps a previous agent left pinned, so that the
+    /// first apply rewrites only what changed and ids stay the same. Slots
+    /// of other revisions (a half-finished update) are deleted by the apply.
+    pub fn adopt(
+        services: impl IntoIterator<Item = (Lb4ServiceKey, Lb4Service)>,
+        slots: &BTreeMap<Lb4SlotKey, Lb4Slot>,
+        backends: impl IntoIterator<Item = (u32, Lb4Backend)>,
+    ) -> (Self, Vec<Lb4SlotKey>) {
+        let mut me = Self::default();
+        for (id, backend) in backends {
+            me.next_backend_id = me.next_backend_id.max(id.saturating_add(1));
+            me.backends
+                .insert((backend.addr, backend.port, backend.proto), (id, backend));
+        }
+        let mut live_slots = BTreeSet::new();
+        for (key, entry) in services {
+            me.next_service_id = me.next_service_id.max(entry.service_id.saturating_add(1));
+            let mut backend_ids = Vec::with_capacity(entry.backend_count as usize);
+            for slot in 0..entry.backend_count {
+                let slot_key = Lb4SlotKey {
+                    service_id: entry.service_id,
+                    revision: entry.revision,
+                    slot,
+                };
+                // A missing slot makes the set differ from any desired one,
+                // so the apply rewrites it under a new revision.
+                backend_ids.push(slots.get(&slot_key).map_or(0, |s| s.backend_id));
+                live_slots.insert(slot_key);
+            }
+            me.services
+                .insert(key, ProgrammedService { entry, backend_ids });
+        }
+        let stale = slots
+            .keys()
+            .filter(|k| !live_slots.contains(k))
+            .copied()
+            .collect();
+        (me, stale)
+    }
+
+    /// Number of frontends programmed.
+    pub fn frontends(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Writes what differs between `desired` and the maps.
+    pub fn apply(&mut self, desired: &DesiredTables, maps: &mut impl TableWriter) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let mut wanted = BTreeSet::new();
+        for (frontend, spec) in &desired.frontends {
+            let IpAddr::V4(addr) = frontend.addr else {
+                report.unsupported += 1;
+                continue;
+            };
+            let key = Lb4ServiceKey {
+                addr: addr.octets(),
+                port: frontend.port,
+                proto: frontend.protocol.number(),
+                scope: SCOPE_EXTERNAL,
+            };
+            wanted.insert(key);
+            let what = || {
+                format!(
+                    "{} port {} ({}:{}/{:?})",
+                    spec.service, spec.port_name, addr, frontend.port, frontend.protocol
+                )
+            };
+            let ids = match self.ensure_backends(&key, spec, maps, &mut report.writes) {
+                Ok(ids) => ids,
+                Err(e) => {
+                    report.errors.push(format!("{}: {e:#}", what()));
+                    continue;
+                }
+            };
+            if let Err(e) = self.program_service(key, spec, ids, maps, &mut report.writes) {
+                report.errors.push(format!("{}: {e:#}", what()));
+            }
+        }
+
+        let stale: Vec<Lb4ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
+        for key in stale {
+            if let Err(e) = self.remove_service(&key, maps, &mut report.writes) {
+                report.errors.push(format!(
+                    "removing frontend {:?}:{}/{}: {e:#}",
+                    key.addr, key.port, key.proto
+                ));
+            }
+        }
+        self.collect_backends(maps, &mut report);
+        report.frontends = self.services.len();
+        report.backends = self.backends.len();
+        report
+    }
+
+    /// Deletes slots left by an interrupted update (from [`Self::adopt`]).
+    pub fn delete_slots(&self, stale: &[Lb4SlotKey], maps: &mut impl TableWriter) -> Vec<String> {
+        stale
+            .iter()
+            .filter_map(|k| maps.delete_slot(k).err().map(|e| format!("slot {k:?}: {e:#}")))
+            .collect()
+    }
+
+    fn ensure_backends(
+        &mut self,
+        key: &Lb4ServiceKey,
+        spec: &FrontendSpec,
+        maps: &mut impl TableWriter,
+        writes: &mut usize,
+    ) -> anyhow::Result<Vec<u32>> {
+        let mut ids = Vec::with_capacity(spec.backends.len());
+        for backend in &spec.backends {
+            let IpAddr::V4(addr) = backend.addr else {
+                continue;
+            };
+            let mut flags = 0;
+            if backend.node_local {
+                flags |= FLAG_LOCAL;
+            }
+            if backend.terminating {
+                flags |= FLAG_TERMINATING;
+            }
+            let value = Lb4Backend {
+                addr: addr.octets(),
+                port: backend.port,
+                proto: key.proto,
+                flags,
+            };
+            let identity = (value.addr, value.port, value.proto);
+            let id = match self.backends.get(&identity) {
+                Some((id, current)) if *current == value => *id,
+                Some((id, _)) => {
+                    // Same backend, new state: update in place, same id.
+                    let id = *id;
+                    maps.put_backend(id, &value)?;
+                    *writes += 1;
+                    self.backends.insert(identity, (id, value));
+                    id
+                }
+                None => {
+                    let id = self.next_backend_id;
+                    maps.put_backend(id, &value)
+                        .map_err(|e| e.context(format!("backend {addr}:{}", backend.port)))?;
+                    *writes += 1;
+                    self.next_backend_id += 1;
+                    self.backends.insert(identity, (id, value));
+                    id
+                }
+            };
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    fn program_service(
+        &mut self,
+        key: Lb4ServiceKey,
+        spec: &FrontendSpec,
+        ids: Vec<u32>,
+        maps: &mut impl TableWriter,
+        writes: &mut usize,
+    ) -> anyhow::Result<()> {
+        let template = Lb4Service {
+            service_id: 0,
+            backend_count: ids.len() as u32,
+            revision: 0,
+            kind: kind_code(spec.kind),
+            flags: 0,
+            affinity_timeout: spec.affinity_timeout.unwrap_or(0),
+        };
+        match self.services.get(&key) {
+            Some(current) if current.backend_ids == ids => {
+                let entry = Lb4Service {
+                    service_id: current.entry.service_id,
+                    revision: current.entry.revision,
+                    ..template
+                };
+                if entry != current.entry {
+                    maps.put_service(&key, &entry)?;
+                    *writes += 1;
+                    self.services.insert(key, ProgrammedService { entry, backend_ids: ids });
+                }
+                Ok(())
+            }
+            Some(current) => {
+                let old = current.clone();
+                let entry = Lb4Service {
+                    service_id: old.entry.service_id,
+                    revision: old.entry.revision.wrapping_add(1),
+                    ..template
+                };
+                write_slots(&entry, &ids, maps, writes)?;
+                if let Err(e) = maps.put_service(&key, &entry) {
+                    delete_slot_range(&entry, ids.len() as u32, maps, writes);
+                    return Err(e);
+                }
+                *writes += 1;
+                delete_slot_range(&old.entry, old.backend_ids.len() as u32, maps, writes);
+                self.services.insert(key, ProgrammedService { entry, backend_ids: ids });
+                Ok(())
+            }
+            None => {
+                let entry = Lb4Service {
+                    service_id: self.next_service_id,
+                    revision: 1,
+                    ..template
+                };
+                write_slots(&entry, &ids, maps, writes)?;
+                if let Err(e) = maps.put_service(&key, &entry) {
+                    delete_slot_range(&entry, ids.len() as u32, maps, writes);
+                    return Err(e);
+                }
+                *writes += 1;
+                self.next_service_id += 1;
+                self.services.insert(key, ProgrammedService { entry, backend_ids: ids });
+                Ok(())
+            }
+        }
+    }
+
+    fn remove_service(
+        &mut self,
+        key: &Lb4ServiceKey,
+        maps: &mut impl TableWriter,
+        writes: &mut usize,
+    ) -> anyhow::Result<()> {
+        let Some(current) = self.services.get(key) else {
+            return Ok(());
+        };
+        // Entry first: after it is gone no packet reaches the slots.
+        maps.delete_service(key)?;
+        *writes += 1;
+        let entry = current.entry;
+        let count = current.backend_ids.len() as u32;
+        self.services.remove(key);
+        delete_slot_range(&entry, count, maps, writes);
+        Ok(())
+    }
+
+    /// Deletes backends no programmed service refers to any more.
+    fn collect_backends(&mut self, maps: &mut impl TableWriter, report: &mut ApplyReport) {
+        let used: BTreeSet<u32> = self
+            .services
+            .values()
+            .flat_map(|s| s.backend_ids.iter().copied())
+            .collect();
+        let unused: Vec<(BackendKey, u32)> = self
+            .backends
+            .iter()
+            .filter(|(_, (id, _))| !used.contains(id))
+            .map(|(k, (id, _))| (*k, *id))
+            .collect();
+        for (identity, id) in unused {
+            match maps.delete_backend(id) {
+                Ok(()) => {
+                    report.writes += 1;
+                    self.backends.remove(&identity);
+                }
+                Err(e) => report.errors.push(format!("removing backend {id}: {e:#}")),
+            }
+        }
+    }
+}
+
+fn write_slots(
+    entry: &Lb4Service,
+    ids: &[u32],
+    maps: &mut impl TableWriter,
+    writes: &mut usize,
+) -> anyhow::Result<()> {
+    for (slot, backend_id) in ids.iter().enumerate() {
+        let key = Lb4SlotKey {
+            service_id: entry.service_id,
+            revision: entry.revision,
+            slot: slot as u32,
+        };
+        if let Err(e) = maps.put_slot(&key, &Lb4Slot { backend_id: *backend_id }) {
+            // Leave nothing half-written behind.
+            delete_slot_range(entry, slot as u32, maps, writes);
+            return Err(e.context(format!("writing slot {slot}")));
+        }
+        *writes += 1;
+    }
+    Ok(())
+}
+
+fn delete_slot_range(entry: &Lb4Service, count: u32, maps: &mut impl TableWriter, writes: &mut usize) {
+    for slot in 0..count {
+        let key = Lb4SlotKey {
+            service_id: entry.service_id,
+            revision: entry.revision,
+            slot,
+        };
+        // A slot already gone is what we want; nothing to report.
+        if maps.delete_slot(&key).is_ok() {
+            *writes += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::model::{Backend, Frontend, Protocol, ServiceRef};
+
+    /// In-memory maps that check, after every single write, that no service
+    /// entry points at a missing slot or a missing backend: what a packet
+    /// arriving between two writes would see.
+    #[derive(Default)]
+    struct CheckedMaps {
+        services: BTreeMap<Lb4ServiceKey, Lb4Service>,
+        slots: BTreeMap<Lb4SlotKey, Lb4Slot>,
+        backends: BTreeMap<u32, Lb4Backend>,
+        capacity_slots: usize,
+        ops: usize,
+    }
+
+    impl CheckedMaps {
+        fn check(&self) {
+            for (key, svc) in &self.services {
+                for slot in 0..svc.backend_count {
+                    let k = Lb4SlotKey { service_id: svc.service_id, revision: svc.revision, slot };
+                    let s = self.slots.get(&k).unwrap_or_else(|| {
+                        panic!("after op {}: {key:?} points at missing slot {k:?}", self.ops)
+                    });
+                    assert!(
+                        self.backends.contains_key(&s.backend_id),
+                        "after op {}: slot {k:?} points at missing backend {}",
+                        self.ops,
+                        s.backend_id
+                    );
+                }
+            }
+        }
+        fn backends_of(&self, key: &Lb4ServiceKey) -> Vec<Lb4Backend> {
+            let svc = self.services[key];
+            (0..svc.backend_count)
+                .map(|slot| {
+                    let k = Lb4SlotKey { service_id: svc.service_id, revision: svc.revision, slot };
+                    self.backends[&self.slots[&k].backend_id]
+                })
+                .collect()
+        }
+    }
+
+    impl TableWriter for CheckedMaps {
+        fn put_service(&mut self, key: &Lb4ServiceKey, value: &Lb4Service) -> anyhow::Result<()> {
+            self.services.insert(*key, *value);
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+        fn delete_service(&mut self, key: &Lb4ServiceKey) -> anyhow::Result<()> {
+            self.services.remove(key);
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+        fn put_slot(&mut self, key: &Lb4SlotKey, value: &Lb4Slot) -> anyhow::Result<()> {
+            if self.capacity_slots != 0 && self.slots.len() >= self.capacity_slots && !self.slots.contains_key(key) {
+                anyhow::bail!("map full");
+            }
+            self.slots.insert(*key, *value);
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+        fn delete_slot(&mut self, key: &Lb4SlotKey) -> anyhow::Result<()> {
+            self.slots.remove(key).ok_or_else(|| anyhow::anyhow!("no such slot"))?;
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+        fn put_backend(&mut self, id: u32, value: &Lb4Backend) -> anyhow::Result<()> {
+            self.backends.insert(id, *value);
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+        fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
+            self.backends.remove(&id);
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+    }
+
+    fn frontend(last: u8, port: u16) -> Frontend {
+        Frontend { addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)), port, protocol: Protocol::Tcp }
+    }
+
+    fn spec(name: &str, pods: &[u8]) -> FrontendSpec {
+        FrontendSpec {
+            service: ServiceRef { namespace: "default".into(), name: name.into() },
+            port_name: "http".into(),
+            kind: FrontendKind::ClusterIp,
+            backends: pods
+                .iter()
+                .map(|p| Backend {
+                    addr: IpAddr::V4(Ipv4Addr::new(10, 244, 1, *p)),
+                    port: 8080,
+                    node_local: true,
+                    terminating: false,
+                    pod: None,
+                })
+                .collect(),
+            affinity_timeout: None,
+        }
+    }
+
+    fn tables(entries: &[(Frontend, FrontendSpec)]) -> DesiredTables {
+        DesiredTables { frontends: entries.iter().cloned().collect() }
+    }
+
+    fn key(last: u8, port: u16) -> Lb4ServiceKey {
+        Lb4ServiceKey { addr: [10, 96, 0, last], port, proto: 6, scope: SCOPE_EXTERNAL }
+    }
+
+    fn addrs(backends: &[Lb4Backend]) -> Vec<u8> {
+        backends.iter().map(|b| b.addr[3]).collect()
+    }
+
+    #[test]
+    fn programs_then_switches_then_removes_without_a_half_written_state() {
+        let mut maps = CheckedMaps::default();
+        let mut prog = Programmer::default();
+
+        let r = prog.apply(&tables(&[(frontend(10, 80), spec("web", &[11, 12, 13]))]), &mut maps);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(addrs(&maps.backends_of(&key(10, 80))), vec![11, 12, 13]);
+        let first_rev = maps.services[&key(10, 80)].revision;
+
+        // Same input again: nothing is written.
+        let r = prog.apply(&tables(&[(frontend(10, 80), spec("web", &[11, 12, 13]))]), &mut maps);
+        assert_eq!(r.writes, 0, "an unchanged apply wrote to the maps");
+
+        // Scale down: new revision, old slots gone, removed backend deleted.
+        let r = prog.apply(&tables(&[(frontend(10, 80), spec("web", &[11, 12]))]), &mut maps);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        let svc = maps.services[&key(10, 80)];
+        assert_eq!(svc.revision, first_rev + 1);
+        assert_eq!(addrs(&maps.backends_of(&key(10, 80))), vec![11, 12]);
+        assert_eq!(maps.slots.len(), 2, "old revision's slots left behind: {:?}", maps.slots);
+        assert_eq!(maps.backends.len(), 2, "unreferenced backend kept: {:?}", maps.backends);
+
+        // Service gone: everything gone.
+        prog.apply(&tables(&[]), &mut maps);
+        assert!(maps.services.is_empty() && maps.slots.is_empty() && maps.backends.is_empty());
+    }
+
+    #[test]
+    fn backends_shared_between_frontends_keep_one_id() {
+        let mut maps = CheckedMaps::default();
+        let mut prog = Programmer::default();
+        prog.apply(
+            &tables(&[(frontend(10, 80), spec("a", &[11, 12])), (frontend(20, 80), spec("b", &[12]))]),
+            &mut maps,
+        );
+        assert_eq!(maps.backends.len(), 2);
+        prog.apply(&tables(&[(frontend(20, 80), spec("b", &[12]))]), &mut maps);
+        assert_eq!(addrs(&maps.backends_of(&key(20, 80))), vec![12]);
+        assert_eq!(maps.backends.len(), 1);
+    }
+
+    #[test]
+    fn a_full_map_fails_one_service_and_keeps_the_others() {
+        let mut maps = CheckedMaps { capacity_slots: 3, ..Default::default() };
+        let mut prog = Programmer::default();
+        let r = prog.apply(
+            &tables(&[(frontend(10, 80), spec("a", &[11, 12])), (frontend(20, 80), spec("b", &[13, 14]))]),
+            &mut maps,
+        );
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        assert!(r.errors[0].contains("default/b"), "error does not name the service: {}", r.errors[0]);
+        assert_eq!(addrs(&maps.backends_of(&key(10, 80))), vec![11, 12]);
+        assert!(!maps.services.contains_key(&key(20, 80)));
+        assert_eq!(maps.slots.len(), 2, "half-written slots left: {:?}", maps.slots);
+    }
+
+    #[test]
+    fn adopting_pinned_maps_rewrites_nothing_that_is_unchanged() {
+        let mut maps = CheckedMaps::default();
+        let desired = tables(&[(frontend(10, 80), spec("web", &[11, 12, 13]))]);
+        Programmer::default().apply(&desired, &mut maps);
+
+        let (mut adopted, stale) = Programmer::adopt(
+            maps.services.clone(),
+            &maps.slots.clone(),
+            maps.backends.clone(),
+        );
+        assert!(stale.is_empty());
+        let r = adopted.apply(&desired, &mut maps);
+        assert_eq!(r.writes, 0, "restart rewrote unchanged entries");
+
+        // And ids continue after the adopted ones.
+        let r = adopted.apply(&tables(&[(frontend(10, 80), spec("web", &[11, 14]))]), &mut maps);
+        assert!(r.errors.is_empty());
+        let ids: BTreeSet<u32> = maps.backends.keys().copied().collect();
+        assert_eq!(ids.len(), 2);
+        assert!(ids.contains(&4), "new backend did not get a fresh id: {ids:?}");
+    }
+}

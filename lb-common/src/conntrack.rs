@@ -1,0 +1,94 @@
+//! `LB4_CT_V1`: the connection tracking table, an LRU hash keyed by 5-tuple.
+//!
+//! The first packet of a flow to a service writes two entries: the forward one
+//! (client -> frontend, rewritten to the backend) and the reply one
+//! (backend -> client, source rewritten back to the frontend).
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::{assert_layout, user_pod};
+
+/// Pinned name of the IPv4 conntrack map.
+pub const NAME: &str = "LB4_CT_V1";
+/// Default capacity (two entries per tracked flow).
+pub const MAX_ENTRIES: u32 = 524288;
+
+/// 5-tuple as seen on the wire before translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Lb4CtKey {
+    /// Source address, network order.
+    pub src_addr: [u8; 4],
+    /// Destination address, network order.
+    pub dst_addr: [u8; 4],
+    /// Source port, host order.
+    pub src_port: u16,
+    /// Destination port, host order.
+    pub dst_port: u16,
+    /// IANA protocol number.
+    pub proto: u8,
+    /// Explicit padding, always zero (the key is hashed bytewise).
+    pub _pad: [u8; 3],
+}
+assert_layout!(
+    Lb4CtKey,
+    size = 16,
+    src_addr = 0,
+    dst_addr = 4,
+    src_port = 8,
+    dst_port = 10,
+    proto = 12,
+    _pad = 13
+);
+
+/// Forward direction: rewrite the destination to `nat_addr:nat_port`.
+pub const DIR_FORWARD: u8 = 1;
+/// Reply direction: rewrite the source to `nat_addr:nat_port`.
+pub const DIR_REPLY: u8 = 2;
+
+/// A TCP FIN was seen in this direction.
+pub const TCP_FIN: u8 = 1;
+/// A TCP RST was seen.
+pub const TCP_RST: u8 = 2;
+
+/// Translation and bookkeeping for one direction of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Lb4CtEntry {
+    /// Address to write (destination for `DIR_FORWARD`, source for `DIR_REPLY`).
+    pub nat_addr: [u8; 4],
+    /// Port to write, host order.
+    pub nat_port: u16,
+    /// `DIR_*`.
+    pub direction: u8,
+    /// `TCP_*` bits seen so far.
+    pub tcp_flags: u8,
+    /// Service the flow was balanced by.
+    pub service_id: u32,
+    /// Backend the flow was given.
+    pub backend_id: u32,
+    /// `bpf_ktime_get_ns()` at creation.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` at the last packet.
+    pub last_seen_ns: u64,
+    /// Packets seen in this direction (approximate under concurrency).
+    pub packets: u64,
+    /// Bytes seen in this direction (approximate under concurrency).
+    pub bytes: u64,
+}
+assert_layout!(
+    Lb4CtEntry,
+    size = 48,
+    nat_addr = 0,
+    nat_port = 4,
+    direction = 6,
+    tcp_flags = 7,
+    service_id = 8,
+    backend_id = 12,
+    created_ns = 16,
+    last_seen_ns = 24,
+    packets = 32,
+    bytes = 40
+);
+
+user_pod!(Lb4CtKey, Lb4CtEntry);

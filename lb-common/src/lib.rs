@@ -1,0 +1,46 @@
+//! Types shared by the kernel programs (`lb-ebpf`) and the agent (`lb-agent`).
+//!
+//! One module per map: its key, its value, its pinned `NAME` and its default
+//! `MAX_ENTRIES`. Every struct is `#[repr(C)]` with explicit padding so that the
+//! layout is the same on both sides and bytemuck can prove it has no holes.
+//! Addresses are stored as byte arrays in network order and ports as host-order
+//! integers, so that `bpftool map dump` prints `"addr": [10,96,0,10]` and
+//! `"port": 80` instead of byte-swapped numbers. A layout change bumps the
+//! version suffix of the map name (`_V1` -> `_V2`), never reinterprets in place.
+#![no_std]
+
+pub mod backend;
+pub mod conntrack;
+pub mod service;
+pub mod slot;
+pub mod stats;
+
+/// IANA protocol numbers, as they appear in the IPv4 header.
+pub const PROTO_TCP: u8 = 6;
+/// See [`PROTO_TCP`].
+pub const PROTO_UDP: u8 = 17;
+/// See [`PROTO_TCP`].
+pub const PROTO_SCTP: u8 = 132;
+
+/// Implements `aya::Pod` for the user-space side of a shared type.
+macro_rules! user_pod {
+    ($($ty:ty),* $(,)?) => {
+        $(
+            #[cfg(feature = "user")]
+            // SAFETY: the type is #[repr(C)], Copy, and bytemuck::Pod (no padding, every bit pattern valid).
+            unsafe impl aya::Pod for $ty {}
+        )*
+    };
+}
+pub(crate) use user_pod;
+
+/// Compile-time layout check: size and field offsets.
+macro_rules! assert_layout {
+    ($ty:ty, size = $size:expr $(, $field:ident = $off:expr)* $(,)?) => {
+        const _: () = {
+            assert!(core::mem::size_of::<$ty>() == $size);
+            $(assert!(core::mem::offset_of!($ty, $field) == $off);)*
+        };
+    };
+}
+pub(crate) use assert_layout;

@@ -1,0 +1,70 @@
+//! `LB4_SERVICES_V1`: frontend (address, port, protocol, scope) -> service entry.
+//!
+//! The agent writes a service's backend slots first and this entry last, so a
+//! packet either sees the old backend set or the new one, never a mix.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::{assert_layout, user_pod};
+
+/// Pinned name of the IPv4 service map.
+pub const NAME: &str = "LB4_SERVICES_V1";
+/// Default capacity (frontends).
+pub const MAX_ENTRIES: u32 = 65536;
+
+/// Scope of a frontend: traffic from anywhere.
+pub const SCOPE_EXTERNAL: u8 = 0;
+
+/// Lookup key of a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Lb4ServiceKey {
+    /// Frontend address, network order.
+    pub addr: [u8; 4],
+    /// Frontend port, host order.
+    pub port: u16,
+    /// IANA protocol number.
+    pub proto: u8,
+    /// `SCOPE_*`; a `u8` so the key has no implicit padding.
+    pub scope: u8,
+}
+assert_layout!(Lb4ServiceKey, size = 8, addr = 0, port = 4, proto = 6, scope = 7);
+
+/// Kind of frontend, kept for inspection (`lbctl services`).
+pub const KIND_CLUSTER_IP: u32 = 0;
+/// See [`KIND_CLUSTER_IP`].
+pub const KIND_NODE_PORT: u32 = 1;
+/// See [`KIND_CLUSTER_IP`].
+pub const KIND_LOAD_BALANCER: u32 = 2;
+/// See [`KIND_CLUSTER_IP`].
+pub const KIND_EXTERNAL_IP: u32 = 3;
+
+/// What a frontend resolves to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Lb4Service {
+    /// Agent-assigned id, stable for the frontend's lifetime; keys its slots.
+    pub service_id: u32,
+    /// Number of slots `0..backend_count` valid under `revision`.
+    pub backend_count: u32,
+    /// Generation of the slot set this entry points at.
+    pub revision: u32,
+    /// `KIND_*` of the frontend.
+    pub kind: u32,
+    /// `FLAG_*` bits; a `u32`, not `bool`s, so there is no implicit padding.
+    pub flags: u32,
+    /// Session affinity timeout in seconds, 0 when affinity is off.
+    pub affinity_timeout: u32,
+}
+assert_layout!(
+    Lb4Service,
+    size = 24,
+    service_id = 0,
+    backend_count = 4,
+    revision = 8,
+    kind = 12,
+    flags = 16,
+    affinity_timeout = 20,
+);
+
+user_pod!(Lb4ServiceKey, Lb4Service);

@@ -1,0 +1,101 @@
+//! `LB_STATS_V1`: per-CPU packet and byte counters, one slot per verdict or
+//! drop reason.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::{assert_layout, user_pod};
+
+/// Pinned name of the stats map.
+pub const NAME: &str = "LB_STATS_V1";
+/// Number of counter slots (room for reasons added later).
+pub const MAX_ENTRIES: u32 = 64;
+
+/// Packets and bytes counted under one reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counter {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes (skb length as the program saw it).
+    pub bytes: u64,
+}
+assert_layout!(Counter, size = 16, packets = 0, bytes = 8);
+
+user_pod!(Counter);
+
+/// Why a packet got its verdict. Values below [`Reason::FIRST_DROP`] pass the
+/// packet on; the rest drop it. The discriminant is the counter's index.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4.
+    PassNotIpv4 = 0,
+    /// IPv4 but neither TCP nor UDP.
+    PassOtherL4 = 1,
+    /// A non-first IPv4 fragment (no L4 header to read).
+    PassFragment = 2,
+    /// TCP/UDP not addressed to a service and not part of a tracked flow.
+    PassNotService = 3,
+    /// First packet of a flow: backend chosen, destination translated.
+    NewFlow = 4,
+    /// Established flow, forward direction translated.
+    CtForward = 5,
+    /// Established flow, reply translated back to the frontend.
+    CtReply = 6,
+    /// The service has no usable backend.
+    DropNoBackend = 16,
+    /// A header ended before the packet did.
+    DropMalformed = 17,
+    /// The conntrack entry could not be written.
+    DropCtFull = 18,
+    /// A slot or backend the service entry points at is missing.
+    DropBackendMissing = 19,
+    /// A rewrite or checksum helper failed.
+    DropRewrite = 20,
+}
+
+impl Reason {
+    /// Reasons at or above this index drop the packet.
+    pub const FIRST_DROP: u32 = 16;
+
+    /// Every reason, for readers that list all counters.
+    pub const ALL: [Reason; 12] = [
+        Reason::PassNotIpv4,
+        Reason::PassOtherL4,
+        Reason::PassFragment,
+        Reason::PassNotService,
+        Reason::NewFlow,
+        Reason::CtForward,
+        Reason::CtReply,
+        Reason::DropNoBackend,
+        Reason::DropMalformed,
+        Reason::DropCtFull,
+        Reason::DropBackendMissing,
+        Reason::DropRewrite,
+    ];
+
+    /// Stable name for metrics and `lbctl stats`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassOtherL4 => "pass_other_l4",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassNotService => "pass_not_service",
+            Reason::NewFlow => "new_flow",
+            Reason::CtForward => "ct_forward",
+            Reason::CtReply => "ct_reply",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropMalformed => "drop_malformed",
+            Reason::DropCtFull => "drop_ct_full",
+            Reason::DropBackendMissing => "drop_backend_missing",
+            Reason::DropRewrite => "drop_rewrite",
+        }
+    }
+
+    /// Whether packets under this reason are dropped.
+    pub const fn is_drop(self) -> bool {
+        self as u32 >= Self::FIRST_DROP
+    }
+}
+
+const _: () = assert!((Reason::DropRewrite as u32) < MAX_ENTRIES);

@@ -1,0 +1,149 @@
+//! Header parsing: Ethernet -> IPv4 -> TCP/UDP. Every read goes through
+//! [`ptr_at`], the one bounds-checked accessor.
+
+use aya_ebpf::programs::TcContext;
+use lb_common::{PROTO_TCP, PROTO_UDP, conntrack::Lb4CtKey, stats::Reason};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+/// Offsets inside the IPv4 header.
+pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
+pub const IP_DST_OFF: usize = ETH_HLEN + 16;
+/// Offsets of the checksum inside the TCP and UDP headers.
+const TCP_CSUM_OFF: usize = 16;
+const UDP_CSUM_OFF: usize = 6;
+const TCP_FLAGS_OFF: usize = 13;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+/// Longest header run we ever read: Ethernet + IPv4 with options + TCP.
+const MAX_HEADERS: u32 = (ETH_HLEN + 60 + 20) as u32;
+
+#[repr(C)]
+struct EthHdr {
+    dst: [u8; 6],
+    src: [u8; 6],
+    ether_type: [u8; 2],
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    tot_len: [u8; 2],
+    id: [u8; 2],
+    frag_off: [u8; 2],
+    ttl: u8,
+    proto: u8,
+    check: [u8; 2],
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+}
+
+/// The first four bytes of both TCP and UDP.
+#[repr(C)]
+struct L4Ports {
+    src: [u8; 2],
+    dst: [u8; 2],
+}
+
+/// A TCP or UDP packet with what the later stages need.
+pub struct Flow {
+    /// The 5-tuple as on the wire (ports host order).
+    pub key: Lb4CtKey,
+    /// Offset of the L4 header.
+    pub l4_off: usize,
+    /// Offset of the L4 checksum field.
+    pub csum_off: usize,
+    /// TCP flags byte, 0 for UDP.
+    pub tcp_flags: u8,
+}
+
+impl Flow {
+    /// A connection opener (SYN without ACK).
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.key.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+}
+
+pub enum Packet {
+    NotIpv4,
+    OtherL4,
+    Fragment,
+    Flow(Flow),
+}
+
+/// Returns a pointer to a `T` at `off`, or `DropMalformed` if the packet is
+/// shorter.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Result<*const T, Reason> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    // The verifier needs the whole access proven inside [data, data_end).
+    if start + off + core::mem::size_of::<T>() > end {
+        return Err(Reason::DropMalformed);
+    }
+    Ok((start + off) as *const T)
+}
+
+/// Makes sure the headers are in the linear part of the skb, where direct
+/// packet access can see them (GRO'd or paged skbs may hold less).
+#[inline(always)]
+fn pull_headers(ctx: &TcContext) {
+    let want = if ctx.len() < MAX_HEADERS { ctx.len() } else { MAX_HEADERS };
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        let _ = ctx.pull_data(want);
+    }
+}
+
+#[inline(always)]
+pub fn parse_packet(ctx: &TcContext) -> Result<Packet, Reason> {
+    pull_headers(ctx);
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    if u16::from_be_bytes(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return Ok(Packet::NotIpv4);
+    }
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let (version_ihl, proto, frag_off, saddr, daddr) =
+        unsafe { ((*ip).version_ihl, (*ip).proto, (*ip).frag_off, (*ip).saddr, (*ip).daddr) };
+    // The mask bounds the header length to 60 for the verifier.
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || ihl < 20 {
+        return Err(Reason::DropMalformed);
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(Packet::OtherL4);
+    }
+    // A non-first fragment carries no L4 header; reading one there would
+    // misread payload as ports.
+    if u16::from_be_bytes(frag_off) & 0x1fff != 0 {
+        return Ok(Packet::Fragment);
+    }
+    let l4_off = ETH_HLEN + ihl;
+    let ports = ptr_at::<L4Ports>(ctx, l4_off)?;
+    let (src, dst) = unsafe { ((*ports).src, (*ports).dst) };
+    let (csum_off, tcp_flags) = if proto == PROTO_TCP {
+        // The full fixed TCP header must be present to touch its checksum.
+        let tcp = ptr_at::<[u8; 20]>(ctx, l4_off)?;
+        (l4_off + TCP_CSUM_OFF, unsafe { (*tcp)[TCP_FLAGS_OFF] })
+    } else {
+        ptr_at::<[u8; 8]>(ctx, l4_off)?;
+        (l4_off + UDP_CSUM_OFF, 0)
+    };
+    Ok(Packet::Flow(Flow {
+        key: Lb4CtKey {
+            src_addr: saddr,
+            dst_addr: daddr,
+            src_port: u16::from_be_bytes(src),
+            dst_port: u16::from_be_bytes(dst),
+            proto,
+            _pad: [0; 3],
+        },
+        l4_off,
+        csum_off,
+        tcp_flags,
+    }))
+}
