@@ -58,7 +58,10 @@ struct Args {
 fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             error!("starting the runtime: {e}");
@@ -195,7 +198,10 @@ impl DeviceTracker {
         }
         for (name, index) in &present {
             let wanted = args.devices.iter().any(|d| d == name)
-                || args.pod_devices.iter().any(|g| datapath::glob_match(g, name));
+                || args
+                    .pod_devices
+                    .iter()
+                    .any(|g| datapath::glob_match(g, name));
             if !wanted || self.failed.contains(&(name.clone(), *index)) {
                 continue;
             }

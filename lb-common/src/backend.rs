@@ -27,6 +27,13 @@ pub struct Lb4Backend {
     /// `FLAG_*` bits.
     pub flags: u8,
 }
-assert_layout!(Lb4Backend, size = 8, addr = 0, port = 4, proto = 6, flags = 7);
+assert_layout!(
+    Lb4Backend,
+    size = 8,
+    addr = 0,
+    port = 4,
+    proto = 6,
+    flags = 7
+);
 
 user_pod!(Lb4Backend);

@@ -28,7 +28,14 @@ pub struct Lb4ServiceKey {
     /// `SCOPE_*`; a `u8` so the key has no implicit padding.
     pub scope: u8,
 }
-assert_layout!(Lb4ServiceKey, size = 8, addr = 0, port = 4, proto = 6, scope = 7);
+assert_layout!(
+    Lb4ServiceKey,
+    size = 8,
+    addr = 0,
+    port = 4,
+    proto = 6,
+    scope = 7
+);
 
 /// Kind of frontend, kept for inspection (`lbctl services`).
 pub const KIND_CLUSTER_IP: u32 = 0;

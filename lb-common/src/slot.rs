@@ -24,7 +24,13 @@ pub struct Lb4SlotKey {
     /// Index `0..backend_count`.
     pub slot: u32,
 }
-assert_layout!(Lb4SlotKey, size = 12, service_id = 0, revision = 4, slot = 8);
+assert_layout!(
+    Lb4SlotKey,
+    size = 12,
+    service_id = 0,
+    revision = 4,
+    slot = 8
+);
 
 /// The backend a slot points at.
 #[repr(C)]

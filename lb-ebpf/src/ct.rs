@@ -23,7 +23,7 @@ pub fn lookup(key: &Lb4CtKey) -> Option<Lb4CtEntry> {
 /// same address (a removed backend must not get new connections).
 #[inline(always)]
 pub fn backend_still_valid(entry: &Lb4CtEntry) -> bool {
-    match unsafe { LB4_BACKENDS_V1.get(&entry.backend_id) } {
+    match unsafe { LB4_BACKENDS_V1.get(entry.backend_id) } {
         Some(backend) => backend.addr == entry.nat_addr && backend.port == entry.nat_port,
         None => false,
     }
@@ -32,7 +32,7 @@ pub fn backend_still_valid(entry: &Lb4CtEntry) -> bool {
 /// Updates the entry's activity: last seen, counters, TCP close flags.
 #[inline(always)]
 pub fn touch(flow: &Flow, len: u32, now: u64) {
-    if let Some(entry) = LB4_CT_V1.get_ptr_mut(&flow.key) {
+    if let Some(entry) = LB4_CT_V1.get_ptr_mut(flow.key) {
         // Plain (not atomic) updates: counters are approximate by design.
         unsafe {
             (*entry).last_seen_ns = now;
@@ -90,9 +90,9 @@ pub fn create(
     };
     // Reply first: once the forward entry exists, replies must find theirs.
     LB4_CT_V1
-        .insert(&reply_key, &reply, BPF_ANY as u64)
+        .insert(reply_key, reply, BPF_ANY as u64)
         .map_err(|_| Reason::DropCtFull)?;
     LB4_CT_V1
-        .insert(&flow.key, &forward, BPF_ANY as u64)
+        .insert(flow.key, forward, BPF_ANY as u64)
         .map_err(|_| Reason::DropCtFull)
 }

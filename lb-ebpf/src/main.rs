@@ -35,8 +35,7 @@ static LB4_SERVICES_V1: HashMap<Lb4ServiceKey, Lb4Service, { svc::MAX_ENTRIES as
 
 /// Backend slots of each service revision: (service, revision, slot) -> backend id.
 #[btf_map]
-static LB4_SLOTS_V1: HashMap<Lb4SlotKey, Lb4Slot, { slot::MAX_ENTRIES as usize }> =
-    HashMap::new();
+static LB4_SLOTS_V1: HashMap<Lb4SlotKey, Lb4Slot, { slot::MAX_ENTRIES as usize }> = HashMap::new();
 
 /// Backends: id -> address, port, state.
 #[btf_map]
@@ -59,7 +58,11 @@ pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
     let len = ctx.len();
     let reason = process_packet(&ctx).unwrap_or_else(|drop| drop);
     stats::count(reason, len);
-    if reason.is_drop() { TC_ACT_SHOT } else { TC_ACT_OK }
+    if reason.is_drop() {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    }
 }
 
 /// Parses the packet, then either follows its tracked flow or balances a new

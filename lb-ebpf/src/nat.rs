@@ -49,14 +49,24 @@ fn rewrite(
     let old_p = old_port.to_be() as u64;
     let new_p = new_port.to_be() as u64;
     // A UDP checksum of zero means "none" and must stay zero.
-    let mangled = if flow.key.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let mangled = if flow.key.proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
 
     if old_addr != new_addr {
-        ctx.l4_csum_replace(flow.csum_off, old_a, new_a, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
-            .map_err(|_| Reason::DropRewrite)?;
+        ctx.l4_csum_replace(
+            flow.csum_off,
+            old_a,
+            new_a,
+            BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+        )
+        .map_err(|_| Reason::DropRewrite)?;
         ctx.l3_csum_replace(IP_CSUM_OFF, old_a, new_a, 4)
             .map_err(|_| Reason::DropRewrite)?;
-        ctx.store(addr_off, &new_addr, 0).map_err(|_| Reason::DropRewrite)?;
+        ctx.store(addr_off, &new_addr, 0)
+            .map_err(|_| Reason::DropRewrite)?;
     }
     if old_port != new_port {
         ctx.l4_csum_replace(flow.csum_off, old_p, new_p, mangled | 2)

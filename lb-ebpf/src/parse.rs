@@ -93,7 +93,11 @@ fn ptr_at<T>(ctx: &TcContext, off: usize) -> Result<*const T, Reason> {
 /// packet access can see them (GRO'd or paged skbs may hold less).
 #[inline(always)]
 fn pull_headers(ctx: &TcContext) {
-    let want = if ctx.len() < MAX_HEADERS { ctx.len() } else { MAX_HEADERS };
+    let want = if ctx.len() < MAX_HEADERS {
+        ctx.len()
+    } else {
+        MAX_HEADERS
+    };
     if ((ctx.data_end() - ctx.data()) as u32) < want {
         let _ = ctx.pull_data(want);
     }
@@ -107,8 +111,15 @@ pub fn parse_packet(ctx: &TcContext) -> Result<Packet, Reason> {
         return Ok(Packet::NotIpv4);
     }
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
-    let (version_ihl, proto, frag_off, saddr, daddr) =
-        unsafe { ((*ip).version_ihl, (*ip).proto, (*ip).frag_off, (*ip).saddr, (*ip).daddr) };
+    let (version_ihl, proto, frag_off, saddr, daddr) = unsafe {
+        (
+            (*ip).version_ihl,
+            (*ip).proto,
+            (*ip).frag_off,
+            (*ip).saddr,
+            (*ip).daddr,
+        )
+    };
     // The mask bounds the header length to 60 for the verifier.
     let ihl = ((version_ihl & 0x0f) as usize) * 4;
     if version_ihl >> 4 != 4 || ihl < 20 {

@@ -20,7 +20,7 @@ pub fn lookup_service(flow: &Lb4CtKey) -> Option<Lb4Service> {
         proto: flow.proto,
         scope: SCOPE_EXTERNAL,
     };
-    unsafe { LB4_SERVICES_V1.get(&key) }.copied()
+    unsafe { LB4_SERVICES_V1.get(key) }.copied()
 }
 
 /// Picks a backend uniformly at random among the service's slots.
@@ -35,9 +35,9 @@ pub fn select_backend(service: &Lb4Service) -> Result<(u32, Lb4Backend), Reason>
         revision: service.revision,
         slot,
     };
-    let backend_id = unsafe { LB4_SLOTS_V1.get(&key) }
+    let backend_id = unsafe { LB4_SLOTS_V1.get(key) }
         .ok_or(Reason::DropBackendMissing)?
         .backend_id;
-    let backend = unsafe { LB4_BACKENDS_V1.get(&backend_id) }.ok_or(Reason::DropBackendMissing)?;
+    let backend = unsafe { LB4_BACKENDS_V1.get(backend_id) }.ok_or(Reason::DropBackendMissing)?;
     Ok((backend_id, *backend))
 }

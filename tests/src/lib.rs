@@ -8,6 +8,8 @@ pub mod packet;
 pub fn require_root(test: &str) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        panic!("{test} needs root (CAP_BPF, CAP_NET_ADMIN): run it through `cargo xtask test` as root");
+        panic!(
+            "{test} needs root (CAP_BPF, CAP_NET_ADMIN): run it through `cargo xtask test` as root"
+        );
     }
 }

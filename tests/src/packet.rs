@@ -19,10 +19,20 @@ pub const ACK: u8 = 0x10;
 /// The transport part of a packet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transport {
-    Tcp { src_port: u16, dst_port: u16, flags: u8, seq: u32 },
-    Udp { src_port: u16, dst_port: u16 },
+    Tcp {
+        src_port: u16,
+        dst_port: u16,
+        flags: u8,
+        seq: u32,
+    },
+    Udp {
+        src_port: u16,
+        dst_port: u16,
+    },
     /// Another IP protocol, carried as opaque payload.
-    Other { protocol: u8 },
+    Other {
+        protocol: u8,
+    },
 }
 
 /// A parsed or to-be-built packet.
@@ -43,7 +53,12 @@ impl Packet {
             src: src.0,
             dst: dst.0,
             ttl: 64,
-            transport: Transport::Tcp { src_port: src.1, dst_port: dst.1, flags, seq: 0x1234_5678 },
+            transport: Transport::Tcp {
+                src_port: src.1,
+                dst_port: dst.1,
+                flags,
+                seq: 0x1234_5678,
+            },
             payload: payload.to_vec(),
             udp_zero_checksum: false,
         }
@@ -54,7 +69,10 @@ impl Packet {
             src: src.0,
             dst: dst.0,
             ttl: 64,
-            transport: Transport::Udp { src_port: src.1, dst_port: dst.1 },
+            transport: Transport::Udp {
+                src_port: src.1,
+                dst_port: dst.1,
+            },
             payload: payload.to_vec(),
             udp_zero_checksum: false,
         }
@@ -63,9 +81,10 @@ impl Packet {
     /// (source port, destination port) for TCP and UDP.
     pub fn ports(&self) -> Option<(u16, u16)> {
         match self.transport {
-            Transport::Tcp { src_port, dst_port, .. } | Transport::Udp { src_port, dst_port } => {
-                Some((src_port, dst_port))
+            Transport::Tcp {
+                src_port, dst_port, ..
             }
+            | Transport::Udp { src_port, dst_port } => Some((src_port, dst_port)),
             Transport::Other { .. } => None,
         }
     }
@@ -81,7 +100,12 @@ impl Packet {
     /// The frame as it would be on the wire.
     pub fn emit(&self) -> Vec<u8> {
         let mut l4 = match self.transport {
-            Transport::Tcp { src_port, dst_port, flags, seq } => {
+            Transport::Tcp {
+                src_port,
+                dst_port,
+                flags,
+                seq,
+            } => {
                 let mut h = vec![0u8; TCP_HLEN];
                 h[0..2].copy_from_slice(&src_port.to_be_bytes());
                 h[2..4].copy_from_slice(&dst_port.to_be_bytes());
@@ -199,7 +223,14 @@ impl Packet {
             }
             other => (Transport::Other { protocol: other }, l4.to_vec(), false),
         };
-        Ok(Packet { src, dst, ttl: ip[8], transport, payload, udp_zero_checksum })
+        Ok(Packet {
+            src,
+            dst,
+            ttl: ip[8],
+            transport,
+            payload,
+            udp_zero_checksum,
+        })
     }
 }
 
@@ -258,10 +289,16 @@ mod tests {
         let mut tcp = Packet::tcp((A, 40000), (B, 80), SYN, b"x").emit();
         let last = tcp.len() - 1;
         tcp[last] ^= 1;
-        assert_eq!(Packet::parse(&tcp), Err("TCP checksum is wrong".to_string()));
+        assert_eq!(
+            Packet::parse(&tcp),
+            Err("TCP checksum is wrong".to_string())
+        );
         let mut ip = Packet::udp((A, 1), (B, 2), b"").emit();
         ip[ETH_HLEN + 8] ^= 1; // TTL
-        assert_eq!(Packet::parse(&ip), Err("IPv4 header checksum is wrong".to_string()));
+        assert_eq!(
+            Packet::parse(&ip),
+            Err("IPv4 header checksum is wrong".to_string())
+        );
     }
 
     #[test]

@@ -35,7 +35,10 @@ struct Fixture {
 
 fn spec(name: &str, port_name: &str, backends: &[(Ipv4Addr, u16)]) -> FrontendSpec {
     FrontendSpec {
-        service: ServiceRef { namespace: "default".into(), name: name.into() },
+        service: ServiceRef {
+            namespace: "default".into(),
+            name: name.into(),
+        },
         port_name: port_name.into(),
         kind: FrontendKind::ClusterIp,
         backends: backends
@@ -53,15 +56,28 @@ fn spec(name: &str, port_name: &str, backends: &[(Ipv4Addr, u16)]) -> FrontendSp
 }
 
 fn frontend(addr: Ipv4Addr, port: u16, protocol: Protocol) -> Frontend {
-    Frontend { addr: IpAddr::V4(addr), port, protocol }
+    Frontend {
+        addr: IpAddr::V4(addr),
+        port,
+        protocol,
+    }
 }
 
 fn desired(web_backends: &[(Ipv4Addr, u16)]) -> DesiredTables {
     DesiredTables {
         frontends: [
-            (frontend(VIP, 80, Protocol::Tcp), spec("web", "http", web_backends)),
-            (frontend(VIP, 53, Protocol::Udp), spec("web", "dns", &[(POD_A, 5353)])),
-            (frontend(EMPTY_VIP, 80, Protocol::Tcp), spec("empty", "http", &[])),
+            (
+                frontend(VIP, 80, Protocol::Tcp),
+                spec("web", "http", web_backends),
+            ),
+            (
+                frontend(VIP, 53, Protocol::Udp),
+                spec("web", "dns", &[(POD_A, 5353)]),
+            ),
+            (
+                frontend(EMPTY_VIP, 80, Protocol::Tcp),
+                spec("empty", "http", &[]),
+            ),
         ]
         .into_iter()
         .collect(),
@@ -72,13 +88,27 @@ impl Fixture {
     fn new(test: &str) -> Self {
         require_root(test);
         let pins = BpffsDir::new().expect("bpffs directory");
-        let sizes = MapSizes { services: 64, slots: 256, backends: 64, conntrack: 1024 };
+        let sizes = MapSizes {
+            services: 64,
+            slots: 256,
+            backends: 64,
+            conntrack: 1024,
+        };
         let mut datapath = Datapath::load(pins.path(), sizes).expect("load datapath");
         let mut tables = datapath.take_tables().expect("tables");
         let mut programmer = Programmer::default();
         let report = programmer.apply(&desired(&[(POD_A, 8080), (POD_B, 8080)]), &mut tables);
-        assert!(report.errors.is_empty(), "programming failed: {:?}", report.errors);
-        Self { datapath, tables, programmer, _pins: pins }
+        assert!(
+            report.errors.is_empty(),
+            "programming failed: {:?}",
+            report.errors
+        );
+        Self {
+            datapath,
+            tables,
+            programmer,
+            _pins: pins,
+        }
     }
 
     /// Runs the TC program once on `frame`: (verdict, output frame).
@@ -117,8 +147,16 @@ fn tcp_syn_to_a_cluster_ip_is_translated_to_a_backend() {
     let mut fx = Fixture::new("tcp_syn_to_a_cluster_ip_is_translated_to_a_backend");
     let before = fx.count(Reason::NewFlow);
     let out = fx.pass(&syn(40000));
-    assert!(out.dst == POD_A || out.dst == POD_B, "dst IP hasn't been NATed: {}", out.dst);
-    assert_eq!(out.ports(), Some((40000, 8080)), "dst port hasn't been NATed");
+    assert!(
+        out.dst == POD_A || out.dst == POD_B,
+        "dst IP hasn't been NATed: {}",
+        out.dst
+    );
+    assert_eq!(
+        out.ports(),
+        Some((40000, 8080)),
+        "dst port hasn't been NATed"
+    );
     assert_eq!(out.src, CLIENT, "src IP must not change on the way in");
     assert_eq!(fx.count(Reason::NewFlow), before + 1, "new_flow counter");
 
@@ -138,17 +176,30 @@ fn tcp_syn_to_a_cluster_ip_is_translated_to_a_backend() {
 
 #[test]
 fn established_flow_keeps_its_backend_and_replies_are_reverse_translated() {
-    let mut fx = Fixture::new("established_flow_keeps_its_backend_and_replies_are_reverse_translated");
+    let mut fx =
+        Fixture::new("established_flow_keeps_its_backend_and_replies_are_reverse_translated");
     let chosen = fx.pass(&syn(40001)).dst;
     for i in 0..20u8 {
         let out = fx.pass(&Packet::tcp((CLIENT, 40001), (VIP, 80), ACK, &[i; 10]));
-        assert_eq!(out.dst, chosen, "packet {i} of an established flow changed backend");
+        assert_eq!(
+            out.dst, chosen,
+            "packet {i} of an established flow changed backend"
+        );
         assert_eq!(out.payload, vec![i; 10], "payload changed");
     }
     let before = fx.count(Reason::CtReply);
-    let reply = fx.pass(&Packet::tcp((chosen, 8080), (CLIENT, 40001), SYN | ACK, b""));
+    let reply = fx.pass(&Packet::tcp(
+        (chosen, 8080),
+        (CLIENT, 40001),
+        SYN | ACK,
+        b"",
+    ));
     assert_eq!(reply.src, VIP, "reply src IP hasn't been reverse-NATed");
-    assert_eq!(reply.ports(), Some((80, 40001)), "reply src port hasn't been reverse-NATed");
+    assert_eq!(
+        reply.ports(),
+        Some((80, 40001)),
+        "reply src port hasn't been reverse-NATed"
+    );
     assert_eq!(reply.dst, CLIENT);
     assert!(matches!(reply.transport, Transport::Tcp { flags, .. } if flags == SYN | ACK));
     assert_eq!(fx.count(Reason::CtReply), before + 1, "ct_reply counter");
@@ -158,10 +209,18 @@ fn established_flow_keeps_its_backend_and_replies_are_reverse_translated() {
 fn udp_datagram_is_translated_both_ways_with_valid_checksums() {
     let mut fx = Fixture::new("udp_datagram_is_translated_both_ways_with_valid_checksums");
     let out = fx.pass(&Packet::udp((CLIENT, 50000), (VIP, 53), b"query"));
-    assert_eq!((out.dst, out.ports()), (POD_A, Some((50000, 5353))), "UDP not NATed");
+    assert_eq!(
+        (out.dst, out.ports()),
+        (POD_A, Some((50000, 5353))),
+        "UDP not NATed"
+    );
     assert_eq!(out.payload, b"query");
     let reply = fx.pass(&Packet::udp((POD_A, 5353), (CLIENT, 50000), b"answer"));
-    assert_eq!((reply.src, reply.ports()), (VIP, Some((53, 50000))), "UDP reply not reverse-NATed");
+    assert_eq!(
+        (reply.src, reply.ports()),
+        (VIP, Some((53, 50000))),
+        "UDP reply not reverse-NATed"
+    );
 
     // A datagram without checksum keeps "no checksum" after translation.
     let mut unchecked = Packet::udp((CLIENT, 50001), (VIP, 53), b"q");
@@ -175,8 +234,14 @@ fn udp_datagram_is_translated_both_ways_with_valid_checksums() {
 fn traffic_not_for_a_service_is_untouched() {
     let mut fx = Fixture::new("traffic_not_for_a_service_is_untouched");
     for (frame, reason) in [
-        (Packet::tcp((CLIENT, 40002), (POD_A, 8080), SYN, b"").emit(), Reason::PassNotService),
-        (Packet::udp((CLIENT, 40002), (VIP, 5353), b"").emit(), Reason::PassNotService),
+        (
+            Packet::tcp((CLIENT, 40002), (POD_A, 8080), SYN, b"").emit(),
+            Reason::PassNotService,
+        ),
+        (
+            Packet::udp((CLIENT, 40002), (VIP, 5353), b"").emit(),
+            Reason::PassNotService,
+        ),
         (arp_request(), Reason::PassNotIpv4),
     ] {
         let before = fx.count(reason);
@@ -192,7 +257,10 @@ fn a_service_without_backends_drops_and_counts() {
     let mut fx = Fixture::new("a_service_without_backends_drops_and_counts");
     let before = fx.count(Reason::DropNoBackend);
     let (verdict, _) = fx.run(&Packet::tcp((CLIENT, 40003), (EMPTY_VIP, 80), SYN, b"").emit());
-    assert_eq!(verdict, TC_ACT_SHOT, "packet to a service without backends was not dropped");
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "packet to a service without backends was not dropped"
+    );
     assert_eq!(fx.count(Reason::DropNoBackend), before + 1);
 }
 
@@ -203,7 +271,11 @@ fn new_flows_spread_over_all_backends() {
     for port in 41000..41200 {
         *seen.entry(fx.pass(&syn(port)).dst).or_insert(0) += 1;
     }
-    assert_eq!(seen.len(), 2, "200 flows did not reach both backends: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        2,
+        "200 flows did not reach both backends: {seen:?}"
+    );
 }
 
 #[test]
@@ -217,17 +289,34 @@ fn removed_backend_gets_no_new_flows_but_established_ones_continue() {
     }
     let (port_a, port_b) = (on[&POD_A], on[&POD_B]);
 
-    let report = fx.programmer.apply(&desired(&[(POD_A, 8080)]), &mut fx.tables);
+    let report = fx
+        .programmer
+        .apply(&desired(&[(POD_A, 8080)]), &mut fx.tables);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 
     // The established flow to the removed backend keeps its translation...
     let out = fx.pass(&Packet::tcp((CLIENT, port_b), (VIP, 80), ACK, b"more"));
-    assert_eq!(out.dst, POD_B, "established flow to a removed backend was moved");
+    assert_eq!(
+        out.dst, POD_B,
+        "established flow to a removed backend was moved"
+    );
     // ...but a new connection reusing that tuple is balanced afresh.
-    assert_eq!(fx.pass(&syn(port_b)).dst, POD_A, "new connection went to a removed backend");
+    assert_eq!(
+        fx.pass(&syn(port_b)).dst,
+        POD_A,
+        "new connection went to a removed backend"
+    );
     for port in 43000..43050 {
-        assert_eq!(fx.pass(&syn(port)).dst, POD_A, "new flow went to a removed backend");
+        assert_eq!(
+            fx.pass(&syn(port)).dst,
+            POD_A,
+            "new flow went to a removed backend"
+        );
     }
     // The flow on the remaining backend is undisturbed.
-    assert_eq!(fx.pass(&Packet::tcp((CLIENT, port_a), (VIP, 80), ACK, b"")).dst, POD_A);
+    assert_eq!(
+        fx.pass(&Packet::tcp((CLIENT, port_a), (VIP, 80), ACK, b""))
+            .dst,
+        POD_A
+    );
 }

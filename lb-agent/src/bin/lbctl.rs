@@ -69,7 +69,11 @@ fn kind_name(kind: u32) -> &'static str {
 }
 
 fn backend_json(id: u32, b: &Lb4Backend) -> Value {
-    let state = if b.flags & FLAG_TERMINATING != 0 { "terminating" } else { "active" };
+    let state = if b.flags & FLAG_TERMINATING != 0 {
+        "terminating"
+    } else {
+        "active"
+    };
     json!({
         "id": id,
         "address": format!("{}:{}", Ipv4Addr::from(b.addr), b.port),
@@ -112,7 +116,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let tables = KernelTables::open(&args.bpffs)?;
     let rows: Vec<Value> = match &args.command {
         Command::Services => services(&tables)?,
-        Command::Backends => tables.dump_backends()?.iter().map(|(id, b)| backend_json(*id, b)).collect(),
+        Command::Backends => tables
+            .dump_backends()?
+            .iter()
+            .map(|(id, b)| backend_json(*id, b))
+            .collect(),
         Command::Conntrack { limit } => {
             let mut flows: Vec<_> = tables
                 .dump_conntrack()?
@@ -163,7 +171,10 @@ fn print_table(command: &Command, rows: &[Value]) {
     };
     match command {
         Command::Services => {
-            println!("{:<24} {:<12} {:<8} BACKENDS", "FRONTEND", "TYPE", "AFFINITY");
+            println!(
+                "{:<24} {:<12} {:<8} BACKENDS",
+                "FRONTEND", "TYPE", "AFFINITY"
+            );
             for row in rows {
                 let backends: Vec<String> = row["backends"]
                     .as_array()
@@ -188,9 +199,21 @@ fn print_table(command: &Command, rows: &[Value]) {
                 return;
             };
             let columns: Vec<&String> = first.keys().collect();
-            println!("{}", columns.iter().map(|c| format!("{:<22}", c.to_uppercase())).collect::<String>());
+            println!(
+                "{}",
+                columns
+                    .iter()
+                    .map(|c| format!("{:<22}", c.to_uppercase()))
+                    .collect::<String>()
+            );
             for row in rows {
-                println!("{}", columns.iter().map(|c| format!("{:<22}", text(&row[c.as_str()]))).collect::<String>());
+                println!(
+                    "{}",
+                    columns
+                        .iter()
+                        .map(|c| format!("{:<22}", text(&row[c.as_str()])))
+                        .collect::<String>()
+                );
             }
         }
     }

@@ -18,7 +18,9 @@ pub fn list_interfaces() -> std::io::Result<BTreeMap<String, u32>> {
         }
         let mut cur = head;
         while (*cur).if_index != 0 && !(*cur).if_name.is_null() {
-            let name = CStr::from_ptr((*cur).if_name).to_string_lossy().into_owned();
+            let name = CStr::from_ptr((*cur).if_name)
+                .to_string_lossy()
+                .into_owned();
             out.insert(name, (*cur).if_index);
             cur = cur.add(1);
         }

@@ -60,9 +60,11 @@ impl KernelTables {
         // version: try_from checks the sizes and says so.
         let layout = |name: &str| format!("map {name} does not have this agent's layout");
         Ok(Self {
-            services: HashMap::try_from(get(service::NAME)?).with_context(|| layout(service::NAME))?,
+            services: HashMap::try_from(get(service::NAME)?)
+                .with_context(|| layout(service::NAME))?,
             slots: HashMap::try_from(get(slot::NAME)?).with_context(|| layout(slot::NAME))?,
-            backends: HashMap::try_from(get(backend::NAME)?).with_context(|| layout(backend::NAME))?,
+            backends: HashMap::try_from(get(backend::NAME)?)
+                .with_context(|| layout(backend::NAME))?,
             conntrack: HashMap::try_from(get(conntrack::NAME)?)
                 .with_context(|| layout(conntrack::NAME))?,
             stats: StatsReader(
@@ -133,6 +135,9 @@ impl StatsReader {
 
     /// Every known reason with its summed counter.
     pub fn all(&self) -> anyhow::Result<Vec<(Reason, Counter)>> {
-        Reason::ALL.iter().map(|r| Ok((*r, self.get(*r)?))).collect()
+        Reason::ALL
+            .iter()
+            .map(|r| Ok((*r, self.get(*r)?)))
+            .collect()
     }
 }

@@ -193,7 +193,11 @@ impl Programmer {
     pub fn delete_slots(&self, stale: &[Lb4SlotKey], maps: &mut impl TableWriter) -> Vec<String> {
         stale
             .iter()
-            .filter_map(|k| maps.delete_slot(k).err().map(|e| format!("slot {k:?}: {e:#}")))
+            .filter_map(|k| {
+                maps.delete_slot(k)
+                    .err()
+                    .map(|e| format!("slot {k:?}: {e:#}"))
+            })
             .collect()
     }
 
@@ -274,7 +278,13 @@ impl Programmer {
                 if entry != current.entry {
                     maps.put_service(&key, &entry)?;
                     *writes += 1;
-                    self.services.insert(key, ProgrammedService { entry, backend_ids: ids });
+                    self.services.insert(
+                        key,
+                        ProgrammedService {
+                            entry,
+                            backend_ids: ids,
+                        },
+                    );
                 }
                 Ok(())
             }
@@ -292,7 +302,13 @@ impl Programmer {
                 }
                 *writes += 1;
                 delete_slot_range(&old.entry, old.backend_ids.len() as u32, maps, writes);
-                self.services.insert(key, ProgrammedService { entry, backend_ids: ids });
+                self.services.insert(
+                    key,
+                    ProgrammedService {
+                        entry,
+                        backend_ids: ids,
+                    },
+                );
                 Ok(())
             }
             None => {
@@ -308,7 +324,13 @@ impl Programmer {
                 }
                 *writes += 1;
                 self.next_service_id += 1;
-                self.services.insert(key, ProgrammedService { entry, backend_ids: ids });
+                self.services.insert(
+                    key,
+                    ProgrammedService {
+                        entry,
+                        backend_ids: ids,
+                    },
+                );
                 Ok(())
             }
         }
@@ -370,7 +392,12 @@ fn write_slots(
             revision: entry.revision,
             slot: slot as u32,
         };
-        if let Err(e) = maps.put_slot(&key, &Lb4Slot { backend_id: *backend_id }) {
+        if let Err(e) = maps.put_slot(
+            &key,
+            &Lb4Slot {
+                backend_id: *backend_id,
+            },
+        ) {
             // Leave nothing half-written behind.
             delete_slot_range(entry, slot as u32, maps, writes);
             return Err(e.context(format!("writing slot {slot}")));
@@ -380,7 +407,12 @@ fn write_slots(
     Ok(())
 }
 
-fn delete_slot_range(entry: &Lb4Service, count: u32, maps: &mut impl TableWriter, writes: &mut usize) {
+fn delete_slot_range(
+    entry: &Lb4Service,
+    count: u32,
+    maps: &mut impl TableWriter,
+    writes: &mut usize,
+) {
     for slot in 0..count {
         let key = Lb4SlotKey {
             service_id: entry.service_id,
@@ -417,9 +449,16 @@ mod tests {
         fn check(&self) {
             for (key, svc) in &self.services {
                 for slot in 0..svc.backend_count {
-                    let k = Lb4SlotKey { service_id: svc.service_id, revision: svc.revision, slot };
+                    let k = Lb4SlotKey {
+                        service_id: svc.service_id,
+                        revision: svc.revision,
+                        slot,
+                    };
                     let s = self.slots.get(&k).unwrap_or_else(|| {
-                        panic!("after op {}: {key:?} points at missing slot {k:?}", self.ops)
+                        panic!(
+                            "after op {}: {key:?} points at missing slot {k:?}",
+                            self.ops
+                        )
                     });
                     assert!(
                         self.backends.contains_key(&s.backend_id),
@@ -434,7 +473,11 @@ mod tests {
             let svc = self.services[key];
             (0..svc.backend_count)
                 .map(|slot| {
-                    let k = Lb4SlotKey { service_id: svc.service_id, revision: svc.revision, slot };
+                    let k = Lb4SlotKey {
+                        service_id: svc.service_id,
+                        revision: svc.revision,
+                        slot,
+                    };
                     self.backends[&self.slots[&k].backend_id]
                 })
                 .collect()
@@ -455,7 +498,10 @@ mod tests {
             Ok(())
         }
         fn put_slot(&mut self, key: &Lb4SlotKey, value: &Lb4Slot) -> anyhow::Result<()> {
-            if self.capacity_slots != 0 && self.slots.len() >= self.capacity_slots && !self.slots.contains_key(key) {
+            if self.capacity_slots != 0
+                && self.slots.len() >= self.capacity_slots
+                && !self.slots.contains_key(key)
+            {
                 anyhow::bail!("map full");
             }
             self.slots.insert(*key, *value);
@@ -464,7 +510,9 @@ mod tests {
             Ok(())
         }
         fn delete_slot(&mut self, key: &Lb4SlotKey) -> anyhow::Result<()> {
-            self.slots.remove(key).ok_or_else(|| anyhow::anyhow!("no such slot"))?;
+            self.slots
+                .remove(key)
+                .ok_or_else(|| anyhow::anyhow!("no such slot"))?;
             self.ops += 1;
             self.check();
             Ok(())
@@ -484,12 +532,19 @@ mod tests {
     }
 
     fn frontend(last: u8, port: u16) -> Frontend {
-        Frontend { addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)), port, protocol: Protocol::Tcp }
+        Frontend {
+            addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)),
+            port,
+            protocol: Protocol::Tcp,
+        }
     }
 
     fn spec(name: &str, pods: &[u8]) -> FrontendSpec {
         FrontendSpec {
-            service: ServiceRef { namespace: "default".into(), name: name.into() },
+            service: ServiceRef {
+                namespace: "default".into(),
+                name: name.into(),
+            },
             port_name: "http".into(),
             kind: FrontendKind::ClusterIp,
             backends: pods
@@ -507,11 +562,18 @@ mod tests {
     }
 
     fn tables(entries: &[(Frontend, FrontendSpec)]) -> DesiredTables {
-        DesiredTables { frontends: entries.iter().cloned().collect() }
+        DesiredTables {
+            frontends: entries.iter().cloned().collect(),
+        }
     }
 
     fn key(last: u8, port: u16) -> Lb4ServiceKey {
-        Lb4ServiceKey { addr: [10, 96, 0, last], port, proto: 6, scope: SCOPE_EXTERNAL }
+        Lb4ServiceKey {
+            addr: [10, 96, 0, last],
+            port,
+            proto: 6,
+            scope: SCOPE_EXTERNAL,
+        }
     }
 
     fn addrs(backends: &[Lb4Backend]) -> Vec<u8> {
@@ -523,23 +585,42 @@ mod tests {
         let mut maps = CheckedMaps::default();
         let mut prog = Programmer::default();
 
-        let r = prog.apply(&tables(&[(frontend(10, 80), spec("web", &[11, 12, 13]))]), &mut maps);
+        let r = prog.apply(
+            &tables(&[(frontend(10, 80), spec("web", &[11, 12, 13]))]),
+            &mut maps,
+        );
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         assert_eq!(addrs(&maps.backends_of(&key(10, 80))), vec![11, 12, 13]);
         let first_rev = maps.services[&key(10, 80)].revision;
 
         // Same input again: nothing is written.
-        let r = prog.apply(&tables(&[(frontend(10, 80), spec("web", &[11, 12, 13]))]), &mut maps);
+        let r = prog.apply(
+            &tables(&[(frontend(10, 80), spec("web", &[11, 12, 13]))]),
+            &mut maps,
+        );
         assert_eq!(r.writes, 0, "an unchanged apply wrote to the maps");
 
         // Scale down: new revision, old slots gone, removed backend deleted.
-        let r = prog.apply(&tables(&[(frontend(10, 80), spec("web", &[11, 12]))]), &mut maps);
+        let r = prog.apply(
+            &tables(&[(frontend(10, 80), spec("web", &[11, 12]))]),
+            &mut maps,
+        );
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         let svc = maps.services[&key(10, 80)];
         assert_eq!(svc.revision, first_rev + 1);
         assert_eq!(addrs(&maps.backends_of(&key(10, 80))), vec![11, 12]);
-        assert_eq!(maps.slots.len(), 2, "old revision's slots left behind: {:?}", maps.slots);
-        assert_eq!(maps.backends.len(), 2, "unreferenced backend kept: {:?}", maps.backends);
+        assert_eq!(
+            maps.slots.len(),
+            2,
+            "old revision's slots left behind: {:?}",
+            maps.slots
+        );
+        assert_eq!(
+            maps.backends.len(),
+            2,
+            "unreferenced backend kept: {:?}",
+            maps.backends
+        );
 
         // Service gone: everything gone.
         prog.apply(&tables(&[]), &mut maps);
@@ -551,7 +632,10 @@ mod tests {
         let mut maps = CheckedMaps::default();
         let mut prog = Programmer::default();
         prog.apply(
-            &tables(&[(frontend(10, 80), spec("a", &[11, 12])), (frontend(20, 80), spec("b", &[12]))]),
+            &tables(&[
+                (frontend(10, 80), spec("a", &[11, 12])),
+                (frontend(20, 80), spec("b", &[12])),
+            ]),
             &mut maps,
         );
         assert_eq!(maps.backends.len(), 2);
@@ -562,17 +646,32 @@ mod tests {
 
     #[test]
     fn a_full_map_fails_one_service_and_keeps_the_others() {
-        let mut maps = CheckedMaps { capacity_slots: 3, ..Default::default() };
+        let mut maps = CheckedMaps {
+            capacity_slots: 3,
+            ..Default::default()
+        };
         let mut prog = Programmer::default();
         let r = prog.apply(
-            &tables(&[(frontend(10, 80), spec("a", &[11, 12])), (frontend(20, 80), spec("b", &[13, 14]))]),
+            &tables(&[
+                (frontend(10, 80), spec("a", &[11, 12])),
+                (frontend(20, 80), spec("b", &[13, 14])),
+            ]),
             &mut maps,
         );
         assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
-        assert!(r.errors[0].contains("default/b"), "error does not name the service: {}", r.errors[0]);
+        assert!(
+            r.errors[0].contains("default/b"),
+            "error does not name the service: {}",
+            r.errors[0]
+        );
         assert_eq!(addrs(&maps.backends_of(&key(10, 80))), vec![11, 12]);
         assert!(!maps.services.contains_key(&key(20, 80)));
-        assert_eq!(maps.slots.len(), 2, "half-written slots left: {:?}", maps.slots);
+        assert_eq!(
+            maps.slots.len(),
+            2,
+            "half-written slots left: {:?}",
+            maps.slots
+        );
     }
 
     #[test]
@@ -591,10 +690,16 @@ mod tests {
         assert_eq!(r.writes, 0, "restart rewrote unchanged entries");
 
         // And ids continue after the adopted ones.
-        let r = adopted.apply(&tables(&[(frontend(10, 80), spec("web", &[11, 14]))]), &mut maps);
+        let r = adopted.apply(
+            &tables(&[(frontend(10, 80), spec("web", &[11, 14]))]),
+            &mut maps,
+        );
         assert!(r.errors.is_empty());
         let ids: BTreeSet<u32> = maps.backends.keys().copied().collect();
         assert_eq!(ids.len(), 2);
-        assert!(ids.contains(&4), "new backend did not get a fresh id: {ids:?}");
+        assert!(
+            ids.contains(&4),
+            "new backend did not get a fresh id: {ids:?}"
+        );
     }
 }

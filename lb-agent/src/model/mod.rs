@@ -1,0 +1,222 @@
+//! The model: a pure function from cluster state and this node's identity to
+//! the datapath tables the node should hold ([`desired_tables`]).
+//!
+//! No I/O, no kernel: the datapath layer diffs [`DesiredTables`] against the
+//! maps and writes the difference; sources feed [`ClusterState`]. The shape
+//! holds [`IpAddr`], never a family-specific type, so dual-stack is data, not
+//! a new layout.
+//!
+//! Bad input is reported as [`ModelError`]s naming the object and the field;
+//! it never panics and never costs another service its frontends.
+//!
+//! Implemented so far: ClusterIP frontends, endpoint selection (ready, then
+//! serving+terminating), session affinity. NodePort, LoadBalancer and
+//! externalIPs add frontends in `service.rs` (`ParsedService::frontends`);
+//! traffic policies and topology filter backends in `endpoints.rs`
+//! (`select_backends`).
+
+mod endpoints;
+mod service;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+pub use crate::source::ClusterState;
+
+/// Who "this node" is: decides node-local backends and which services are
+/// ours to proxy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeIdentity {
+    pub name: String,
+    /// `--service-proxy-name`: with it, only services labelled
+    /// `service.kubernetes.io/service-proxy-name: <it>` are proxied; without
+    /// it, only services without that label (kube-proxy's rule).
+    pub service_proxy_name: Option<String>,
+}
+
+/// L4 protocol of a frontend, as Kubernetes names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The IP protocol number, as it appears in packet headers and map keys.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// Parses a Kubernetes `protocol` field; absent means TCP (API default).
+    /// The API accepts only the upper-case spellings, so do we.
+    pub fn from_k8s(protocol: Option<&str>) -> Option<Protocol> {
+        match protocol {
+            None | Some("TCP") => Some(Protocol::Tcp),
+            Some("UDP") => Some(Protocol::Udp),
+            Some("SCTP") => Some(Protocol::Sctp),
+            Some(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+/// Which service field a frontend comes from; policies differ per kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+/// What packets are matched on: destination address, port and protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            IpAddr::V4(addr) => write!(f, "{addr}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(addr) => write!(f, "[{addr}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+/// The service a frontend belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One destination a frontend's traffic may be sent to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// The endpoint runs on this node (policies Local, SNAT decisions).
+    pub node_local: bool,
+    /// Chosen only as a fallback: serving but terminating, used because the
+    /// port has no ready endpoint at all.
+    pub terminating: bool,
+    /// The pod behind the endpoint, for inspection output.
+    pub pod: Option<String>,
+}
+
+/// Everything the datapath needs to know about one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendSpec {
+    pub service: ServiceRef,
+    /// The service port's `name` ("" for a lone unnamed port).
+    pub port_name: String,
+    pub kind: FrontendKind,
+    /// Sorted and deduplicated by (addr, port); empty means the service has
+    /// no usable endpoint and traffic is rejected.
+    pub backends: Vec<Backend>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; `None` is no affinity.
+    pub affinity_timeout: Option<u32>,
+}
+
+/// The tables this node's datapath should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredTables {
+    pub frontends: BTreeMap<Frontend, FrontendSpec>,
+}
+
+/// A problem with one field of one object; the rest of the object (when
+/// possible) and every other object are still programmed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{object}: {field}: {message}")]
+pub struct ModelError {
+    /// `Kind namespace/name`, e.g. `Service default/web`.
+    pub object: String,
+    /// Path of the field, e.g. `spec.ports[1].port`.
+    pub field: String,
+    pub message: String,
+}
+
+impl ModelError {
+    fn new(object: &str, field: impl Into<String>, message: impl Into<String>) -> Self {
+        ModelError {
+            object: object.to_owned(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Computes the tables this node should hold for `state`.
+///
+/// Deterministic: equal inputs give equal outputs (errors included, in
+/// object order), so callers can compare results to skip no-op updates.
+pub fn desired_tables(
+    state: &ClusterState,
+    node: &NodeIdentity,
+) -> (DesiredTables, Vec<ModelError>) {
+    let mut errors = Vec::new();
+    let slices = endpoints::index_slices(state, &mut errors);
+    let mut tables = DesiredTables::default();
+    // Who took each frontend first, to name it when a later service collides.
+    let mut owners: BTreeMap<Frontend, ServiceRef> = BTreeMap::new();
+
+    for (key, object) in state.services() {
+        let Some(service) = service::parse_service(key, object, node, &mut errors) else {
+            continue;
+        };
+        let service_slices = slices.parse_for_service(&service.service, node, &mut errors);
+        for port in &service.ports {
+            let candidates = endpoints::candidates_for_port(&service_slices, port);
+            for (frontend, kind) in service.frontends(port) {
+                if let Some(owner) = owners.get(&frontend) {
+                    errors.push(ModelError::new(
+                        &service.object,
+                        port.field.clone(),
+                        format!("frontend {frontend} is already used by Service {owner}"),
+                    ));
+                    continue;
+                }
+                let backends = endpoints::select_backends(&candidates, frontend.addr);
+                owners.insert(frontend.clone(), service.service.clone());
+                tables.frontends.insert(
+                    frontend,
+                    FrontendSpec {
+                        service: service.service.clone(),
+                        port_name: port.name.clone(),
+                        kind,
+                        backends,
+                        affinity_timeout: service.affinity_timeout,
+                    },
+                );
+            }
+        }
+    }
+    (tables, errors)
+}
+
+#[cfg(test)]
+mod tests;

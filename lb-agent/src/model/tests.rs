@@ -1,0 +1,573 @@
+//! Table tests of the model, from manifests as `kubectl get -o yaml` prints
+//! them. No kernel, no I/O.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use super::*;
+use crate::source::files::parse_manifest;
+
+const NODE: &str = "node-a";
+
+/// A well-formed service that every bad-input case runs next to, to prove
+/// one object's mistakes never cost another its frontends.
+const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {namespace: default, name: web}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, protocol: TCP, targetPort: http}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  namespace: default
+  name: web-abc
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: [10.0.1.1]
+  conditions: {ready: true}
+  nodeName: node-a
+  targetRef: {kind: Pod, namespace: default, name: web-1}
+- addresses: [10.0.1.2]
+  conditions: {ready: true}
+  nodeName: node-b
+  targetRef: {kind: Pod, namespace: default, name: web-2}
+- addresses: [10.0.1.3]
+  conditions: {ready: true}
+  nodeName: node-b
+  targetRef: {kind: Pod, namespace: default, name: web-3}
+"#;
+
+fn node() -> NodeIdentity {
+    NodeIdentity {
+        name: NODE.to_owned(),
+        service_proxy_name: None,
+    }
+}
+
+fn state(yaml: &str) -> ClusterState {
+    let mut state = ClusterState::default();
+    let errors = parse_manifest(Path::new("test.yaml"), yaml.as_bytes(), &mut state);
+    assert!(errors.is_empty(), "fixture does not load: {errors:?}");
+    state
+}
+
+fn tables(yaml: &str) -> (DesiredTables, Vec<ModelError>) {
+    desired_tables(&state(yaml), &node())
+}
+
+fn frontend(addr: &str, port: u16, protocol: Protocol) -> Frontend {
+    Frontend {
+        addr: addr.parse().expect("test address"),
+        port,
+        protocol,
+    }
+}
+
+fn spec<'a>(
+    tables: &'a DesiredTables,
+    addr: &str,
+    port: u16,
+    protocol: Protocol,
+) -> &'a FrontendSpec {
+    let key = frontend(addr, port, protocol);
+    tables
+        .frontends
+        .get(&key)
+        .unwrap_or_else(|| panic!("no frontend {key}; have {:?}", tables.frontends.keys()))
+}
+
+fn endpoints_of(spec: &FrontendSpec) -> Vec<String> {
+    spec.backends
+        .iter()
+        .map(|backend| format!("{}:{}", backend.addr, backend.port))
+        .collect()
+}
+
+/// Frontends of one service, as `addr:port/proto` strings.
+fn frontends_of(tables: &DesiredTables, namespace: &str, name: &str) -> Vec<String> {
+    tables
+        .frontends
+        .iter()
+        .filter(|(_, spec)| spec.service.namespace == namespace && spec.service.name == name)
+        .map(|(frontend, _)| frontend.to_string())
+        .collect()
+}
+
+fn assert_web_programmed(tables: &DesiredTables) {
+    assert_eq!(
+        frontends_of(tables, "default", "web"),
+        ["10.96.0.10:53/UDP", "10.96.0.10:80/TCP"],
+        "the good service lost frontends"
+    );
+    assert_eq!(
+        spec(tables, "10.96.0.10", 80, Protocol::Tcp).backends.len(),
+        3
+    );
+}
+
+fn slice(name: &str, service: &str, body: &str) -> String {
+    format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  namespace: default\n  name: {name}\n  labels: {{kubernetes.io/service-name: {service}}}\n{body}\n"
+    )
+}
+
+fn service(name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{namespace: default, name: {name}}}\nspec:\n{spec}\n"
+    )
+}
+
+#[test]
+fn two_ports_three_ready_endpoints() {
+    let (tables, errors) = tables(WEB);
+    assert_eq!(errors, []);
+    assert_eq!(tables.frontends.len(), 2);
+
+    let http = spec(&tables, "10.96.0.10", 80, Protocol::Tcp);
+    assert_eq!(
+        endpoints_of(http),
+        ["10.0.1.1:8080", "10.0.1.2:8080", "10.0.1.3:8080"]
+    );
+    assert_eq!(http.port_name, "http");
+    assert_eq!(http.kind, FrontendKind::ClusterIp);
+    assert_eq!(http.service.to_string(), "default/web");
+    assert_eq!(http.affinity_timeout, None);
+    let first = &http.backends[0];
+    assert!(first.node_local, "10.0.1.1 runs on {NODE}");
+    assert!(!first.terminating);
+    assert_eq!(first.pod.as_deref(), Some("web-1"));
+    assert!(!http.backends[1].node_local);
+
+    let dns = spec(&tables, "10.96.0.10", 53, Protocol::Udp);
+    assert_eq!(
+        endpoints_of(dns),
+        ["10.0.1.1:5353", "10.0.1.2:5353", "10.0.1.3:5353"]
+    );
+    assert_eq!(dns.port_name, "dns");
+}
+
+#[test]
+fn endpoint_port_is_resolved_per_slice_by_name_and_protocol() {
+    let yaml = [
+        service(
+            "api",
+            "  clusterIP: 10.96.0.20\n  ports:\n  - {name: http, port: 80, targetPort: web}\n  - {name: metrics, port: 9100}",
+        ),
+        // Two pod generations listen on different ports for the same name.
+        slice(
+            "api-old",
+            "api",
+            "addressType: IPv4\nports: [{name: http, port: 8080}, {name: metrics, port: 9100, protocol: UDP}]\nendpoints: [{addresses: [10.0.2.1]}]",
+        ),
+        slice(
+            "api-new",
+            "api",
+            "addressType: IPv4\nports: [{name: http, port: 9090}, {name: metrics, port: 9101}]\nendpoints: [{addresses: [10.0.2.2]}]",
+        ),
+        // A lone unnamed service port matches an unnamed slice port.
+        service("solo", "  clusterIP: 10.96.0.21\n  ports: [{port: 443}]"),
+        slice(
+            "solo-1",
+            "solo",
+            "addressType: IPv4\nports: [{port: 8443}]\nendpoints: [{addresses: [10.0.3.1]}]",
+        ),
+    ]
+    .concat();
+    let (tables, errors) = tables(&yaml);
+    assert_eq!(errors, []);
+    assert_eq!(
+        endpoints_of(spec(&tables, "10.96.0.20", 80, Protocol::Tcp)),
+        ["10.0.2.1:8080", "10.0.2.2:9090"]
+    );
+    // api-old's metrics port is UDP, so only api-new serves TCP metrics.
+    assert_eq!(
+        endpoints_of(spec(&tables, "10.96.0.20", 9100, Protocol::Tcp)),
+        ["10.0.2.2:9101"]
+    );
+    assert_eq!(
+        endpoints_of(spec(&tables, "10.96.0.21", 443, Protocol::Tcp)),
+        ["10.0.3.1:8443"]
+    );
+}
+
+#[test]
+fn slice_without_the_port_contributes_nothing() {
+    let yaml = [
+        service("api", "  clusterIP: 10.96.0.20\n  ports: [{name: http, port: 80}]"),
+        slice(
+            "api-1",
+            "api",
+            "addressType: IPv4\nports: [{name: grpc, port: 8080}]\nendpoints: [{addresses: [10.0.2.1]}]",
+        ),
+    ]
+    .concat();
+    let (tables, errors) = tables(&yaml);
+    assert_eq!(errors, []);
+    // Still a frontend: with no backend the datapath rejects the traffic.
+    assert_eq!(spec(&tables, "10.96.0.20", 80, Protocol::Tcp).backends, []);
+}
+
+#[test]
+fn not_ready_endpoints_are_excluded() {
+    let yaml = [
+        service("api", "  clusterIP: 10.96.0.20\n  ports: [{port: 80}]"),
+        slice(
+            "api-1",
+            "api",
+            "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n\
+             - {addresses: [10.0.2.1], conditions: {ready: true}}\n\
+             - {addresses: [10.0.2.2], conditions: {ready: false}}\n\
+             - {addresses: [10.0.2.3]}\n\
+             - {addresses: [10.0.2.4], conditions: {ready: false, serving: true, terminating: true}}",
+        ),
+    ]
+    .concat();
+    let (tables, errors) = tables(&yaml);
+    assert_eq!(errors, []);
+    // Unset `ready` counts as ready; terminating ones are not needed while
+    // ready ones exist.
+    let api = spec(&tables, "10.96.0.20", 80, Protocol::Tcp);
+    assert_eq!(endpoints_of(api), ["10.0.2.1:8080", "10.0.2.3:8080"]);
+    assert!(api.backends.iter().all(|backend| !backend.terminating));
+}
+
+#[test]
+fn serving_terminating_endpoints_are_the_fallback() {
+    let yaml = [
+        service("api", "  clusterIP: 10.96.0.20\n  ports: [{port: 80}]"),
+        slice(
+            "api-1",
+            "api",
+            "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n\
+             - {addresses: [10.0.2.1], conditions: {ready: false, serving: true, terminating: true}}\n\
+             - {addresses: [10.0.2.2], conditions: {ready: false, serving: false, terminating: true}}\n\
+             - {addresses: [10.0.2.3], conditions: {ready: false}}",
+        ),
+    ]
+    .concat();
+    let (tables, errors) = tables(&yaml);
+    assert_eq!(errors, []);
+    let api = spec(&tables, "10.96.0.20", 80, Protocol::Tcp);
+    assert_eq!(endpoints_of(api), ["10.0.2.1:8080"]);
+    assert!(api.backends[0].terminating);
+}
+
+#[test]
+fn services_that_are_not_ours_are_not_programmed() {
+    let not_ours = [
+        ("headless", "  clusterIP: None\n  ports: [{port: 80}]"),
+        (
+            "headless-list",
+            "  clusterIP: None\n  clusterIPs: [None]\n  ports: [{port: 80}]",
+        ),
+        (
+            "external-name",
+            "  type: ExternalName\n  externalName: example.com\n  ports: [{port: 80}]",
+        ),
+        ("unallocated", "  ports: [{port: 80}]"),
+    ];
+    let mut yaml = WEB.to_owned();
+    for (name, spec) in not_ours {
+        yaml += &service(name, spec);
+        yaml += &slice(
+            &format!("{name}-1"),
+            name,
+            "addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.0.9.1]}]",
+        );
+    }
+    yaml += "---\napiVersion: v1\nkind: Service\nmetadata:\n  namespace: default\n  name: other-proxy\n  labels: {service.kubernetes.io/service-proxy-name: other}\nspec: {clusterIP: 10.96.0.30, ports: [{port: 80}]}\n";
+    let (tables, errors) = tables(&yaml);
+    assert_eq!(errors, [], "not proxying is silent");
+    assert_eq!(
+        tables.frontends.len(),
+        2,
+        "only web: {:?}",
+        tables.frontends.keys()
+    );
+    assert_web_programmed(&tables);
+}
+
+#[test]
+fn service_proxy_name_selects_labelled_services_only() {
+    let yaml = format!(
+        "{WEB}---\napiVersion: v1\nkind: Service\nmetadata:\n  namespace: default\n  name: ours\n  labels: {{service.kubernetes.io/service-proxy-name: lb}}\nspec: {{clusterIP: 10.96.0.30, ports: [{{port: 80}}]}}\n"
+    );
+    let state = state(&yaml);
+    let ours = NodeIdentity {
+        name: NODE.to_owned(),
+        service_proxy_name: Some("lb".to_owned()),
+    };
+    let (tables, errors) = desired_tables(&state, &ours);
+    assert_eq!(errors, []);
+    // kube-proxy's rule: a named proxy takes only what is labelled for it.
+    assert_eq!(
+        frontends_of(&tables, "default", "ours"),
+        ["10.96.0.30:80/TCP"]
+    );
+    assert_eq!(
+        frontends_of(&tables, "default", "web"),
+        Vec::<String>::new()
+    );
+}
+
+/// Each case: the bad objects (loaded next to WEB), the errors expected as
+/// (object, field), and the frontends the bad service (`x-bad`, sorted after
+/// `web`) still gets.
+struct BadInputCase {
+    name: &'static str,
+    yaml: String,
+    errors: Vec<(&'static str, &'static str)>,
+    frontends: Vec<&'static str>,
+}
+
+#[test]
+fn bad_input_is_reported_and_contained() {
+    let cases = [
+        BadInputCase {
+            name: "invalid clusterIP skips the service",
+            yaml: service("x-bad", "  clusterIP: 10.96.0.300\n  ports: [{port: 80}]"),
+            errors: vec![("Service default/x-bad", "spec.clusterIP")],
+            frontends: vec![],
+        },
+        BadInputCase {
+            name: "invalid entry of clusterIPs skips the service",
+            yaml: service(
+                "x-bad",
+                "  clusterIP: 10.96.0.40\n  clusterIPs: [10.96.0.40, 'fd00::zz']\n  ports: [{port: 80}]",
+            ),
+            errors: vec![("Service default/x-bad", "spec.clusterIPs[1]")],
+            frontends: vec![],
+        },
+        BadInputCase {
+            name: "ports out of range are skipped, others kept",
+            yaml: service(
+                "x-bad",
+                "  clusterIP: 10.96.0.40\n  ports:\n  - {name: a, port: 0}\n  - {name: b, port: 65536}\n  - {name: c, port: -1}\n  - {name: d, port: 8080}",
+            ),
+            errors: vec![
+                ("Service default/x-bad", "spec.ports[0].port"),
+                ("Service default/x-bad", "spec.ports[1].port"),
+                ("Service default/x-bad", "spec.ports[2].port"),
+            ],
+            frontends: vec!["10.96.0.40:8080/TCP"],
+        },
+        BadInputCase {
+            name: "unknown protocol",
+            yaml: service(
+                "x-bad",
+                "  clusterIP: 10.96.0.40\n  ports: [{name: a, port: 80, protocol: tcp}, {name: b, port: 81}]",
+            ),
+            errors: vec![("Service default/x-bad", "spec.ports[0].protocol")],
+            frontends: vec!["10.96.0.40:81/TCP"],
+        },
+        BadInputCase {
+            name: "duplicate port keeps the first",
+            yaml: service(
+                "x-bad",
+                "  clusterIP: 10.96.0.40\n  ports: [{name: a, port: 80}, {name: b, port: 80}, {name: c, port: 80, protocol: UDP}]",
+            ),
+            errors: vec![("Service default/x-bad", "spec.ports[1].port")],
+            frontends: vec!["10.96.0.40:80/TCP", "10.96.0.40:80/UDP"],
+        },
+        BadInputCase {
+            name: "EndpointSlice for an unknown service is informative",
+            yaml: slice(
+                "orphan-xyz",
+                "orphan",
+                "addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.0.9.1]}]",
+            ),
+            errors: vec![(
+                "EndpointSlice default/orphan-xyz",
+                "metadata.labels[kubernetes.io/service-name]",
+            )],
+            frontends: vec![],
+        },
+        BadInputCase {
+            name: "invalid endpoint address is skipped, others kept",
+            yaml: service("x-bad", "  clusterIP: 10.96.0.40\n  ports: [{port: 80}]")
+                + &slice(
+                    "x-bad-1",
+                    "x-bad",
+                    "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.0.9.1]}, {addresses: [not-an-ip]}, {addresses: ['fd00::1']}]",
+                ),
+            errors: vec![
+                ("EndpointSlice default/x-bad-1", "endpoints[1].addresses[0]"),
+                ("EndpointSlice default/x-bad-1", "endpoints[2].addresses[0]"),
+            ],
+            frontends: vec!["10.96.0.40:80/TCP"],
+        },
+        BadInputCase {
+            name: "endpoint port out of range",
+            yaml: service("x-bad", "  clusterIP: 10.96.0.40\n  ports: [{port: 80}]")
+                + &slice(
+                    "x-bad-1",
+                    "x-bad",
+                    "addressType: IPv4\nports: [{port: 70000}]\nendpoints: [{addresses: [10.0.9.1]}]",
+                ),
+            errors: vec![("EndpointSlice default/x-bad-1", "ports[0].port")],
+            frontends: vec!["10.96.0.40:80/TCP"],
+        },
+        BadInputCase {
+            name: "affinity timeout out of range disables affinity only",
+            yaml: service(
+                "x-bad",
+                "  clusterIP: 10.96.0.40\n  ports: [{port: 80}]\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}",
+            ),
+            errors: vec![(
+                "Service default/x-bad",
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            )],
+            frontends: vec!["10.96.0.40:80/TCP"],
+        },
+        BadInputCase {
+            name: "frontend taken by another service",
+            yaml: service(
+                "x-bad",
+                "  clusterIP: 10.96.0.10\n  ports: [{port: 80}, {port: 81}]",
+            ),
+            errors: vec![("Service default/x-bad", "spec.ports[0]")],
+            frontends: vec!["10.96.0.10:81/TCP"],
+        },
+    ];
+    for case in cases {
+        let (tables, errors) = tables(&format!("{WEB}{}", case.yaml));
+        let located: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|error| (error.object.as_str(), error.field.as_str()))
+            .collect();
+        assert_eq!(located, case.errors, "{}: errors {errors:#?}", case.name);
+        assert!(
+            errors.iter().all(|error| !error.message.is_empty()),
+            "{}: every error says what is wrong",
+            case.name
+        );
+        assert_eq!(
+            frontends_of(&tables, "default", "x-bad"),
+            case.frontends,
+            "{}: frontends of the bad service",
+            case.name
+        );
+        assert_web_programmed(&tables);
+    }
+}
+
+#[test]
+fn errors_display_object_field_and_message() {
+    let yaml = format!(
+        "{WEB}{}",
+        service(
+            "x-bad",
+            "  clusterIP: 10.96.0.40\n  ports: [{port: 1}, {port: 70000}]"
+        )
+    );
+    let (_, errors) = tables(&yaml);
+    assert_eq!(
+        errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["Service default/x-bad: spec.ports[1].port: 70000 is out of range 1..=65535"]
+    );
+}
+
+#[test]
+fn session_affinity_timeout() {
+    let yaml = [
+        service(
+            "sticky-default",
+            "  clusterIP: 10.96.0.50\n  ports: [{port: 80}]\n  sessionAffinity: ClientIP",
+        ),
+        service(
+            "sticky-short",
+            "  clusterIP: 10.96.0.51\n  ports: [{port: 80}]\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}",
+        ),
+        service(
+            "not-sticky",
+            "  clusterIP: 10.96.0.52\n  ports: [{port: 80}]\n  sessionAffinity: None",
+        ),
+    ]
+    .concat();
+    let (tables, errors) = tables(&yaml);
+    assert_eq!(errors, []);
+    let timeout = |addr| spec(&tables, addr, 80, Protocol::Tcp).affinity_timeout;
+    assert_eq!(timeout("10.96.0.50"), Some(10800));
+    assert_eq!(timeout("10.96.0.51"), Some(60));
+    assert_eq!(timeout("10.96.0.52"), None);
+}
+
+#[test]
+fn dual_stack_frontends_get_backends_of_their_family() {
+    let yaml = [
+        service(
+            "dual",
+            "  clusterIP: 10.96.0.60\n  clusterIPs: [10.96.0.60, 'fd00:96::60']\n  ports: [{port: 80}]",
+        ),
+        slice(
+            "dual-v4",
+            "dual",
+            "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.0.6.1]}]",
+        ),
+        slice(
+            "dual-v6",
+            "dual",
+            "addressType: IPv6\nports: [{port: 8080}]\nendpoints: [{addresses: ['fd00:6::1']}]",
+        ),
+        slice(
+            "dual-fqdn",
+            "dual",
+            "addressType: FQDN\nports: [{port: 8080}]\nendpoints: [{addresses: [pod.example.com]}]",
+        ),
+    ]
+    .concat();
+    let (tables, errors) = tables(&yaml);
+    assert_eq!(errors, []);
+    assert_eq!(
+        endpoints_of(spec(&tables, "10.96.0.60", 80, Protocol::Tcp)),
+        ["10.0.6.1:8080"]
+    );
+    let v6 = spec(&tables, "fd00:96::60", 80, Protocol::Tcp);
+    assert_eq!(v6.backends.len(), 1);
+    assert_eq!(
+        v6.backends[0].addr,
+        "fd00:6::1".parse::<IpAddr>().expect("test address")
+    );
+}
+
+#[test]
+fn backends_in_two_slices_are_deduplicated_and_sorted() {
+    let endpoints = "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.0.7.2]}, {addresses: [10.0.7.1]}]";
+    let yaml = [
+        service("api", "  clusterIP: 10.96.0.70\n  ports: [{port: 80}]"),
+        slice("api-1", "api", endpoints),
+        slice("api-2", "api", endpoints),
+    ]
+    .concat();
+    let (tables, errors) = tables(&yaml);
+    assert_eq!(errors, []);
+    assert_eq!(
+        endpoints_of(spec(&tables, "10.96.0.70", 80, Protocol::Tcp)),
+        ["10.0.7.1:8080", "10.0.7.2:8080"]
+    );
+}
+
+#[test]
+fn equal_input_gives_equal_output() {
+    let state = state(WEB);
+    assert_eq!(
+        desired_tables(&state, &node()),
+        desired_tables(&state.clone(), &node())
+    );
+}
+
+#[test]
+fn protocol_numbers() {
+    assert_eq!(Protocol::Tcp.number(), 6);
+    assert_eq!(Protocol::Udp.number(), 17);
+    assert_eq!(Protocol::Sctp.number(), 132);
+}

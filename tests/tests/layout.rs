@@ -1,0 +1,138 @@
+//! The kernel side and the agent side agree on every shared struct: sizes and
+//! field offsets read from the BTF of the compiled BPF object (built by the
+//! nightly BPF toolchain) must equal those of `lb-common` as compiled for the
+//! host. `bpftool` reads the BTF, so the check does not trust our own parser.
+
+use std::{collections::BTreeMap, mem::size_of, process::Command};
+
+use lb_agent::datapath::EBPF_OBJECT;
+use lb_common::{
+    backend::Lb4Backend,
+    conntrack::{Lb4CtEntry, Lb4CtKey},
+    service::{Lb4Service, Lb4ServiceKey},
+    slot::{Lb4Slot, Lb4SlotKey},
+    stats::Counter,
+};
+use xtask::TempDir;
+
+/// struct name -> (size, [(field, byte offset)]), as bpftool prints them.
+fn btf_structs() -> BTreeMap<String, (usize, Vec<(String, usize)>)> {
+    let dir = TempDir::new("lbt", "btf").expect("temp dir");
+    let object = dir.path().join("lb-ebpf.o");
+    std::fs::write(&object, EBPF_OBJECT).expect("write object");
+    let out = Command::new("bpftool")
+        .args(["btf", "dump", "file"])
+        .arg(&object)
+        .args(["format", "raw"])
+        .output()
+        .expect("run bpftool (installed by cargo xtask setup)");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut structs = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(rest) = line.split("] STRUCT '").nth(1) {
+            let (name, tail) = rest.split_once('\'').expect("struct name");
+            let size = tail
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("size="))
+                .and_then(|s| s.parse().ok())
+                .expect("struct size");
+            structs.insert(name.to_string(), (size, Vec::new()));
+            current = Some(name.to_string());
+        } else if line.starts_with('\t') {
+            if let (Some(name), Some(field)) = (&current, line.trim().strip_prefix('\'')) {
+                let (field, tail) = field.split_once('\'').expect("field name");
+                let bits: usize = tail
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("bits_offset="))
+                    .and_then(|s| s.parse().ok())
+                    .expect("bits_offset");
+                if let Some(entry) = structs.get_mut(name) {
+                    entry.1.push((field.to_string(), bits / 8));
+                }
+            }
+        } else {
+            current = None;
+        }
+    }
+    structs
+}
+
+macro_rules! host_layout {
+    ($ty:ident { $($field:ident),* $(,)? }) => {
+        (
+            stringify!($ty).to_string(),
+            (
+                size_of::<$ty>(),
+                vec![$((stringify!($field).to_string(), std::mem::offset_of!($ty, $field))),*],
+            ),
+        )
+    };
+}
+
+#[test]
+fn kernel_and_agent_agree_on_every_shared_struct() {
+    let kernel = btf_structs();
+    let host = [
+        host_layout!(Lb4ServiceKey {
+            addr,
+            port,
+            proto,
+            scope
+        }),
+        host_layout!(Lb4Service {
+            service_id,
+            backend_count,
+            revision,
+            kind,
+            flags,
+            affinity_timeout
+        }),
+        host_layout!(Lb4SlotKey {
+            service_id,
+            revision,
+            slot
+        }),
+        host_layout!(Lb4Slot { backend_id }),
+        host_layout!(Lb4Backend {
+            addr,
+            port,
+            proto,
+            flags
+        }),
+        host_layout!(Lb4CtKey {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto,
+            _pad
+        }),
+        host_layout!(Lb4CtEntry {
+            nat_addr,
+            nat_port,
+            direction,
+            tcp_flags,
+            service_id,
+            backend_id,
+            created_ns,
+            last_seen_ns,
+            packets,
+            bytes
+        }),
+        host_layout!(Counter { packets, bytes }),
+    ];
+    for (name, layout) in host {
+        let in_kernel = kernel
+            .get(&name)
+            .unwrap_or_else(|| panic!("struct {name} is not in the BPF object's BTF"));
+        assert_eq!(
+            in_kernel, &layout,
+            "{name}: kernel (left) and agent (right) layouts differ"
+        );
+    }
+}
