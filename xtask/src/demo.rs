@@ -46,11 +46,11 @@ const RETRY_EVERY: Duration = Duration::from_millis(200);
 
 /// The pinned maps, as named by lb-common.
 const MAP_NAMES: [&str; 5] = [
-    "LB4_SERVICES_V1",
-    "LB4_SLOTS_V1",
-    "LB4_BACKENDS_V1",
-    "LB4_CT_V1",
-    "LB_STATS_V1",
+    lb_common::service::NAME,
+    lb_common::slot::NAME,
+    lb_common::backend::NAME,
+    lb_common::conntrack::NAME,
+    lb_common::stats::NAME,
 ];
 
 #[derive(Debug, Clone, Default)]
@@ -160,6 +160,7 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
     if options.keep {
         keep_for_inspection(options, &topology, &bpffs, &log_path);
     } else if result.is_ok() {
+        show_lbctl(bpffs.path());
         dump_services_map(bpffs.path());
     }
 
@@ -172,6 +173,32 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
         println!("  done: namespaces, pins and temp files removed");
     }
     result.context("demo failed (the agent log tail is above)")
+}
+
+/// `lbctl services` and `lbctl stats`: the project's own view of the maps.
+fn show_lbctl(bpffs: &Path) {
+    let lbctl = crate::debug_binary("lbctl");
+    for command in ["services", "stats"] {
+        heading(&format!("lbctl --bpffs {} {command}", bpffs.display()));
+        match std::process::Command::new(&lbctl)
+            .arg("--bpffs")
+            .arg(bpffs)
+            .arg(command)
+            .output()
+        {
+            Ok(out) => {
+                let text = String::from_utf8_lossy(if out.status.success() {
+                    &out.stdout
+                } else {
+                    &out.stderr
+                });
+                for line in text.lines() {
+                    println!("  {line}");
+                }
+            }
+            Err(e) => println!("  (could not run {}: {e})", lbctl.display()),
+        }
+    }
 }
 
 fn heading(title: &str) {

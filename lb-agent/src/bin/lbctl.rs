@@ -194,25 +194,27 @@ fn print_table(command: &Command, rows: &[Value]) {
             }
         }
         _ => {
-            let Some(first) = rows.first().and_then(Value::as_object) else {
+            let columns: &[&str] = match command {
+                Command::Backends => &["id", "address", "protocol", "state", "local"],
+                Command::Conntrack { .. } => &[
+                    "client", "frontend", "backend", "protocol", "packets", "bytes",
+                ],
+                _ => &["reason", "verdict", "packets", "bytes"],
+            };
+            if rows.is_empty() {
                 println!("(none)");
                 return;
-            };
-            let columns: Vec<&String> = first.keys().collect();
+            }
+            let line =
+                |cells: Vec<String>| cells.iter().map(|c| format!("{c:<22}")).collect::<String>();
             println!(
                 "{}",
-                columns
-                    .iter()
-                    .map(|c| format!("{:<22}", c.to_uppercase()))
-                    .collect::<String>()
+                line(columns.iter().map(|c| c.to_uppercase()).collect()).trim_end()
             );
             for row in rows {
                 println!(
                     "{}",
-                    columns
-                        .iter()
-                        .map(|c| format!("{:<22}", text(&row[c.as_str()])))
-                        .collect::<String>()
+                    line(columns.iter().map(|c| text(&row[*c])).collect()).trim_end()
                 );
             }
         }
