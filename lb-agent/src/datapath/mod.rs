@@ -14,7 +14,11 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
 };
 use lb_common::{backend, conntrack, service, slot, stats};
 
@@ -121,25 +125,58 @@ impl Datapath {
             .try_into()?)
     }
 
-    /// Attaches the TC program to `ifname` ingress through TCX, unless it is
-    /// already attached to the same device (same name and ifindex).
+    /// Where the TCX link of `ifname` is pinned. Pinned links keep the
+    /// program attached while no agent runs (a crash or an upgrade).
+    fn link_pin(&self, ifname: &str) -> PathBuf {
+        self.bpffs.join(format!("link_tcx_ingress_{ifname}"))
+    }
+
+    /// Attaches the TC program to `ifname` ingress through TCX (kernel
+    /// 6.6+), unless this agent already did for the same device. A link a
+    /// previous agent pinned for the device is adopted: this program replaces
+    /// the old one inside the link atomically (`BPF_LINK_UPDATE`), so no
+    /// packet passes untranslated during a restart.
     pub fn attach(&mut self, ifname: &str, ifindex: u32) -> anyhow::Result<bool> {
         if self.attached.get(ifname) == Some(&ifindex) {
             return Ok(false);
         }
+        let pin = self.link_pin(ifname);
         let program = self.tc_program()?;
-        program
-            .attach_with_options(
-                ifname,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .with_context(|| format!("attaching {TC_PROGRAM} to {ifname} (TCX ingress)"))?;
+        let mut adopted = None;
+        if let Ok(pinned) = PinnedLink::from_pin(&pin) {
+            // The fd keeps the link alive between unpin and the new pin.
+            let fd_link = pinned
+                .unpin()
+                .with_context(|| format!("unpinning {}", pin.display()))?;
+            match SchedClassifierLink::try_from(fd_link)
+                .map_err(anyhow::Error::from)
+                .and_then(|link| Ok(program.attach_to_link(link)?))
+            {
+                Ok(id) => adopted = Some(id),
+                // The device the link was made for is gone (a defunct
+                // link): attach afresh below.
+                Err(e) => log::debug!("pinned link for {ifname} not reusable: {e:#}"),
+            }
+        }
+        let id = match adopted {
+            Some(id) => id,
+            None => program
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching {TC_PROGRAM} to {ifname} (TCX ingress)"))?,
+        };
+        let link: FdLink = program.take_link(id)?.try_into()?;
+        link.pin(&pin)
+            .with_context(|| format!("pinning the link of {ifname} at {}", pin.display()))?;
         self.attached.insert(ifname.to_owned(), ifindex);
         Ok(true)
     }
 
-    /// Forgets devices that no longer exist (their links went with them).
+    /// Forgets devices that no longer exist (their links went with them),
+    /// removing their link pins.
     pub fn forget_missing(&mut self, present: &BTreeMap<String, u32>) -> Vec<String> {
         let gone: Vec<String> = self
             .attached
@@ -149,6 +186,7 @@ impl Datapath {
             .collect();
         for name in &gone {
             self.attached.remove(name);
+            let _ = std::fs::remove_file(self.link_pin(name));
         }
         gone
     }
