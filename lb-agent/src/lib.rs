@@ -2,5 +2,10 @@
 //! BPF maps (`datapath`). Data flows one way; only `datapath` touches the kernel.
 
 pub mod datapath;
+pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod source;
+pub mod upgrade;

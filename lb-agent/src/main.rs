@@ -1,14 +1,18 @@
 //! `lb-agent`: the node agent. Reads cluster state from a source, computes the
 //! desired tables for this node and programs the kernel datapath.
 
-use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
 use lb_agent::{
-    datapath::{self, Datapath, KernelTables, MapSizes, Programmer},
-    model::{self, ClusterState, NodeIdentity},
-    source::files,
+    datapath::{self, Datapath, DeviceRole, KernelTables, MapSizes, Programmer},
+    health::{HealthCheckServers, Healthz},
+    metrics::{self, DatapathCollector, Metrics},
+    model::{self, ClusterState, DesiredTables, NodeIdentity, SourceRange},
+    node::{self, NodeAddresses},
+    source::{files, kube},
+    upgrade,
 };
 use log::{error, info, warn};
 use tokio::{
@@ -24,8 +28,15 @@ struct Args {
     #[arg(long)]
     node_name: String,
     /// Directory of Kubernetes manifests (Service, EndpointSlice, Node), watched for changes.
-    #[arg(long)]
-    manifests: PathBuf,
+    #[arg(long, group = "source")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig of the cluster to watch. Without it and without
+    /// --manifests: in-cluster configuration.
+    #[arg(long, group = "source")]
+    kubeconfig: Option<PathBuf>,
+    /// Where Prometheus metrics are served (`/metrics`).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: SocketAddr,
     /// How often the manifest directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 250)]
     manifests_poll_ms: u64,
@@ -41,6 +52,16 @@ struct Args {
     /// Only proxy services whose `service.kubernetes.io/service-proxy-name` label is this.
     #[arg(long)]
     service_proxy_name: Option<String>,
+    /// CIDRs (comma-separated, IPv4 and IPv6 may mix) of the local addresses
+    /// NodePorts open on; default: the addresses of --devices.
+    #[arg(long, value_delimiter = ',', value_parser = parse_cidr_arg)]
+    nodeport_addresses: Vec<SourceRange>,
+    /// NodePort numbers the cluster allows (kube-apiserver's --service-node-port-range).
+    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    service_node_port_range: std::ops::RangeInclusive<u16>,
+    /// Where `/healthz` is served.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: SocketAddr,
     /// Capacity of the service (frontend) map.
     #[arg(long, default_value_t = MapSizes::default().services)]
     max_services: u32,
@@ -53,6 +74,31 @@ struct Args {
     /// Capacity of the conntrack map (two entries per flow).
     #[arg(long, default_value_t = MapSizes::default().conntrack)]
     max_conntrack: u32,
+}
+
+fn parse_cidr_arg(value: &str) -> Result<SourceRange, String> {
+    model::parse_cidr(value)
+        .ok_or_else(|| format!("{value:?} is not a CIDR (address/prefix length)"))
+}
+
+fn parse_port_range(value: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (low, high) = value
+        .split_once('-')
+        .ok_or_else(|| format!("{value:?} is not a port range LOW-HIGH"))?;
+    let low: u16 = low
+        .trim()
+        .parse()
+        .map_err(|_| format!("{low:?} is not a port"))?;
+    let high: u16 = high
+        .trim()
+        .parse()
+        .map_err(|_| format!("{high:?} is not a port"))?;
+    if low == 0 || low > high {
+        return Err(format!(
+            "{value:?} is not a port range LOW-HIGH with 1 <= LOW <= HIGH"
+        ));
+    }
+    Ok(low..=high)
 }
 
 fn main() -> std::process::ExitCode {
@@ -90,6 +136,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tables.dump_services()?,
         &tables.dump_slots()?,
         tables.dump_backends()?,
+        tables.dump_source_ranges()?,
     );
     info!(
         "datapath loaded, maps pinned under {} ({} frontends adopted)",
@@ -97,16 +144,47 @@ async fn run(args: Args) -> anyhow::Result<()> {
         programmer.frontends()
     );
 
+    let metrics = Arc::new(Metrics::new(Some(DatapathCollector::new(&args.bpffs))));
+    let metrics_listener = metrics::bind(args.metrics_bind_address).await?;
+    let metrics_server = tokio::spawn(metrics::serve(metrics_listener, metrics.clone()));
+
     let (sender, mut states) = watch::channel(Arc::new(ClusterState::default()));
-    let watcher = tokio::spawn(files::watch_dir(
-        args.manifests.clone(),
-        Duration::from_millis(args.manifests_poll_ms.max(10)),
-        sender,
-    ));
-    let node = NodeIdentity {
+    let watcher = match &args.manifests {
+        Some(dir) => tokio::spawn(files::watch_dir(
+            dir.clone(),
+            Duration::from_millis(args.manifests_poll_ms.max(10)),
+            sender,
+        )),
+        None => {
+            let client = kube::client(args.kubeconfig.as_deref()).await?;
+            tokio::spawn(kube::watch_cluster(
+                client,
+                args.node_name.clone(),
+                sender,
+                metrics.clone(),
+            ))
+        }
+    };
+    let mut addresses = NodeAddresses::default();
+    let mut node = NodeIdentity {
         name: args.node_name.clone(),
         service_proxy_name: args.service_proxy_name.clone(),
+        nodeport_range: args.service_node_port_range.clone(),
+        ..NodeIdentity::default()
     };
+    refresh_addresses(&args, &mut addresses, &mut node, &mut tables);
+
+    let healthz = Healthz::default();
+    let healthz_listener = tokio::net::TcpListener::bind(args.healthz_bind_address)
+        .await
+        .with_context(|| {
+            format!(
+                "--healthz-bind-address {}: cannot listen",
+                args.healthz_bind_address
+            )
+        })?;
+    let healthz_server = tokio::spawn(healthz.clone().serve(healthz_listener));
+    let mut health_checks = HealthCheckServers::new(healthz.clone());
 
     let mut devices = DeviceTracker::default();
     devices.sync(&mut datapath, &args);
@@ -114,15 +192,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut stale_slots = Some(stale_slots);
+    let mut last_state: Option<Arc<ClusterState>> = None;
 
     loop {
         tokio::select! {
             changed = states.changed() => {
                 if changed.is_err() {
-                    anyhow::bail!("the manifest source stopped");
+                    anyhow::bail!("the cluster-state source stopped");
                 }
+                let arrived = metrics.take_pending().unwrap_or_else(std::time::Instant::now);
+                healthz.queued();
                 let state = states.borrow_and_update().clone();
-                program(&state, &node, &mut programmer, &mut tables);
+                let (report, desired) = program(&state, &node, &mut programmer, &mut tables);
+                metrics.programmed(arrived, report.frontends, report.backends, report.errors.len());
+                for e in health_checks.sync(&desired.health_checks).await {
+                    error!("{e}");
+                }
+                healthz.set_node_eligible(node_eligible(&state, &node));
+                healthz.updated();
+                last_state = Some(state);
+                if stale_slots.is_some() {
+                    // The first program is done: pins of older map layouts are dead.
+                    match upgrade::remove_superseded_pins(&args.bpffs, &datapath::MAP_NAMES) {
+                        Ok(removed) if !removed.is_empty() => {
+                            info!("removed pins of older map layouts: {}", removed.join(", "));
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!("removing pins of older map layouts: {e}"),
+                    }
+                }
                 // Only after the first full program: slots an interrupted
                 // update of a previous agent left behind.
                 if let Some(stale) = stale_slots.take() {
@@ -131,12 +229,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     }
                 }
             }
-            _ = device_tick.tick() => devices.sync(&mut datapath, &args),
+            _ = device_tick.tick() => {
+                devices.sync(&mut datapath, &args);
+                let changed = refresh_addresses(&args, &mut addresses, &mut node, &mut tables);
+                if let (true, Some(state)) = (changed, &last_state) {
+                    let (_, desired) = program(state, &node, &mut programmer, &mut tables);
+                    for e in health_checks.sync(&desired.health_checks).await {
+                        error!("{e}");
+                    }
+                }
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
     watcher.abort();
+    metrics_server.abort();
+    healthz_server.abort();
     info!("stopping; maps stay pinned under {}", args.bpffs.display());
     Ok(())
 }
@@ -146,7 +255,7 @@ fn program(
     node: &NodeIdentity,
     programmer: &mut Programmer,
     tables: &mut KernelTables,
-) {
+) -> (datapath::ApplyReport, DesiredTables) {
     let started = std::time::Instant::now();
     let (desired, errors) = model::desired_tables(state, node);
     for e in &errors {
@@ -169,6 +278,54 @@ fn program(
         report.writes,
         started.elapsed().as_millis()
     );
+    (report, desired)
+}
+
+/// Re-reads this node's addresses; on a change updates the NodePort
+/// addresses the model uses and the SNAT address the programs use.
+/// Returns whether anything changed.
+fn refresh_addresses(
+    args: &Args,
+    current: &mut NodeAddresses,
+    node: &mut NodeIdentity,
+    tables: &mut KernelTables,
+) -> bool {
+    let interfaces = match datapath::interface_addresses() {
+        Ok(i) => i,
+        Err(e) => {
+            warn!("listing addresses: {e}");
+            return false;
+        }
+    };
+    let found = node::node_addresses(&interfaces, &args.devices, &args.nodeport_addresses);
+    if found == *current {
+        return false;
+    }
+    info!(
+        "node addresses: NodePorts on {:?}, SNAT from {:?}",
+        found.nodeport, found.snat4
+    );
+    let config = lb_common::config::LbConfig {
+        node_addr4: found.snat4.map_or([0; 4], |a| a.octets()),
+        flags: 0,
+    };
+    if let Err(e) = tables.set_config(&config) {
+        error!(
+            "writing the node address into {}: {e:#}",
+            lb_common::config::NAME
+        );
+    }
+    node.nodeport_addresses = found.nodeport.clone();
+    *current = found;
+    true
+}
+
+/// kube-proxy's rule for `nodeEligible`: a Node being deleted should get no
+/// new external traffic.
+fn node_eligible(state: &ClusterState, node: &NodeIdentity) -> bool {
+    state
+        .node(&node.name)
+        .is_none_or(|n| n.metadata.deletion_timestamp.is_none())
 }
 
 /// Attaches to node devices and to pod devices as they appear.
@@ -205,9 +362,19 @@ impl DeviceTracker {
             if !wanted || self.failed.contains(&(name.clone(), *index)) {
                 continue;
             }
-            match datapath.attach(name, *index) {
-                Ok(true) => info!("attached to {name} (ifindex {index})"),
-                Ok(false) => {}
+            let role = if args.devices.iter().any(|d| d == name) {
+                DeviceRole::Node
+            } else {
+                DeviceRole::Pod
+            };
+            if !datapath.is_attached(name, *index)
+                && let Err(e) = datapath::accept_local_sources(name)
+            {
+                warn!("{name}: setting accept_local: {e}");
+            }
+            match datapath.attach(name, *index, role) {
+                Ok(Some(how)) => info!("attached to {name} (ifindex {index}): {how}"),
+                Ok(None) => {}
                 Err(e) => {
                     warn!("{e:#}");
                     self.failed.insert((name.clone(), *index));

@@ -2,14 +2,15 @@
 //!
 //! The first packet of a flow to a service writes two entries: the forward one
 //! (client -> frontend, rewritten to the backend) and the reply one
-//! (backend -> client, source rewritten back to the frontend).
+//! (backend -> client, source rewritten back to the frontend). `_V2` added
+//! source rewriting (SNAT) to the entry.
 
 use bytemuck::{Pod, Zeroable};
 
 use crate::{assert_layout, user_pod};
 
 /// Pinned name of the IPv4 conntrack map.
-pub const NAME: &str = "LB4_CT_V1";
+pub const NAME: &str = "LB4_CT_V2";
 /// Default capacity (two entries per tracked flow).
 pub const MAX_ENTRIES: u32 = 524288;
 
@@ -41,10 +42,15 @@ assert_layout!(
     _pad = 13
 );
 
-/// Forward direction: rewrite the destination to `nat_addr:nat_port`.
+/// Forward direction of a flow (client -> frontend).
 pub const DIR_FORWARD: u8 = 1;
-/// Reply direction: rewrite the source to `nat_addr:nat_port`.
+/// Reply direction of a flow (backend -> client, or -> the SNAT address).
 pub const DIR_REPLY: u8 = 2;
+
+/// Rewrite the destination to `dst_addr:dst_port`.
+pub const REWRITE_DST: u8 = 1;
+/// Rewrite the source to `src_addr:src_port`.
+pub const REWRITE_SRC: u8 = 2;
 
 /// A TCP FIN was seen in this direction.
 pub const TCP_FIN: u8 = 1;
@@ -52,17 +58,31 @@ pub const TCP_FIN: u8 = 1;
 pub const TCP_RST: u8 = 2;
 
 /// Translation and bookkeeping for one direction of a flow.
+///
+/// Forward entries always rewrite the destination (to the backend) and,
+/// for traffic from outside balanced to another node, the source too (to
+/// the node's address and an allocated port). Reply entries always rewrite
+/// the source (back to the frontend) and, after SNAT, the destination (back
+/// to the client).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Lb4CtEntry {
-    /// Address to write (destination for `DIR_FORWARD`, source for `DIR_REPLY`).
-    pub nat_addr: [u8; 4],
-    /// Port to write, host order.
-    pub nat_port: u16,
+    /// New destination address (with `REWRITE_DST`), network order.
+    pub dst_addr: [u8; 4],
+    /// New destination port, host order.
+    pub dst_port: u16,
     /// `DIR_*`.
     pub direction: u8,
+    /// `REWRITE_*` bits.
+    pub rewrite: u8,
+    /// New source address (with `REWRITE_SRC`), network order.
+    pub src_addr: [u8; 4],
+    /// New source port, host order.
+    pub src_port: u16,
     /// `TCP_*` bits seen so far.
     pub tcp_flags: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
     /// Service the flow was balanced by.
     pub service_id: u32,
     /// Backend the flow was given.
@@ -78,17 +98,21 @@ pub struct Lb4CtEntry {
 }
 assert_layout!(
     Lb4CtEntry,
-    size = 48,
-    nat_addr = 0,
-    nat_port = 4,
+    size = 56,
+    dst_addr = 0,
+    dst_port = 4,
     direction = 6,
-    tcp_flags = 7,
-    service_id = 8,
-    backend_id = 12,
-    created_ns = 16,
-    last_seen_ns = 24,
-    packets = 32,
-    bytes = 40
+    rewrite = 7,
+    src_addr = 8,
+    src_port = 12,
+    tcp_flags = 14,
+    _pad = 15,
+    service_id = 16,
+    backend_id = 20,
+    created_ns = 24,
+    last_seen_ns = 32,
+    packets = 40,
+    bytes = 48
 );
 
 user_pod!(Lb4CtKey, Lb4CtEntry);

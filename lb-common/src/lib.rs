@@ -10,9 +10,11 @@
 #![no_std]
 
 pub mod backend;
+pub mod config;
 pub mod conntrack;
 pub mod service;
 pub mod slot;
+pub mod source_range;
 pub mod stats;
 
 /// IANA protocol numbers, as they appear in the IPv4 header.

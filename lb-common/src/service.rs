@@ -12,8 +12,21 @@ pub const NAME: &str = "LB4_SERVICES_V1";
 /// Default capacity (frontends).
 pub const MAX_ENTRIES: u32 = 65536;
 
-/// Scope of a frontend: traffic from anywhere.
+/// Scope of a frontend: the entry every hook looks up.
 pub const SCOPE_EXTERNAL: u8 = 0;
+/// Scope of a frontend: the entry traffic from this node's pods uses
+/// instead, when the external entry has [`FLAG_HAS_INTERNAL`] (an
+/// externalTrafficPolicy=Local service: outside clients get the node-local
+/// endpoints, pods get all of them).
+pub const SCOPE_INTERNAL: u8 = 1;
+
+/// Only node-local backends (externalTrafficPolicy Local): never SNAT, and
+/// an empty set is counted as `drop_no_local_backend`.
+pub const FLAG_LOCAL_ONLY: u32 = 1;
+/// Traffic from pods must use the `SCOPE_INTERNAL` entry of this frontend.
+pub const FLAG_HAS_INTERNAL: u32 = 2;
+/// Sources are restricted (loadBalancerSourceRanges) by `LB4_SRC_RANGES_V1`.
+pub const FLAG_SOURCE_RANGES: u32 = 4;
 
 /// Lookup key of a frontend.
 #[repr(C)]

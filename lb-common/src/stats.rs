@@ -52,6 +52,12 @@ pub enum Reason {
     DropBackendMissing = 19,
     /// A rewrite or checksum helper failed.
     DropRewrite = 20,
+    /// externalTrafficPolicy Local and this node has no endpoint.
+    DropNoLocalBackend = 21,
+    /// The client is outside the service's loadBalancerSourceRanges.
+    DropSourceRange = 22,
+    /// SNAT was needed but the agent has not configured a node address.
+    DropNoNodeAddress = 23,
 }
 
 impl Reason {
@@ -59,7 +65,7 @@ impl Reason {
     pub const FIRST_DROP: u32 = 16;
 
     /// Every reason, for readers that list all counters.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 15] = [
         Reason::PassNotIpv4,
         Reason::PassOtherL4,
         Reason::PassFragment,
@@ -72,6 +78,9 @@ impl Reason {
         Reason::DropCtFull,
         Reason::DropBackendMissing,
         Reason::DropRewrite,
+        Reason::DropNoLocalBackend,
+        Reason::DropSourceRange,
+        Reason::DropNoNodeAddress,
     ];
 
     /// Stable name for metrics and `lbctl stats`.
@@ -89,6 +98,9 @@ impl Reason {
             Reason::DropCtFull => "drop_ct_full",
             Reason::DropBackendMissing => "drop_backend_missing",
             Reason::DropRewrite => "drop_rewrite",
+            Reason::DropNoLocalBackend => "drop_no_local_backend",
+            Reason::DropSourceRange => "drop_source_range",
+            Reason::DropNoNodeAddress => "drop_no_node_address",
         }
     }
 
@@ -98,4 +110,4 @@ impl Reason {
     }
 }
 
-const _: () = assert!((Reason::DropRewrite as u32) < MAX_ENTRIES);
+const _: () = assert!((Reason::DropNoNodeAddress as u32) < MAX_ENTRIES);

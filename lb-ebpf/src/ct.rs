@@ -1,22 +1,33 @@
 //! Connection tracking: one LRU entry per direction of each balanced flow.
 
-use aya_ebpf::bindings::BPF_ANY;
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
     backend::Lb4Backend,
-    conntrack::{DIR_FORWARD, DIR_REPLY, Lb4CtEntry, Lb4CtKey, TCP_FIN, TCP_RST},
+    conntrack::{
+        DIR_FORWARD, DIR_REPLY, Lb4CtEntry, Lb4CtKey, REWRITE_DST, REWRITE_SRC, TCP_FIN, TCP_RST,
+    },
     service::Lb4Service,
     stats::Reason,
 };
 
 use crate::{
-    LB4_BACKENDS_V1, LB4_CT_V1,
+    LB4_BACKENDS_V1, LB4_CT_V2,
     parse::{self, Flow},
 };
+
+/// SNAT source ports are taken from this range (the kernel's default
+/// ephemeral range sits below it, so the node's own connections and ours
+/// do not meet).
+const SNAT_PORT_MIN: u16 = 61000;
+const SNAT_PORT_COUNT: u16 = 4000;
+/// Candidates tried before giving up on a port (a constant bound for the
+/// verifier).
+const SNAT_PORT_TRIES: u16 = 8;
 
 /// A copy of the flow's entry, if it is tracked.
 #[inline(always)]
 pub fn lookup(key: &Lb4CtKey) -> Option<Lb4CtEntry> {
-    unsafe { LB4_CT_V1.get(key) }.copied()
+    unsafe { LB4_CT_V2.get(key) }.copied()
 }
 
 /// Whether the backend a forward entry points at is still programmed at the
@@ -24,7 +35,7 @@ pub fn lookup(key: &Lb4CtKey) -> Option<Lb4CtEntry> {
 #[inline(always)]
 pub fn backend_still_valid(entry: &Lb4CtEntry) -> bool {
     match unsafe { LB4_BACKENDS_V1.get(entry.backend_id) } {
-        Some(backend) => backend.addr == entry.nat_addr && backend.port == entry.nat_port,
+        Some(backend) => backend.addr == entry.dst_addr && backend.port == entry.dst_port,
         None => false,
     }
 }
@@ -32,7 +43,7 @@ pub fn backend_still_valid(entry: &Lb4CtEntry) -> bool {
 /// Updates the entry's activity: last seen, counters, TCP close flags.
 #[inline(always)]
 pub fn touch(flow: &Flow, len: u32, now: u64) {
-    if let Some(entry) = LB4_CT_V1.get_ptr_mut(flow.key) {
+    if let Some(entry) = LB4_CT_V2.get_ptr_mut(flow.key) {
         // Plain (not atomic) updates: counters are approximate by design.
         unsafe {
             (*entry).last_seen_ns = now;
@@ -48,23 +59,30 @@ pub fn touch(flow: &Flow, len: u32, now: u64) {
     }
 }
 
-/// Records a new flow: the forward entry (client -> frontend, to rewrite
-/// the destination) and the reply entry (backend -> client, to rewrite the
-/// source back to the frontend).
+/// Records a new flow and returns its forward entry: the forward entry
+/// (client -> frontend: to the backend, from `snat` when given) and the
+/// reply entry (backend -> client or SNAT address: back to the frontend and
+/// the client).
 #[inline(always)]
 pub fn create(
     flow: &Flow,
     service: &Lb4Service,
     backend_id: u32,
     backend: &Lb4Backend,
+    snat: Option<[u8; 4]>,
     len: u32,
     now: u64,
-) -> Result<(), Reason> {
-    let forward = Lb4CtEntry {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
+) -> Result<Lb4CtEntry, Reason> {
+    let k = &flow.key;
+    let mut forward = Lb4CtEntry {
+        dst_addr: backend.addr,
+        dst_port: backend.port,
         direction: DIR_FORWARD,
+        rewrite: REWRITE_DST,
+        src_addr: [0; 4],
+        src_port: 0,
         tcp_flags: 0,
+        _pad: 0,
         service_id: service.service_id,
         backend_id,
         created_ns: now,
@@ -72,27 +90,62 @@ pub fn create(
         packets: 1,
         bytes: len as u64,
     };
-    let reply_key = Lb4CtKey {
-        src_addr: backend.addr,
-        dst_addr: flow.key.src_addr,
-        src_port: backend.port,
-        dst_port: flow.key.src_port,
-        proto: flow.key.proto,
-        _pad: [0; 3],
-    };
-    let reply = Lb4CtEntry {
-        nat_addr: flow.key.dst_addr,
-        nat_port: flow.key.dst_port,
+    let mut reply = Lb4CtEntry {
+        dst_addr: [0; 4],
+        dst_port: 0,
         direction: DIR_REPLY,
+        rewrite: REWRITE_SRC,
+        src_addr: k.dst_addr,
+        src_port: k.dst_port,
         packets: 0,
         bytes: 0,
         ..forward
     };
+    let mut reply_key = Lb4CtKey {
+        src_addr: backend.addr,
+        dst_addr: k.src_addr,
+        src_port: backend.port,
+        dst_port: k.src_port,
+        proto: k.proto,
+        _pad: [0; 3],
+    };
     // Reply first: once the forward entry exists, replies must find theirs.
-    LB4_CT_V1
-        .insert(reply_key, reply, BPF_ANY as u64)
+    match snat {
+        None => {
+            LB4_CT_V2
+                .insert(reply_key, reply, BPF_ANY as u64)
+                .map_err(|_| Reason::DropCtFull)?;
+        }
+        Some(node_addr) => {
+            reply.rewrite |= REWRITE_DST;
+            reply.dst_addr = k.src_addr;
+            reply.dst_port = k.src_port;
+            reply_key.dst_addr = node_addr;
+            // A port whose reply tuple is free; hashing the client spreads
+            // clients over the range, probing resolves collisions.
+            let seed = u16::from_be_bytes([k.src_addr[2], k.src_addr[3]]) ^ k.src_port;
+            let mut port = 0;
+            for i in 0..SNAT_PORT_TRIES {
+                let candidate = SNAT_PORT_MIN + (seed.wrapping_add(i) % SNAT_PORT_COUNT);
+                reply_key.dst_port = candidate;
+                if LB4_CT_V2
+                    .insert(reply_key, reply, BPF_NOEXIST as u64)
+                    .is_ok()
+                {
+                    port = candidate;
+                    break;
+                }
+            }
+            if port == 0 {
+                return Err(Reason::DropCtFull);
+            }
+            forward.rewrite |= REWRITE_SRC;
+            forward.src_addr = node_addr;
+            forward.src_port = port;
+        }
+    }
+    LB4_CT_V2
+        .insert(k, forward, BPF_ANY as u64)
         .map_err(|_| Reason::DropCtFull)?;
-    LB4_CT_V1
-        .insert(flow.key, forward, BPF_ANY as u64)
-        .map_err(|_| Reason::DropCtFull)
+    Ok(forward)
 }

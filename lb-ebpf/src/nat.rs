@@ -1,63 +1,109 @@
-//! Address and port rewriting with incremental checksum updates.
+//! Address and port rewriting with incremental checksum updates: through the
+//! skb helpers on TC (which also handle partial checksums of locally sent
+//! packets) and by hand on XDP (whose packets carry full checksums).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
-use lb_common::{PROTO_UDP, stats::Reason};
+use lb_common::{
+    PROTO_UDP,
+    conntrack::{Lb4CtEntry, REWRITE_DST, REWRITE_SRC},
+    stats::Reason,
+};
 
-use crate::parse::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF};
+use crate::parse::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, ptr_at};
 
-/// Rewrites the destination address and port (DNAT to a backend).
-#[inline(always)]
-pub fn rewrite_dst(ctx: &TcContext, flow: &Flow, addr: [u8; 4], port: u16) -> Result<(), Reason> {
-    rewrite(
-        ctx,
-        flow,
-        IP_DST_OFF,
-        flow.l4_off + 2,
-        (flow.key.dst_addr, flow.key.dst_port),
-        (addr, port),
-    )
+/// One endpoint (address and port) of the packet, before and after.
+#[derive(Clone, Copy)]
+pub struct Rewrite {
+    old_addr: [u8; 4],
+    new_addr: [u8; 4],
+    old_port: u16,
+    new_port: u16,
 }
 
-/// Rewrites the source address and port (reply back to the frontend).
+/// What to change in one packet.
+pub struct Translation {
+    l4_off: usize,
+    csum_off: usize,
+    udp: bool,
+    src: Option<Rewrite>,
+    dst: Option<Rewrite>,
+}
+
+impl Translation {
+    /// Leave the packet as it is.
+    #[inline(always)]
+    pub fn none() -> Self {
+        Self {
+            l4_off: 0,
+            csum_off: 0,
+            udp: false,
+            src: None,
+            dst: None,
+        }
+    }
+
+    /// The rewrite a conntrack entry asks for on this flow's packet.
+    #[inline(always)]
+    pub fn of(flow: &Flow, entry: &Lb4CtEntry) -> Self {
+        let k = &flow.key;
+        Self {
+            l4_off: flow.l4_off,
+            csum_off: flow.csum_off,
+            udp: k.proto == PROTO_UDP,
+            src: (entry.rewrite & REWRITE_SRC != 0).then_some(Rewrite {
+                old_addr: k.src_addr,
+                new_addr: entry.src_addr,
+                old_port: k.src_port,
+                new_port: entry.src_port,
+            }),
+            dst: (entry.rewrite & REWRITE_DST != 0).then_some(Rewrite {
+                old_addr: k.dst_addr,
+                new_addr: entry.dst_addr,
+                old_port: k.dst_port,
+                new_port: entry.dst_port,
+            }),
+        }
+    }
+}
+
+/// Applies `t` through the skb helpers.
 #[inline(always)]
-pub fn rewrite_src(ctx: &TcContext, flow: &Flow, addr: [u8; 4], port: u16) -> Result<(), Reason> {
-    rewrite(
-        ctx,
-        flow,
-        IP_SRC_OFF,
-        flow.l4_off,
-        (flow.key.src_addr, flow.key.src_port),
-        (addr, port),
-    )
+pub fn apply_tc(ctx: &TcContext, t: &Translation) -> Result<(), Reason> {
+    if let Some(r) = t.src {
+        rewrite_tc(ctx, t, IP_SRC_OFF, t.l4_off, &r)?;
+    }
+    if let Some(r) = t.dst {
+        rewrite_tc(ctx, t, IP_DST_OFF, t.l4_off + 2, &r)?;
+    }
+    Ok(())
 }
 
 #[inline(always)]
-fn rewrite(
+fn rewrite_tc(
     ctx: &TcContext,
-    flow: &Flow,
+    t: &Translation,
     addr_off: usize,
     port_off: usize,
-    (old_addr, old_port): ([u8; 4], u16),
-    (new_addr, new_port): ([u8; 4], u16),
+    r: &Rewrite,
 ) -> Result<(), Reason> {
     // The helpers take the raw network-order field values.
-    let old_a = u32::from_ne_bytes(old_addr) as u64;
-    let new_a = u32::from_ne_bytes(new_addr) as u64;
-    let old_p = old_port.to_be() as u64;
-    let new_p = new_port.to_be() as u64;
+    let old_a = u32::from_ne_bytes(r.old_addr) as u64;
+    let new_a = u32::from_ne_bytes(r.new_addr) as u64;
+    let old_p = r.old_port.to_be() as u64;
+    let new_p = r.new_port.to_be() as u64;
     // A UDP checksum of zero means "none" and must stay zero.
-    let mangled = if flow.key.proto == PROTO_UDP {
+    let mangled = if t.udp {
         BPF_F_MARK_MANGLED_0 as u64
     } else {
         0
     };
 
-    if old_addr != new_addr {
+    if r.old_addr != r.new_addr {
         ctx.l4_csum_replace(
-            flow.csum_off,
+            t.csum_off,
             old_a,
             new_a,
             BPF_F_PSEUDO_HDR as u64 | mangled | 4,
@@ -65,14 +111,99 @@ fn rewrite(
         .map_err(|_| Reason::DropRewrite)?;
         ctx.l3_csum_replace(IP_CSUM_OFF, old_a, new_a, 4)
             .map_err(|_| Reason::DropRewrite)?;
-        ctx.store(addr_off, &new_addr, 0)
+        ctx.store(addr_off, &r.new_addr, 0)
             .map_err(|_| Reason::DropRewrite)?;
     }
-    if old_port != new_port {
-        ctx.l4_csum_replace(flow.csum_off, old_p, new_p, mangled | 2)
+    if r.old_port != r.new_port {
+        ctx.l4_csum_replace(t.csum_off, old_p, new_p, mangled | 2)
             .map_err(|_| Reason::DropRewrite)?;
-        ctx.store(port_off, &new_port.to_be_bytes(), 0)
+        ctx.store(port_off, &r.new_port.to_be_bytes(), 0)
             .map_err(|_| Reason::DropRewrite)?;
     }
     Ok(())
+}
+
+/// Applies `t` by writing the packet directly (RFC 1624 incremental
+/// checksum updates).
+#[inline(always)]
+pub fn apply_xdp(ctx: &XdpContext, t: &Translation) -> Result<(), Reason> {
+    if t.src.is_none() && t.dst.is_none() {
+        return Ok(());
+    }
+    let ip_csum = ptr_at::<XdpContext, [u8; 2]>(ctx, IP_CSUM_OFF)?;
+    let l4_csum = ptr_at::<XdpContext, [u8; 2]>(ctx, t.csum_off)?;
+    let src_port = ptr_at::<XdpContext, [u8; 2]>(ctx, t.l4_off)?;
+    let dst_port = ptr_at::<XdpContext, [u8; 2]>(ctx, t.l4_off + 2)?;
+    let src = ptr_at::<XdpContext, [u8; 4]>(ctx, IP_SRC_OFF)?;
+    let dst = ptr_at::<XdpContext, [u8; 4]>(ctx, IP_DST_OFF)?;
+    // SAFETY: every pointer was bounds-checked against data_end above.
+    unsafe {
+        let mut sums = Sums {
+            ip: u16::from_be_bytes(*ip_csum),
+            l4: u16::from_be_bytes(*l4_csum),
+            // A UDP datagram without checksum keeps none.
+            l4_on: !(t.udp && u16::from_be_bytes(*l4_csum) == 0),
+        };
+        if let Some(r) = t.src {
+            sums.update(&r);
+            *src = r.new_addr;
+            *src_port = r.new_port.to_be_bytes();
+        }
+        if let Some(r) = t.dst {
+            sums.update(&r);
+            *dst = r.new_addr;
+            *dst_port = r.new_port.to_be_bytes();
+        }
+        if sums.l4_on && t.udp && sums.l4 == 0 {
+            // A computed zero is sent as all ones (RFC 768).
+            sums.l4 = 0xffff;
+        }
+        *ip_csum = sums.ip.to_be_bytes();
+        *l4_csum = sums.l4.to_be_bytes();
+    }
+    Ok(())
+}
+
+/// The IPv4 header and L4 checksums being updated.
+struct Sums {
+    ip: u16,
+    l4: u16,
+    l4_on: bool,
+}
+
+impl Sums {
+    #[inline(always)]
+    fn update(&mut self, r: &Rewrite) {
+        self.ip = csum_replace4(self.ip, r.old_addr, r.new_addr);
+        if self.l4_on {
+            // The L4 checksum covers the addresses through the pseudo-header.
+            self.l4 = csum_replace4(self.l4, r.old_addr, r.new_addr);
+            self.l4 = csum_replace2(self.l4, r.old_port, r.new_port);
+        }
+    }
+}
+
+/// One's-complement sum of 16-bit words folded to 16 bits.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// HC' = ~(~HC + ~m + m') for one 16-bit word (RFC 1624, eqn. 3).
+#[inline(always)]
+fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
+    !fold(!check as u32 + !old as u32 + new as u32)
+}
+
+/// The same for a 32-bit field, as two 16-bit words.
+#[inline(always)]
+fn csum_replace4(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+    let sum = !check as u32
+        + !u16::from_be_bytes([old[0], old[1]]) as u32
+        + !u16::from_be_bytes([old[2], old[3]]) as u32
+        + u16::from_be_bytes([new[0], new[1]]) as u32
+        + u16::from_be_bytes([new[2], new[3]]) as u32;
+    !fold(sum)
 }

@@ -1,7 +1,7 @@
 //! Header parsing: Ethernet -> IPv4 -> TCP/UDP. Every read goes through
 //! [`ptr_at`], the one bounds-checked accessor.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{PROTO_TCP, PROTO_UDP, conntrack::Lb4CtKey, stats::Reason};
 
 pub const ETH_HLEN: usize = 14;
@@ -76,41 +76,77 @@ pub enum Packet {
     Flow(Flow),
 }
 
+/// What parsing needs from a program context: the packet's bounds.
+pub trait PacketBuf {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+    /// Length of the whole packet, for the byte counters.
+    fn len(&self) -> u32;
+    /// Makes the first `MAX_HEADERS` bytes directly readable, if possible.
+    fn pull_headers(&self) {}
+}
+
+impl PacketBuf for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        TcContext::len(self)
+    }
+    /// GRO'd or paged skbs may hold less than the headers in the linear
+    /// part, where direct packet access can see them.
+    #[inline(always)]
+    fn pull_headers(&self) {
+        let len = TcContext::len(self);
+        let want = if len < MAX_HEADERS { len } else { MAX_HEADERS };
+        if ((self.data_end() - self.data()) as u32) < want {
+            let _ = self.pull_data(want);
+        }
+    }
+}
+
+impl PacketBuf for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (self.data_end() - self.data()) as u32
+    }
+}
+
 /// Returns a pointer to a `T` at `off`, or `DropMalformed` if the packet is
 /// shorter.
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, off: usize) -> Result<*const T, Reason> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+pub fn ptr_at<C: PacketBuf, T>(ctx: &C, off: usize) -> Result<*mut T, Reason> {
+    let start = ctx.start();
+    let end = ctx.end();
     // The verifier needs the whole access proven inside [data, data_end).
     if start + off + core::mem::size_of::<T>() > end {
         return Err(Reason::DropMalformed);
     }
-    Ok((start + off) as *const T)
-}
-
-/// Makes sure the headers are in the linear part of the skb, where direct
-/// packet access can see them (GRO'd or paged skbs may hold less).
-#[inline(always)]
-fn pull_headers(ctx: &TcContext) {
-    let want = if ctx.len() < MAX_HEADERS {
-        ctx.len()
-    } else {
-        MAX_HEADERS
-    };
-    if ((ctx.data_end() - ctx.data()) as u32) < want {
-        let _ = ctx.pull_data(want);
-    }
+    Ok((start + off) as *mut T)
 }
 
 #[inline(always)]
-pub fn parse_packet(ctx: &TcContext) -> Result<Packet, Reason> {
-    pull_headers(ctx);
-    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+pub fn parse_packet<C: PacketBuf>(ctx: &C) -> Result<Packet, Reason> {
+    ctx.pull_headers();
+    let eth = ptr_at::<C, EthHdr>(ctx, 0)?;
     if u16::from_be_bytes(unsafe { (*eth).ether_type }) != ETH_P_IP {
         return Ok(Packet::NotIpv4);
     }
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let ip = ptr_at::<C, Ipv4Hdr>(ctx, ETH_HLEN)?;
     let (version_ihl, proto, frag_off, saddr, daddr) = unsafe {
         (
             (*ip).version_ihl,
@@ -134,14 +170,14 @@ pub fn parse_packet(ctx: &TcContext) -> Result<Packet, Reason> {
         return Ok(Packet::Fragment);
     }
     let l4_off = ETH_HLEN + ihl;
-    let ports = ptr_at::<L4Ports>(ctx, l4_off)?;
+    let ports = ptr_at::<C, L4Ports>(ctx, l4_off)?;
     let (src, dst) = unsafe { ((*ports).src, (*ports).dst) };
     let (csum_off, tcp_flags) = if proto == PROTO_TCP {
         // The full fixed TCP header must be present to touch its checksum.
-        let tcp = ptr_at::<[u8; 20]>(ctx, l4_off)?;
+        let tcp = ptr_at::<C, [u8; 20]>(ctx, l4_off)?;
         (l4_off + TCP_CSUM_OFF, unsafe { (*tcp)[TCP_FLAGS_OFF] })
     } else {
-        ptr_at::<[u8; 8]>(ctx, l4_off)?;
+        ptr_at::<C, [u8; 8]>(ctx, l4_off)?;
         (l4_off + UDP_CSUM_OFF, 0)
     };
     Ok(Packet::Flow(Flow {

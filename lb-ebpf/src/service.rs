@@ -4,30 +4,46 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
     backend::Lb4Backend,
     conntrack::Lb4CtKey,
-    service::{Lb4Service, Lb4ServiceKey, SCOPE_EXTERNAL},
+    service::{
+        FLAG_HAS_INTERNAL, FLAG_LOCAL_ONLY, Lb4Service, Lb4ServiceKey, SCOPE_EXTERNAL,
+        SCOPE_INTERNAL,
+    },
     slot::Lb4SlotKey,
     stats::Reason,
 };
 
-use crate::{LB4_BACKENDS_V1, LB4_SERVICES_V1, LB4_SLOTS_V1};
+use crate::{Hook, LB4_BACKENDS_V1, LB4_SERVICES_V1, LB4_SLOTS_V1};
 
-/// The service whose frontend is the flow's destination, if any.
+/// The service whose frontend is the flow's destination, if any, in the
+/// view the hook gets: pods see the internal entry of a frontend that has
+/// one. Non-service traffic costs one lookup.
 #[inline(always)]
-pub fn lookup_service(flow: &Lb4CtKey) -> Option<Lb4Service> {
-    let key = Lb4ServiceKey {
+pub fn lookup_service(flow: &Lb4CtKey, hook: Hook) -> Option<Lb4Service> {
+    let mut key = Lb4ServiceKey {
         addr: flow.dst_addr,
         port: flow.dst_port,
         proto: flow.proto,
         scope: SCOPE_EXTERNAL,
     };
-    unsafe { LB4_SERVICES_V1.get(key) }.copied()
+    let external = unsafe { LB4_SERVICES_V1.get(key) }.copied()?;
+    if hook == Hook::FromPod && external.flags & FLAG_HAS_INTERNAL != 0 {
+        key.scope = SCOPE_INTERNAL;
+        if let Some(internal) = unsafe { LB4_SERVICES_V1.get(key) } {
+            return Some(*internal);
+        }
+    }
+    Some(external)
 }
 
 /// Picks a backend uniformly at random among the service's slots.
 #[inline(always)]
 pub fn select_backend(service: &Lb4Service) -> Result<(u32, Lb4Backend), Reason> {
     if service.backend_count == 0 {
-        return Err(Reason::DropNoBackend);
+        return Err(if service.flags & FLAG_LOCAL_ONLY != 0 {
+            Reason::DropNoLocalBackend
+        } else {
+            Reason::DropNoBackend
+        });
     }
     let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
     let key = Lb4SlotKey {

@@ -1,6 +1,11 @@
 //! Support for the integration tests: a small packet builder and parser that
-//! checks checksums independently of the kernel.
+//! checks checksums independently of the kernel, the shared one-node
+//! cluster of the end-to-end tests, and a Kubernetes API list/watch test
+//! double.
 
+pub mod apiserver;
+pub mod cluster;
+pub mod fixture;
 pub mod packet;
 
 /// Panics with a clear message unless the test runs as root: the datapath

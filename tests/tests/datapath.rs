@@ -6,136 +6,55 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use aya::programs::{TestRun, TestRunOptions};
-use lb_agent::{
-    datapath::{Datapath, KernelTables, MapSizes, Programmer},
-    model::{Backend, DesiredTables, Frontend, FrontendKind, FrontendSpec, Protocol, ServiceRef},
-};
+use lb_agent::model::{DesiredTables, Frontend, FrontendKind, Protocol};
 use lb_common::{conntrack::DIR_REPLY, stats::Reason};
 use lb_tests::{
+    fixture::{Fixture, Hook, spec},
     packet::{ACK, Packet, SYN, Transport, arp_request},
-    require_root,
 };
-use xtask::netns::BpffsDir;
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 12);
-
-struct Fixture {
-    datapath: Datapath,
-    tables: KernelTables,
-    programmer: Programmer,
-    _pins: BpffsDir,
-}
-
-fn spec(name: &str, port_name: &str, backends: &[(Ipv4Addr, u16)]) -> FrontendSpec {
-    FrontendSpec {
-        service: ServiceRef {
-            namespace: "default".into(),
-            name: name.into(),
-        },
-        port_name: port_name.into(),
-        kind: FrontendKind::ClusterIp,
-        backends: backends
-            .iter()
-            .map(|(addr, port)| Backend {
-                addr: IpAddr::V4(*addr),
-                port: *port,
-                node_local: true,
-                terminating: false,
-                pod: None,
-            })
-            .collect(),
-        affinity_timeout: None,
-    }
-}
+const POD: Hook = Hook::TcPod;
 
 fn frontend(addr: Ipv4Addr, port: u16, protocol: Protocol) -> Frontend {
-    Frontend {
-        addr: IpAddr::V4(addr),
-        port,
-        protocol,
-    }
+    Frontend::new(IpAddr::V4(addr), port, protocol)
 }
 
 fn desired(web_backends: &[(Ipv4Addr, u16)]) -> DesiredTables {
+    let web: Vec<(Ipv4Addr, u16, bool)> =
+        web_backends.iter().map(|(a, p)| (*a, *p, true)).collect();
     DesiredTables {
         frontends: [
             (
                 frontend(VIP, 80, Protocol::Tcp),
-                spec("web", "http", web_backends),
+                spec("web", "http", FrontendKind::ClusterIp, &web),
             ),
             (
                 frontend(VIP, 53, Protocol::Udp),
-                spec("web", "dns", &[(POD_A, 5353)]),
+                spec(
+                    "web",
+                    "dns",
+                    FrontendKind::ClusterIp,
+                    &[(POD_A, 5353, true)],
+                ),
             ),
             (
                 frontend(EMPTY_VIP, 80, Protocol::Tcp),
-                spec("empty", "http", &[]),
+                spec("empty", "http", FrontendKind::ClusterIp, &[]),
             ),
         ]
         .into_iter()
         .collect(),
+        ..DesiredTables::default()
     }
 }
 
-impl Fixture {
-    fn new(test: &str) -> Self {
-        require_root(test);
-        let pins = BpffsDir::new().expect("bpffs directory");
-        let sizes = MapSizes {
-            services: 64,
-            slots: 256,
-            backends: 64,
-            conntrack: 1024,
-        };
-        let mut datapath = Datapath::load(pins.path(), sizes).expect("load datapath");
-        let mut tables = datapath.take_tables().expect("tables");
-        let mut programmer = Programmer::default();
-        let report = programmer.apply(&desired(&[(POD_A, 8080), (POD_B, 8080)]), &mut tables);
-        assert!(
-            report.errors.is_empty(),
-            "programming failed: {:?}",
-            report.errors
-        );
-        Self {
-            datapath,
-            tables,
-            programmer,
-            _pins: pins,
-        }
-    }
-
-    /// Runs the TC program once on `frame`: (verdict, output frame).
-    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let program = self.datapath.tc_program().expect("program");
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
-    }
-
-    /// Runs `packet` and expects it passed on; returns the (checksum-verified) output.
-    fn pass(&mut self, packet: &Packet) -> Packet {
-        let (verdict, out) = self.run(&packet.emit());
-        assert_eq!(verdict, TC_ACT_OK, "packet {packet:?} was not passed");
-        Packet::parse(&out).unwrap_or_else(|e| panic!("output of {packet:?} is broken: {e}"))
-    }
-
-    fn count(&self, reason: Reason) -> u64 {
-        self.tables.stats.get(reason).expect("stats").packets
-    }
+fn fixture(test: &str) -> Fixture {
+    Fixture::new(test, &desired(&[(POD_A, 8080), (POD_B, 8080)]))
 }
 
 fn syn(src_port: u16) -> Packet {
@@ -144,9 +63,9 @@ fn syn(src_port: u16) -> Packet {
 
 #[test]
 fn tcp_syn_to_a_cluster_ip_is_translated_to_a_backend() {
-    let mut fx = Fixture::new("tcp_syn_to_a_cluster_ip_is_translated_to_a_backend");
+    let mut fx = fixture("tcp_syn_to_a_cluster_ip_is_translated_to_a_backend");
     let before = fx.count(Reason::NewFlow);
-    let out = fx.pass(&syn(40000));
+    let out = fx.pass(POD, &syn(40000));
     assert!(
         out.dst == POD_A || out.dst == POD_B,
         "dst IP hasn't been NATed: {}",
@@ -168,19 +87,18 @@ fn tcp_syn_to_a_cluster_ip_is_translated_to_a_backend() {
             && k.src_port == 8080
             && k.dst_port == 40000
             && v.direction == DIR_REPLY
-            && v.nat_addr == VIP.octets()
-            && v.nat_port == 80),
+            && v.src_addr == VIP.octets()
+            && v.src_port == 80),
         "no reply entry for the flow: {ct:?}"
     );
 }
 
 #[test]
 fn established_flow_keeps_its_backend_and_replies_are_reverse_translated() {
-    let mut fx =
-        Fixture::new("established_flow_keeps_its_backend_and_replies_are_reverse_translated");
-    let chosen = fx.pass(&syn(40001)).dst;
+    let mut fx = fixture("established_flow_keeps_its_backend_and_replies_are_reverse_translated");
+    let chosen = fx.pass(POD, &syn(40001)).dst;
     for i in 0..20u8 {
-        let out = fx.pass(&Packet::tcp((CLIENT, 40001), (VIP, 80), ACK, &[i; 10]));
+        let out = fx.pass(POD, &Packet::tcp((CLIENT, 40001), (VIP, 80), ACK, &[i; 10]));
         assert_eq!(
             out.dst, chosen,
             "packet {i} of an established flow changed backend"
@@ -188,12 +106,10 @@ fn established_flow_keeps_its_backend_and_replies_are_reverse_translated() {
         assert_eq!(out.payload, vec![i; 10], "payload changed");
     }
     let before = fx.count(Reason::CtReply);
-    let reply = fx.pass(&Packet::tcp(
-        (chosen, 8080),
-        (CLIENT, 40001),
-        SYN | ACK,
-        b"",
-    ));
+    let reply = fx.pass(
+        POD,
+        &Packet::tcp((chosen, 8080), (CLIENT, 40001), SYN | ACK, b""),
+    );
     assert_eq!(reply.src, VIP, "reply src IP hasn't been reverse-NATed");
     assert_eq!(
         reply.ports(),
@@ -207,15 +123,15 @@ fn established_flow_keeps_its_backend_and_replies_are_reverse_translated() {
 
 #[test]
 fn udp_datagram_is_translated_both_ways_with_valid_checksums() {
-    let mut fx = Fixture::new("udp_datagram_is_translated_both_ways_with_valid_checksums");
-    let out = fx.pass(&Packet::udp((CLIENT, 50000), (VIP, 53), b"query"));
+    let mut fx = fixture("udp_datagram_is_translated_both_ways_with_valid_checksums");
+    let out = fx.pass(POD, &Packet::udp((CLIENT, 50000), (VIP, 53), b"query"));
     assert_eq!(
         (out.dst, out.ports()),
         (POD_A, Some((50000, 5353))),
         "UDP not NATed"
     );
     assert_eq!(out.payload, b"query");
-    let reply = fx.pass(&Packet::udp((POD_A, 5353), (CLIENT, 50000), b"answer"));
+    let reply = fx.pass(POD, &Packet::udp((POD_A, 5353), (CLIENT, 50000), b"answer"));
     assert_eq!(
         (reply.src, reply.ports()),
         (VIP, Some((53, 50000))),
@@ -225,14 +141,14 @@ fn udp_datagram_is_translated_both_ways_with_valid_checksums() {
     // A datagram without checksum keeps "no checksum" after translation.
     let mut unchecked = Packet::udp((CLIENT, 50001), (VIP, 53), b"q");
     unchecked.udp_zero_checksum = true;
-    let out = fx.pass(&unchecked);
+    let out = fx.pass(POD, &unchecked);
     assert_eq!(out.dst, POD_A);
     assert!(out.udp_zero_checksum, "a zero UDP checksum must stay zero");
 }
 
 #[test]
 fn traffic_not_for_a_service_is_untouched() {
-    let mut fx = Fixture::new("traffic_not_for_a_service_is_untouched");
+    let mut fx = fixture("traffic_not_for_a_service_is_untouched");
     for (frame, reason) in [
         (
             Packet::tcp((CLIENT, 40002), (POD_A, 8080), SYN, b"").emit(),
@@ -245,8 +161,8 @@ fn traffic_not_for_a_service_is_untouched() {
         (arp_request(), Reason::PassNotIpv4),
     ] {
         let before = fx.count(reason);
-        let (verdict, out) = fx.run(&frame);
-        assert_eq!(verdict, TC_ACT_OK);
+        let (verdict, out) = fx.run(POD, &frame);
+        assert_eq!(verdict, POD.pass());
         assert_eq!(out, frame, "a packet not for a service was modified");
         assert_eq!(fx.count(reason), before + 1, "{} counter", reason.name());
     }
@@ -254,11 +170,15 @@ fn traffic_not_for_a_service_is_untouched() {
 
 #[test]
 fn a_service_without_backends_drops_and_counts() {
-    let mut fx = Fixture::new("a_service_without_backends_drops_and_counts");
+    let mut fx = fixture("a_service_without_backends_drops_and_counts");
     let before = fx.count(Reason::DropNoBackend);
-    let (verdict, _) = fx.run(&Packet::tcp((CLIENT, 40003), (EMPTY_VIP, 80), SYN, b"").emit());
+    let (verdict, _) = fx.run(
+        POD,
+        &Packet::tcp((CLIENT, 40003), (EMPTY_VIP, 80), SYN, b"").emit(),
+    );
     assert_eq!(
-        verdict, TC_ACT_SHOT,
+        verdict,
+        POD.drop(),
         "packet to a service without backends was not dropped"
     );
     assert_eq!(fx.count(Reason::DropNoBackend), before + 1);
@@ -266,10 +186,10 @@ fn a_service_without_backends_drops_and_counts() {
 
 #[test]
 fn new_flows_spread_over_all_backends() {
-    let mut fx = Fixture::new("new_flows_spread_over_all_backends");
+    let mut fx = fixture("new_flows_spread_over_all_backends");
     let mut seen = std::collections::BTreeMap::new();
     for port in 41000..41200 {
-        *seen.entry(fx.pass(&syn(port)).dst).or_insert(0) += 1;
+        *seen.entry(fx.pass(POD, &syn(port)).dst).or_insert(0) += 1;
     }
     assert_eq!(
         seen.len(),
@@ -280,11 +200,11 @@ fn new_flows_spread_over_all_backends() {
 
 #[test]
 fn removed_backend_gets_no_new_flows_but_established_ones_continue() {
-    let mut fx = Fixture::new("removed_backend_gets_no_new_flows_but_established_ones_continue");
+    let mut fx = fixture("removed_backend_gets_no_new_flows_but_established_ones_continue");
     // Find one flow on each backend.
     let mut on = std::collections::BTreeMap::new();
     for port in 42000..42200 {
-        let dst = fx.pass(&syn(port)).dst;
+        let dst = fx.pass(POD, &syn(port)).dst;
         on.entry(dst).or_insert(port);
     }
     let (port_a, port_b) = (on[&POD_A], on[&POD_B]);
@@ -295,27 +215,27 @@ fn removed_backend_gets_no_new_flows_but_established_ones_continue() {
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 
     // The established flow to the removed backend keeps its translation...
-    let out = fx.pass(&Packet::tcp((CLIENT, port_b), (VIP, 80), ACK, b"more"));
+    let out = fx.pass(POD, &Packet::tcp((CLIENT, port_b), (VIP, 80), ACK, b"more"));
     assert_eq!(
         out.dst, POD_B,
         "established flow to a removed backend was moved"
     );
     // ...but a new connection reusing that tuple is balanced afresh.
     assert_eq!(
-        fx.pass(&syn(port_b)).dst,
+        fx.pass(POD, &syn(port_b)).dst,
         POD_A,
         "new connection went to a removed backend"
     );
     for port in 43000..43050 {
         assert_eq!(
-            fx.pass(&syn(port)).dst,
+            fx.pass(POD, &syn(port)).dst,
             POD_A,
             "new flow went to a removed backend"
         );
     }
     // The flow on the remaining backend is undisturbed.
     assert_eq!(
-        fx.pass(&Packet::tcp((CLIENT, port_a), (VIP, 80), ACK, b""))
+        fx.pass(POD, &Packet::tcp((CLIENT, port_a), (VIP, 80), ACK, b""))
             .dst,
         POD_A
     );

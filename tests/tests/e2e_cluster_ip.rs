@@ -3,21 +3,15 @@
 //! talk to a ClusterIP with real TCP and UDP sockets.
 
 use std::{
-    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
+    path::Path,
+    time::Duration,
 };
 
-use lb_agent::datapath::KernelTables;
-use lb_tests::require_root;
-use xtask::{
-    AgentProcess, BpffsDir, EchoServer, HoldConnection, SingleNode, TempDir, client_of, http_get,
-    pod_of, udp_request,
-};
+use lb_tests::cluster::{Cluster, spread};
+use xtask::{EchoServer, HoldConnection, TempDir, http_get, pod_of, udp_request};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 const SERVICE: &str = r#"
@@ -60,172 +54,42 @@ fn write_manifest(dir: &Path, file: &str, content: &str) {
     std::fs::rename(&tmp, dir.join(file)).expect("rename manifest");
 }
 
-fn agent_binary() -> PathBuf {
-    std::env::var_os("LB_AGENT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| xtask::debug_binary("lb-agent"))
-}
-
-struct Cluster {
-    topology: SingleNode,
-    servers: Vec<EchoServer>,
+/// The shared cluster fed from a manifest directory holding the `echo`
+/// service and its slice.
+struct ManifestCluster {
+    cluster: Cluster,
     manifests: TempDir,
-    pins: BpffsDir,
-    agent: AgentProcess,
 }
 
-impl Cluster {
+impl ManifestCluster {
     fn start(test: &str, backends: &[(&str, Ipv4Addr)]) -> Self {
-        require_root(test);
-        let mut pods: Vec<(&str, Ipv4Addr)> = backends.to_vec();
-        pods.push(("client", CLIENT_IP));
-        let topology = SingleNode::new(&pods).expect("topology");
-        let servers = backends
-            .iter()
-            .map(|(name, _)| {
-                let pod = topology.pod(name).expect("pod");
-                EchoServer::start(pod.ns(), name, &[8080], &[5353]).expect("echo server")
-            })
-            .collect();
+        let mut cluster = Cluster::new(test, backends);
         let manifests = TempDir::new("lbt", "manifests").expect("manifest dir");
         write_manifest(manifests.path(), "service.yaml", SERVICE);
         write_manifest(manifests.path(), "slice.yaml", &endpoint_slice(backends));
-        let pins = BpffsDir::new().expect("bpffs dir");
-        let binary = agent_binary();
-        assert!(
-            binary.exists(),
-            "agent binary {} not built (cargo build --bins)",
-            binary.display()
-        );
-        let args: Vec<String> = vec![
-            "--node-name".into(),
-            "node-1".into(),
-            "--manifests".into(),
-            manifests.path().display().to_string(),
-            "--pod-devices".into(),
-            "lbv*".into(),
-            "--bpffs".into(),
-            pins.path().display().to_string(),
-        ];
-        let agent = AgentProcess::spawn(
-            topology.node_ns(),
-            &binary,
-            &args,
-            &[("RUST_LOG", "info")],
-            None,
-        )
-        .expect("start agent");
-        let cluster = Self {
-            topology,
-            servers,
-            manifests,
-            pins,
-            agent,
-        };
-        cluster.wait_until_serving();
-        cluster
-    }
-
-    fn client(&self) -> &xtask::NetNs {
-        self.topology.pod("client").expect("client pod").ns()
-    }
-
-    /// Waits (bounded) until a request through the ClusterIP is answered.
-    fn wait_until_serving(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if http_get(
-                self.client(),
-                SocketAddrV4::new(VIP, 80),
-                Duration::from_millis(500),
-            )
-            .is_ok()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the ClusterIP never answered; agent log:\n{}",
-                self.agent.log_tail(40)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// Backends (pod IPs) the pinned service map currently gives the TCP frontend.
-    fn programmed_backends(&self) -> Vec<Ipv4Addr> {
-        let tables = KernelTables::open(self.pins.path()).expect("open pinned maps");
-        let services = tables.dump_services().expect("services");
-        let slots = tables.dump_slots().expect("slots");
-        let backends = tables.dump_backends().expect("backends");
-        let Some((_, svc)) = services
-            .iter()
-            .find(|(k, _)| k.addr == VIP.octets() && k.port == 80)
-        else {
-            return Vec::new();
-        };
-        let mut out: Vec<Ipv4Addr> = (0..svc.backend_count)
-            .filter_map(|slot| {
-                let key = lb_common::slot::Lb4SlotKey {
-                    service_id: svc.service_id,
-                    revision: svc.revision,
-                    slot,
-                };
-                slots
-                    .get(&key)
-                    .and_then(|s| backends.get(&s.backend_id))
-                    .map(|b| Ipv4Addr::from(b.addr))
-            })
-            .collect();
-        out.sort();
-        out
+        cluster.start_agent(&["--manifests".into(), manifests.path().display().to_string()]);
+        cluster.wait_until_serving(SocketAddrV4::new(VIP, 80));
+        ManifestCluster { cluster, manifests }
     }
 
     /// Waits (bounded) until the datapath holds exactly `want` as backends.
-    fn wait_for_backends(&self, mut want: Vec<Ipv4Addr>) {
-        want.sort();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.programmed_backends() != want {
-            assert!(
-                Instant::now() < deadline,
-                "datapath never converged to {want:?} (has {:?}); agent log:\n{}",
-                self.programmed_backends(),
-                self.agent.log_tail(40)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    fn wait_for_backends(&self, want: Vec<Ipv4Addr>) {
+        self.cluster
+            .wait_for_backends(VIP, 80, Some(want), Duration::from_secs(15));
     }
 }
 
-/// Sends up to `max` requests with `send`, stopping early once every pod in
-/// a non-empty `want` has answered at least `min_each` times; returns the
-/// answers per pod.
-fn spread(
-    max: usize,
-    want: &[&str],
-    min_each: usize,
-    mut send: impl FnMut() -> anyhow::Result<String>,
-) -> BTreeMap<String, usize> {
-    let mut answers = BTreeMap::new();
-    for _ in 0..max {
-        let reply = send().expect("request through the ClusterIP failed");
-        let pod = pod_of(&reply).unwrap_or_else(|| panic!("reply without pod name: {reply:?}"));
-        let client = client_of(&reply).unwrap_or_else(|| panic!("reply without client: {reply:?}"));
-        assert_eq!(
-            client.ip(),
-            CLIENT_IP,
-            "the backend did not see the real client address"
-        );
-        *answers.entry(pod.to_string()).or_insert(0) += 1;
-        if !want.is_empty()
-            && want
-                .iter()
-                .all(|p| answers.get(*p).copied().unwrap_or(0) >= min_each)
-        {
-            break;
-        }
+impl std::ops::Deref for ManifestCluster {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
     }
-    answers
+}
+
+impl std::ops::DerefMut for ManifestCluster {
+    fn deref_mut(&mut self) -> &mut Cluster {
+        &mut self.cluster
+    }
 }
 
 #[test]
@@ -235,7 +99,7 @@ fn cluster_ip_spreads_tcp_and_udp_and_follows_a_scale_down() {
         ("echo-b", Ipv4Addr::new(10, 244, 1, 12)),
         ("echo-c", Ipv4Addr::new(10, 244, 1, 13)),
     ];
-    let cluster = Cluster::start(
+    let cluster = ManifestCluster::start(
         "cluster_ip_spreads_tcp_and_udp_and_follows_a_scale_down",
         &pods,
     );
@@ -339,7 +203,8 @@ fn cluster_ip_spreads_tcp_and_udp_and_follows_a_scale_down() {
 #[test]
 fn a_pod_device_created_after_start_is_picked_up() {
     let first = [("echo-a", Ipv4Addr::new(10, 244, 1, 11))];
-    let mut cluster = Cluster::start("a_pod_device_created_after_start_is_picked_up", &first);
+    let mut cluster =
+        ManifestCluster::start("a_pod_device_created_after_start_is_picked_up", &first);
     let late_ip = Ipv4Addr::new(10, 244, 1, 14);
     cluster
         .topology
@@ -374,7 +239,7 @@ fn a_pod_device_created_after_start_is_picked_up() {
 #[test]
 fn bpftool_dump_of_the_pinned_service_map_has_field_names() {
     let pods = [("echo-a", Ipv4Addr::new(10, 244, 1, 11))];
-    let cluster = Cluster::start(
+    let cluster = ManifestCluster::start(
         "bpftool_dump_of_the_pinned_service_map_has_field_names",
         &pods,
     );

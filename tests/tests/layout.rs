@@ -8,9 +8,11 @@ use std::{collections::BTreeMap, mem::size_of, process::Command};
 use lb_agent::datapath::EBPF_OBJECT;
 use lb_common::{
     backend::Lb4Backend,
+    config::LbConfig,
     conntrack::{Lb4CtEntry, Lb4CtKey},
     service::{Lb4Service, Lb4ServiceKey},
     slot::{Lb4Slot, Lb4SlotKey},
+    source_range::{Lb4SourceRange, Lb4SourceRangeKey},
     stats::Counter,
 };
 use xtask::TempDir;
@@ -113,10 +115,14 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             _pad
         }),
         host_layout!(Lb4CtEntry {
-            nat_addr,
-            nat_port,
+            dst_addr,
+            dst_port,
             direction,
+            rewrite,
+            src_addr,
+            src_port,
             tcp_flags,
+            _pad,
             service_id,
             backend_id,
             created_ns,
@@ -124,6 +130,12 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             packets,
             bytes
         }),
+        host_layout!(Lb4SourceRangeKey {
+            service_id_be,
+            addr
+        }),
+        host_layout!(Lb4SourceRange { allow }),
+        host_layout!(LbConfig { node_addr4, flags }),
         host_layout!(Counter { packets, bytes }),
     ];
     for (name, layout) in host {

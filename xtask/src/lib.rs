@@ -23,7 +23,7 @@ pub use echo::{EchoServer, HoldConnection, client_of, http_get, pod_of, udp_requ
 pub use netns::{BpffsDir, CleanupReport, NetNs, cleanup_leftovers, cleanup_stale};
 pub use setup::setup;
 pub use tempdir::TempDir;
-pub use topology::{Node, Pod, SingleNode};
+pub use topology::{Cluster, NODE_DEVICE, Node, Pod, SingleNode};
 
 /// The workspace root (the directory holding the top-level Cargo.toml).
 pub fn workspace_root() -> PathBuf {

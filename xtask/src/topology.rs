@@ -6,13 +6,54 @@
 //! address and a default route via the gateway, the node has a /32 route per
 //! pod. No bridge, no ARP proxy: the same shape as Calico or Cilium routing.
 //!
-//! [`SingleNode`] is one such node. A multi-node topology adds an underlay
-//! (a bridge namespace joining the nodes' `eth0`s) and an external client
-//! around several `Node`s; `Node` does not assume it is alone.
+//! [`SingleNode`] is one such node. [`Cluster`] is several, joined by an
+//! underlay, plus an external client:
+//!
+//! ```text
+//!   pods 10.244.1.0/24           pods 10.244.2.0/24
+//!   (gw 10.244.1.1, lbvJ)        (gw 10.244.2.1, lbvJ)
+//!        node-1                       node-2              ext
+//!   eth0 198.51.100.11/24           eth0 198.51.100.12/24      eth0 198.51.100.100/24
+//!        |                            |                   |
+//!   ----n1--------------------------n2-----------------ext0----  underlay: br0
+//! ```
+//!
+//! - underlay: one namespace holding the bridge `br0` (no address,
+//!   `ip_forward=0`); every other device on the 198.51.100.0/24 (TEST-NET-2; the machine itself may sit on TEST-NET-1)
+//!   segment is a veth whose underlay end (`nK`, `ext0`) is a port of br0.
+//! - node K (1-based, Kubernetes name `node-K`): device [`NODE_DEVICE`]
+//!   (`eth0`) with `198.51.100.(10+K)/24`, pod CIDR `10.244.K.0/24` with gateway
+//!   `10.244.K.1`, and a route `10.244.J.0/24 via 198.51.100.(10+J)` for every
+//!   other node J (host-gw style). Forwarding on, rp_filter off (all,
+//!   default, eth0).
+//! - external client `ext`: `eth0` with `198.51.100.100/24` and no default
+//!   route: it reaches the underlay segment and whatever
+//!   [`Cluster::route_via`] points at a node (LoadBalancer IPs, externalIPs),
+//!   never a pod address.
+//!
+//! Checksum offload. A veth passes a locally generated or forwarded TCP/UDP
+//! packet to its peer as CHECKSUM_PARTIAL (only the pseudo-header sum in
+//! the checksum field) as long as the transmitting veth has TX checksum
+//! offload on, and a bridge in between keeps it that way. An XDP program
+//! on the receiving node's `eth0` sees the raw bytes and cannot finish
+//! such a checksum (tcpdump on that `eth0` reports "incorrect" checksums
+//! for pod-to-pod traffic across nodes). A real wire always delivers full
+//! checksums, so `ethtool -K eth0 tx off` is applied to every device that
+//! puts frames on the underlay: every node's `eth0` and the external
+//! client's `eth0`. The kernel then completes the checksum in software (and
+//! segments GSO packets, since TSO needs TX checksumming) when a packet
+//! leaves through them, so everything on the underlay, and hence everything
+//! arriving on a node's `eth0`, carries a full checksum. TC programs on the
+//! egress of `eth0` still run before that step and see what a real NIC
+//! driver's stack would. (Turning it off on the underlay ports `nK`
+//! instead also fixes what arrives on the nodes, but leaves partial
+//! checksums on br0, which makes underlay captures misleading.) The pod
+//! veths keep their offloads: TC programs (the ones on `lbvJ`) handle
+//! partial checksums correctly.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::netns::{NetNs, TEST_PREFIX};
 
@@ -217,5 +258,238 @@ impl SingleNode {
     /// Adds a pod later (a new `lbvK` appears in the node namespace).
     pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> Result<&Pod> {
         self.node.add_pod(name, ip)
+    }
+}
+
+/// A node's (and the external client's) device on the underlay.
+pub const NODE_DEVICE: &str = "eth0";
+/// The bridge in the underlay namespace.
+pub const UNDERLAY_BRIDGE: &str = "br0";
+/// Prefix length of the underlay segment 198.51.100.0/24.
+pub const UNDERLAY_PREFIX_LEN: u8 = 24;
+/// The external client's address on the underlay.
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 100);
+/// Underlay-side port of the external client's veth.
+const EXTERNAL_PORT: &str = "ext0";
+/// Most nodes a [`Cluster`] can have: node K is 198.51.100.(10+K), below the
+/// external client's .100.
+pub const MAX_CLUSTER_NODES: usize = 89;
+
+/// Underlay address of node `k` (1-based): 198.51.100.(10+k).
+pub fn cluster_node_ip(k: usize) -> Ipv4Addr {
+    assert!(
+        (1..=MAX_CLUSTER_NODES).contains(&k),
+        "node index {k} outside 1..={MAX_CLUSTER_NODES}"
+    );
+    Ipv4Addr::new(198, 51, 100, 10 + k as u8)
+}
+
+/// Pod gateway of node `k` (1-based): 10.244.k.1; its pod CIDR is 10.244.k.0/24.
+pub fn cluster_pod_gateway(k: usize) -> Ipv4Addr {
+    assert!(
+        (1..=MAX_CLUSTER_NODES).contains(&k),
+        "node index {k} outside 1..={MAX_CLUSTER_NODES}"
+    );
+    Ipv4Addr::new(10, 244, k as u8, 1)
+}
+
+/// Nodes (`node-1`..`node-N`) on an underlay bridge, plus an external client;
+/// see the module documentation for the addressing plan. Nodes are
+/// numbered from 1, as in their names and addresses. Dropping it removes,
+/// in this order, the pods, the nodes, the external client and the underlay.
+#[derive(Debug)]
+pub struct Cluster {
+    // Field order is drop order (after `Drop::drop` has cleared the nodes).
+    nodes: Vec<Node>,
+    external: NetNs,
+    underlay: NetNs,
+}
+
+impl Cluster {
+    /// A test cluster (`lbt-` names) of `nodes` nodes, without pods.
+    pub fn new(nodes: usize) -> Result<Cluster> {
+        Cluster::with_prefix(TEST_PREFIX, nodes)
+    }
+
+    /// Same with another name prefix (the demo and benchmarks use `lbd`).
+    pub fn with_prefix(prefix: &str, nodes: usize) -> Result<Cluster> {
+        ensure!(
+            (1..=MAX_CLUSTER_NODES).contains(&nodes),
+            "a cluster has 1..={MAX_CLUSTER_NODES} nodes, not {nodes}"
+        );
+        let underlay = NetNs::with_prefix(prefix, "underlay")?;
+        underlay.sysctl("net.ipv4.ip_forward", "0")?;
+        underlay
+            .ip(&["link", "add", UNDERLAY_BRIDGE, "type", "bridge"])
+            .context("creating the underlay bridge")?;
+        underlay.ip(&["link", "set", UNDERLAY_BRIDGE, "up"])?;
+
+        let external = NetNs::with_prefix(prefix, "ext")?;
+        // From here on a failure drops `cluster`: nodes, then ext, underlay.
+        let mut cluster = Cluster {
+            nodes: Vec::with_capacity(nodes),
+            external,
+            underlay,
+        };
+        cluster
+            .plug(&cluster.external, EXTERNAL_PORT, EXTERNAL_IP)
+            .context("attaching the external client")?;
+
+        for k in 1..=nodes {
+            let name = format!("node-{k}");
+            let node = Node::new(prefix, &name, cluster_pod_gateway(k))?;
+            cluster.nodes.push(node);
+            let node = cluster.nodes.last().expect("just pushed");
+            cluster
+                .plug(node.ns(), &format!("n{k}"), cluster_node_ip(k))
+                .with_context(|| format!("attaching {name} to the underlay"))?;
+            node.ns()
+                .sysctl(&format!("net.ipv4.conf.{NODE_DEVICE}.rp_filter"), "0")?;
+        }
+        // Host-gw routes, once every node's address is up.
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            for j in (1..=nodes).filter(|&j| j != i + 1) {
+                let cidr = format!("{}/24", Ipv4Addr::new(10, 244, j as u8, 0));
+                let via = cluster_node_ip(j).to_string();
+                node.ns()
+                    .ip(&["route", "add", &cidr, "via", &via, "dev", NODE_DEVICE])
+                    .with_context(|| format!("{}: route to node-{j}'s pods", node.name()))?;
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// Connects `ns` to the underlay: `NODE_DEVICE` in `ns` with `ip`/24, its
+    /// peer `port` a port of br0, TX checksum offload off on `NODE_DEVICE`.
+    fn plug(&self, ns: &NetNs, port: &str, ip: Ipv4Addr) -> Result<()> {
+        // Created in the underlay, peer placed straight into `ns`: nothing
+        // ever appears in the root namespace.
+        self.underlay.ip(&[
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            NODE_DEVICE,
+            "netns",
+            ns.name(),
+        ])?;
+        self.underlay
+            .ip(&["link", "set", port, "master", UNDERLAY_BRIDGE])?;
+        self.underlay.ip(&["link", "set", port, "up"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{ip}/{UNDERLAY_PREFIX_LEN}"),
+            "dev",
+            NODE_DEVICE,
+        ])?;
+        // See the module documentation: frames on the underlay carry full
+        // checksums, as on a real wire.
+        ns.sh_ok(&["ethtool", "-K", NODE_DEVICE, "tx", "off"])
+            .context(
+                "turning TX checksum offload off (is ethtool installed? `cargo xtask setup`)",
+            )?;
+        ns.ip(&["link", "set", NODE_DEVICE, "up"])?;
+        Ok(())
+    }
+
+    /// Number of nodes.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Node `k`, 1-based (`node(1)` is `node-1`). Panics outside 1..=N.
+    pub fn node(&self, k: usize) -> &Node {
+        self.index(k)
+            .map(|i| &self.nodes[i])
+            .unwrap_or_else(|| panic!("no node {k} in a {}-node cluster", self.nodes.len()))
+    }
+
+    /// The node with Kubernetes name `name` (`node-2`).
+    pub fn node_by_name(&self, name: &str) -> Result<&Node> {
+        self.nodes
+            .iter()
+            .find(|node| node.name() == name)
+            .with_context(|| format!("no node named {name:?}"))
+    }
+
+    /// Underlay address of node `k` (1-based): 198.51.100.(10+k). Panics
+    /// outside 1..=N.
+    pub fn node_ip(&self, k: usize) -> Ipv4Addr {
+        let _ = self.node(k);
+        cluster_node_ip(k)
+    }
+
+    /// Creates a pod behind node `k` (1-based). `ip` must lie in the node's
+    /// pod CIDR 10.244.k.0/24 (not .0, .1 (the gateway) or .255); pod names
+    /// are unique across the cluster.
+    pub fn add_pod(&mut self, k: usize, name: &str, ip: Ipv4Addr) -> Result<&Pod> {
+        let index = self
+            .index(k)
+            .with_context(|| format!("no node {k} in a {}-node cluster", self.nodes.len()))?;
+        let [a, b, c, d] = ip.octets();
+        ensure!(
+            [a, b, c] == [10, 244, k as u8] && !matches!(d, 0 | 1 | 255),
+            "pod {name:?}: {ip} is not a pod address of node-{k} (10.244.{k}.2-254)"
+        );
+        if let Some(node) = self.nodes.iter().find(|node| node.pod(name).is_ok()) {
+            bail!("a pod named {name:?} already exists on {}", node.name());
+        }
+        self.nodes[index].add_pod(name, ip)
+    }
+
+    /// The pod named `name`, on whichever node.
+    pub fn pod(&self, name: &str) -> Result<&Pod> {
+        self.nodes
+            .iter()
+            .find_map(|node| node.pod(name).ok())
+            .with_context(|| format!("no pod named {name:?} on any node"))
+    }
+
+    /// The external client's namespace (its device is `eth0`).
+    pub fn external(&self) -> &NetNs {
+        &self.external
+    }
+
+    /// The external client's address, 198.51.100.100.
+    pub fn external_ip(&self) -> Ipv4Addr {
+        EXTERNAL_IP
+    }
+
+    /// Routes `prefix` (`203.0.113.0/24`, `203.0.113.10/32`) from the
+    /// external client via node `k` (1-based), the way a router in front
+    /// of the cluster reaches LoadBalancer IPs and externalIPs. Replaces an
+    /// earlier route for the same prefix.
+    pub fn route_via(&self, prefix: &str, k: usize) -> Result<()> {
+        self.index(k)
+            .with_context(|| format!("no node {k} in a {}-node cluster", self.nodes.len()))?;
+        let via = cluster_node_ip(k).to_string();
+        self.external
+            .ip(&["route", "replace", prefix, "via", &via, "dev", NODE_DEVICE])
+            .with_context(|| format!("routing {prefix} via node-{k} on the external client"))
+    }
+
+    /// The underlay namespace (bridge `br0`, ports `nK` and `ext0`).
+    pub fn underlay(&self) -> &NetNs {
+        &self.underlay
+    }
+
+    fn index(&self, k: usize) -> Option<usize> {
+        (1..=self.nodes.len()).contains(&k).then(|| k - 1)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Pods (each node drops its pods first), then the nodes; the fields
+        // then drop in order: external client, underlay.
+        self.nodes.clear();
     }
 }

@@ -135,7 +135,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     json!({
                         "client": format!("{}:{}", Ipv4Addr::from(k.src_addr), k.src_port),
                         "frontend": format!("{}:{}", Ipv4Addr::from(k.dst_addr), k.dst_port),
-                        "backend": format!("{}:{}", Ipv4Addr::from(e.nat_addr), e.nat_port),
+                        "backend": format!("{}:{}", Ipv4Addr::from(e.dst_addr), e.dst_port),
+                        "snat": (e.rewrite & lb_common::conntrack::REWRITE_SRC != 0)
+                            .then(|| format!("{}:{}", Ipv4Addr::from(e.src_addr), e.src_port)),
                         "protocol": proto_name(k.proto),
                         "packets": e.packets,
                         "bytes": e.bytes,

@@ -4,7 +4,11 @@
 //! of the calling process; `/sys/class/net` would show the namespace sysfs
 //! was mounted in, which is not the same under `nsenter`.
 
-use std::{collections::BTreeMap, ffi::CStr};
+use std::{
+    collections::BTreeMap,
+    ffi::CStr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 /// Every interface of the current network namespace: name -> ifindex.
 pub fn list_interfaces() -> std::io::Result<BTreeMap<String, u32>> {
@@ -27,6 +31,65 @@ pub fn list_interfaces() -> std::io::Result<BTreeMap<String, u32>> {
         libc::if_freenameindex(head);
     }
     Ok(out)
+}
+
+/// Every address of every interface of the current network namespace:
+/// name -> addresses, in the order the kernel lists them.
+pub fn interface_addresses() -> std::io::Result<BTreeMap<String, Vec<IpAddr>>> {
+    let mut out: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a linked list freed below with freeifaddrs;
+    // every pointer is checked before use and read according to sa_family.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let entry = &*cur;
+            cur = entry.ifa_next;
+            if entry.ifa_addr.is_null() || entry.ifa_name.is_null() {
+                continue;
+            }
+            let addr = match i32::from((*entry.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
+                    IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(entry.ifa_addr as *const libc::sockaddr_in6);
+                    IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
+                }
+                _ => continue,
+            };
+            let name = CStr::from_ptr(entry.ifa_name)
+                .to_string_lossy()
+                .into_owned();
+            out.entry(name).or_default().push(addr);
+        }
+        libc::freeifaddrs(head);
+    }
+    Ok(out)
+}
+
+/// Lets a device accept packets whose source is one of the node's own
+/// addresses (`accept_local`). The programs give packets such a source
+/// before the stack sees them: traffic from outside SNATed to this node
+/// (node device, after XDP), and replies translated back to a NodePort
+/// frontend, which is a node address (pod device, after TC). Without it the
+/// stack drops them as martians. The setting is per device and per network
+/// namespace (the agent's).
+pub fn accept_local_sources(ifname: &str) -> std::io::Result<()> {
+    if ifname.is_empty() || ifname.contains('/') || ifname.starts_with('.') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{ifname:?} is not an interface name"),
+        ));
+    }
+    std::fs::write(
+        format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local"),
+        "1",
+    )
 }
 
 /// Shell-style glob: `*` any run, `?` one character, everything else literal.
@@ -62,6 +125,17 @@ mod tests {
         ] {
             assert_eq!(glob_match(pattern, name), want, "{pattern} vs {name}");
         }
+    }
+
+    #[test]
+    fn loopback_has_its_address() {
+        let addresses = interface_addresses().expect("getifaddrs");
+        assert!(
+            addresses
+                .get("lo")
+                .is_some_and(|a| a.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST))),
+            "{addresses:?}"
+        );
     }
 
     #[test]

@@ -6,17 +6,22 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{
+        Array, HashMap, Map, MapData, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use lb_common::{
     backend::{self, Lb4Backend},
+    config::{self, LbConfig},
     conntrack::{self, Lb4CtEntry, Lb4CtKey},
     service::{self, Lb4Service, Lb4ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
+    source_range::{self, Lb4SourceRange, Lb4SourceRangeKey, SERVICE_ID_BITS},
     stats::{self, Counter, Reason},
 };
 
-use super::programmer::TableWriter;
+use super::programmer::{SourceRangeEntry, TableWriter};
 
 /// The service, slot, backend and conntrack maps, plus the stats.
 pub struct KernelTables {
@@ -24,6 +29,8 @@ pub struct KernelTables {
     pub slots: HashMap<MapData, Lb4SlotKey, Lb4Slot>,
     pub backends: HashMap<MapData, u32, Lb4Backend>,
     pub conntrack: HashMap<MapData, Lb4CtKey, Lb4CtEntry>,
+    pub source_ranges: LpmTrie<MapData, Lb4SourceRangeKey, Lb4SourceRange>,
+    pub config: Array<MapData, LbConfig>,
     pub stats: StatsReader,
 }
 
@@ -67,6 +74,9 @@ impl KernelTables {
                 .with_context(|| layout(backend::NAME))?,
             conntrack: HashMap::try_from(get(conntrack::NAME)?)
                 .with_context(|| layout(conntrack::NAME))?,
+            source_ranges: LpmTrie::try_from(get(source_range::NAME)?)
+                .with_context(|| layout(source_range::NAME))?,
+            config: Array::try_from(get(config::NAME)?).with_context(|| layout(config::NAME))?,
             stats: StatsReader(
                 PerCpuArray::try_from(get(stats::NAME)?).with_context(|| layout(stats::NAME))?,
             ),
@@ -86,6 +96,30 @@ impl KernelTables {
     /// Every backend entry.
     pub fn dump_backends(&self) -> anyhow::Result<BTreeMap<u32, Lb4Backend>> {
         Ok(self.backends.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Every source-range entry.
+    pub fn dump_source_ranges(&self) -> anyhow::Result<Vec<SourceRangeEntry>> {
+        self.source_ranges
+            .iter()
+            .map(|entry| {
+                let (key, _) = entry?;
+                Ok(SourceRangeEntry {
+                    key: key.data(),
+                    prefix_len: key.prefix_len().saturating_sub(SERVICE_ID_BITS) as u8,
+                })
+            })
+            .collect()
+    }
+
+    /// The node-wide settings.
+    pub fn config(&self) -> anyhow::Result<LbConfig> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
+    /// Writes the node-wide settings.
+    pub fn set_config(&mut self, value: &LbConfig) -> anyhow::Result<()> {
+        Ok(self.config.set(0, value, 0)?)
     }
 
     /// Every conntrack entry (both directions).
@@ -112,6 +146,16 @@ impl TableWriter for KernelTables {
     }
     fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
         Ok(self.backends.remove(&id)?)
+    }
+    fn put_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
+        let key = Key::new(SERVICE_ID_BITS + u32::from(range.prefix_len), range.key);
+        Ok(self
+            .source_ranges
+            .insert(&key, Lb4SourceRange { allow: 1 }, 0)?)
+    }
+    fn delete_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
+        let key = Key::new(SERVICE_ID_BITS + u32::from(range.prefix_len), range.key);
+        Ok(self.source_ranges.remove(&key)?)
     }
 }
 

@@ -8,6 +8,7 @@ mod programmer;
 
 use std::{
     collections::BTreeMap,
+    fmt,
     path::{Path, PathBuf},
 };
 
@@ -15,22 +16,54 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::{XdpLink, XdpMode},
     },
 };
-use lb_common::{backend, conntrack, service, slot, stats};
+use lb_common::{backend, config, conntrack, service, slot, source_range, stats};
 
-pub use devices::{glob_match, list_interfaces};
+pub use devices::{accept_local_sources, glob_match, interface_addresses, list_interfaces};
 pub use maps::{KernelTables, StatsReader};
-pub use programmer::{ApplyReport, Programmer, TableWriter};
+pub use programmer::{ApplyReport, Programmer, SourceRangeEntry, TableWriter};
 
 /// The kernel programs, built by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// Name of the TC program in [`EBPF_OBJECT`].
-pub const TC_PROGRAM: &str = "lb_tc_ingress";
+/// TC program for pod-facing devices (traffic from pods).
+pub const TC_POD_PROGRAM: &str = "lb_tc_pod";
+/// TC program for node devices where XDP does not attach.
+pub const TC_NODE_PROGRAM: &str = "lb_tc_node";
+/// XDP program for node devices (traffic from the network).
+pub const XDP_NODE_PROGRAM: &str = "lb_xdp_node";
+
+/// What a device is to the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceRole {
+    /// Pod-facing (`--pod-devices`): TC ingress, pod semantics.
+    Pod,
+    /// Node device (`--devices`): XDP, or TC where XDP will not attach.
+    Node,
+}
+
+/// How a device ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    TcPod,
+    TcNode,
+    Xdp,
+}
+
+impl fmt::Display for Attachment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Attachment::TcPod => "TCX ingress (pod)",
+            Attachment::TcNode => "TCX ingress (node, XDP unavailable)",
+            Attachment::Xdp => "XDP",
+        })
+    }
+}
 
 /// Capacity of each map, in entries.
 #[derive(Clone, Copy, Debug)]
@@ -53,11 +86,13 @@ impl Default for MapSizes {
 }
 
 /// Every map the programs use, with its pinned name.
-pub const MAP_NAMES: [&str; 5] = [
+pub const MAP_NAMES: [&str; 7] = [
     service::NAME,
     slot::NAME,
     backend::NAME,
     conntrack::NAME,
+    source_range::NAME,
+    config::NAME,
     stats::NAME,
 ];
 
@@ -65,8 +100,8 @@ pub const MAP_NAMES: [&str; 5] = [
 pub struct Datapath {
     ebpf: Ebpf,
     bpffs: PathBuf,
-    /// Devices the TC program is attached to: name -> ifindex at attach time.
-    attached: BTreeMap<String, u32>,
+    /// Devices the programs are attached to: name -> ifindex at attach time.
+    attached: BTreeMap<String, (u32, Attachment)>,
 }
 
 impl Datapath {
@@ -92,13 +127,22 @@ impl Datapath {
                 bpffs.display()
             )
         })?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(TC_PROGRAM)
-            .ok_or_else(|| anyhow!("program {TC_PROGRAM} missing from the object"))?
+        for name in [TC_POD_PROGRAM, TC_NODE_PROGRAM] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("verifying program {name}"))?;
+        }
+        let program: &mut Xdp = ebpf
+            .program_mut(XDP_NODE_PROGRAM)
+            .ok_or_else(|| anyhow!("program {XDP_NODE_PROGRAM} missing from the object"))?
             .try_into()?;
         program
             .load()
-            .with_context(|| format!("verifying program {TC_PROGRAM}"))?;
+            .with_context(|| format!("verifying program {XDP_NODE_PROGRAM}"))?;
         Ok(Self {
             ebpf,
             bpffs: bpffs.to_owned(),
@@ -116,32 +160,76 @@ impl Datapath {
         KernelTables::take(&mut self.ebpf)
     }
 
-    /// The TC program, e.g. for `BPF_PROG_TEST_RUN`.
-    pub fn tc_program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
+    /// A TC program by name, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn tc_program(&mut self, name: &str) -> anyhow::Result<&mut SchedClassifier> {
         Ok(self
             .ebpf
-            .program_mut(TC_PROGRAM)
-            .ok_or_else(|| anyhow!("program {TC_PROGRAM} missing"))?
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
             .try_into()?)
     }
 
-    /// Where the TCX link of `ifname` is pinned. Pinned links keep the
-    /// program attached while no agent runs (a crash or an upgrade).
-    fn link_pin(&self, ifname: &str) -> PathBuf {
-        self.bpffs.join(format!("link_tcx_ingress_{ifname}"))
+    /// The XDP program, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn xdp_program(&mut self) -> anyhow::Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(XDP_NODE_PROGRAM)
+            .ok_or_else(|| anyhow!("program {XDP_NODE_PROGRAM} missing"))?
+            .try_into()?)
     }
 
-    /// Attaches the TC program to `ifname` ingress through TCX (kernel
-    /// 6.6+), unless this agent already did for the same device. A link a
-    /// previous agent pinned for the device is adopted: this program replaces
-    /// the old one inside the link atomically (`BPF_LINK_UPDATE`), so no
-    /// packet passes untranslated during a restart.
-    pub fn attach(&mut self, ifname: &str, ifindex: u32) -> anyhow::Result<bool> {
-        if self.attached.get(ifname) == Some(&ifindex) {
-            return Ok(false);
+    /// Where the link of `ifname` is pinned. Pinned links keep the programs
+    /// attached while no agent runs (a crash or an upgrade).
+    fn link_pin(&self, ifname: &str, attachment: Attachment) -> PathBuf {
+        let kind = match attachment {
+            Attachment::TcPod | Attachment::TcNode => "tcx_ingress",
+            Attachment::Xdp => "xdp",
+        };
+        self.bpffs.join(format!("link_{kind}_{ifname}"))
+    }
+
+    /// Attaches to `ifname` as its role asks, unless this agent already did
+    /// for the same device: TCX ingress on pod devices; XDP on node devices,
+    /// TCX ingress where XDP will not attach. A link a previous agent pinned
+    /// for the device is adopted: this program replaces the old one inside
+    /// the link atomically (`BPF_LINK_UPDATE`), so no packet passes
+    /// untranslated during a restart. Returns `None` when nothing changed.
+    pub fn attach(
+        &mut self,
+        ifname: &str,
+        ifindex: u32,
+        role: DeviceRole,
+    ) -> anyhow::Result<Option<Attachment>> {
+        if self
+            .attached
+            .get(ifname)
+            .is_some_and(|(index, _)| *index == ifindex)
+        {
+            return Ok(None);
         }
-        let pin = self.link_pin(ifname);
-        let program = self.tc_program()?;
+        let attachment = match role {
+            DeviceRole::Pod => self.attach_tc(ifname, TC_POD_PROGRAM, Attachment::TcPod)?,
+            DeviceRole::Node => match self.attach_xdp(ifname, ifindex) {
+                Ok(attachment) => attachment,
+                Err(e) => {
+                    log::warn!("{e:#}; using TC on {ifname} instead");
+                    self.attach_tc(ifname, TC_NODE_PROGRAM, Attachment::TcNode)?
+                }
+            },
+        };
+        self.attached
+            .insert(ifname.to_owned(), (ifindex, attachment));
+        Ok(Some(attachment))
+    }
+
+    fn attach_tc(
+        &mut self,
+        ifname: &str,
+        program_name: &str,
+        attachment: Attachment,
+    ) -> anyhow::Result<Attachment> {
+        let pin = self.link_pin(ifname, attachment);
+        let program = self.tc_program(program_name)?;
         let mut adopted = None;
         if let Ok(pinned) = PinnedLink::from_pin(&pin) {
             // The fd keeps the link alive between unpin and the new pin.
@@ -166,29 +254,63 @@ impl Datapath {
                     TcAttachType::Ingress,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-                .with_context(|| format!("attaching {TC_PROGRAM} to {ifname} (TCX ingress)"))?,
+                .with_context(|| format!("attaching {program_name} to {ifname} (TCX ingress)"))?,
         };
         let link: FdLink = program.take_link(id)?.try_into()?;
         link.pin(&pin)
             .with_context(|| format!("pinning the link of {ifname} at {}", pin.display()))?;
-        self.attached.insert(ifname.to_owned(), ifindex);
-        Ok(true)
+        Ok(attachment)
+    }
+
+    fn attach_xdp(&mut self, ifname: &str, ifindex: u32) -> anyhow::Result<Attachment> {
+        let pin = self.link_pin(ifname, Attachment::Xdp);
+        let program = self.xdp_program()?;
+        let mut adopted = None;
+        if let Ok(pinned) = PinnedLink::from_pin(&pin) {
+            let fd_link = pinned
+                .unpin()
+                .with_context(|| format!("unpinning {}", pin.display()))?;
+            match XdpLink::try_from(fd_link)
+                .map_err(anyhow::Error::from)
+                .and_then(|link| Ok(program.attach_to_link(link)?))
+            {
+                Ok(id) => adopted = Some(id),
+                Err(e) => log::debug!("pinned XDP link for {ifname} not reusable: {e:#}"),
+            }
+        }
+        let id = match adopted {
+            Some(id) => id,
+            None => program
+                .attach_to_if_index(ifindex, XdpMode::Default)
+                .with_context(|| format!("attaching {XDP_NODE_PROGRAM} to {ifname} (XDP)"))?,
+        };
+        let link: FdLink = program.take_link(id)?.try_into()?;
+        link.pin(&pin)
+            .with_context(|| format!("pinning the XDP link of {ifname} at {}", pin.display()))?;
+        Ok(Attachment::Xdp)
     }
 
     /// Forgets devices that no longer exist (their links went with them),
     /// removing their link pins.
     pub fn forget_missing(&mut self, present: &BTreeMap<String, u32>) -> Vec<String> {
-        let gone: Vec<String> = self
+        let gone: Vec<(String, Attachment)> = self
             .attached
             .iter()
-            .filter(|(name, index)| present.get(*name) != Some(index))
-            .map(|(name, _)| name.clone())
+            .filter(|(name, (index, _))| present.get(*name) != Some(index))
+            .map(|(name, (_, attachment))| (name.clone(), *attachment))
             .collect();
-        for name in &gone {
+        for (name, attachment) in &gone {
             self.attached.remove(name);
-            let _ = std::fs::remove_file(self.link_pin(name));
+            let _ = std::fs::remove_file(self.link_pin(name, *attachment));
         }
-        gone
+        gone.into_iter().map(|(name, _)| name).collect()
+    }
+
+    /// Whether `ifname` (at `ifindex`) is attached already.
+    pub fn is_attached(&self, ifname: &str, ifindex: u32) -> bool {
+        self.attached
+            .get(ifname)
+            .is_some_and(|(index, _)| *index == ifindex)
     }
 
     /// Devices currently attached.

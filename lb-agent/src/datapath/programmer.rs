@@ -16,13 +16,15 @@ use std::{
 use lb_common::{
     backend::{FLAG_LOCAL, FLAG_TERMINATING, Lb4Backend},
     service::{
-        KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER, KIND_NODE_PORT, Lb4Service,
-        Lb4ServiceKey, SCOPE_EXTERNAL,
+        FLAG_HAS_INTERNAL, FLAG_LOCAL_ONLY, FLAG_SOURCE_RANGES, KIND_CLUSTER_IP, KIND_EXTERNAL_IP,
+        KIND_LOAD_BALANCER, KIND_NODE_PORT, Lb4Service, Lb4ServiceKey, SCOPE_EXTERNAL,
+        SCOPE_INTERNAL,
     },
     slot::{Lb4Slot, Lb4SlotKey},
+    source_range::Lb4SourceRangeKey,
 };
 
-use crate::model::{DesiredTables, FrontendKind, FrontendSpec};
+use crate::model::{DesiredTables, Frontend, FrontendKind, FrontendSpec, Scope};
 
 /// Where the programmer writes; the kernel maps in production, a recording
 /// fake in tests.
@@ -33,6 +35,17 @@ pub trait TableWriter {
     fn delete_slot(&mut self, key: &Lb4SlotKey) -> anyhow::Result<()>;
     fn put_backend(&mut self, id: u32, value: &Lb4Backend) -> anyhow::Result<()>;
     fn delete_backend(&mut self, id: u32) -> anyhow::Result<()>;
+    /// An allowed client range of a service: (service id, network) / length.
+    fn put_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()>;
+    fn delete_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()>;
+}
+
+/// One loadBalancerSourceRanges entry as the trie holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SourceRangeEntry {
+    pub key: Lb4SourceRangeKey,
+    /// Prefix length of the address part (the service id's 32 bits come on top).
+    pub prefix_len: u8,
 }
 
 /// What one `apply` did.
@@ -55,6 +68,7 @@ pub struct ApplyReport {
 struct ProgrammedService {
     entry: Lb4Service,
     backend_ids: Vec<u32>,
+    ranges: Vec<SourceRangeEntry>,
 }
 
 /// Backend identity: what makes two endpoints the same backend.
@@ -97,7 +111,15 @@ impl Programmer {
         services: impl IntoIterator<Item = (Lb4ServiceKey, Lb4Service)>,
         slots: &BTreeMap<Lb4SlotKey, Lb4Slot>,
         backends: impl IntoIterator<Item = (u32, Lb4Backend)>,
+        ranges: impl IntoIterator<Item = SourceRangeEntry>,
     ) -> (Self, Vec<Lb4SlotKey>) {
+        let mut ranges_by_service: BTreeMap<u32, Vec<SourceRangeEntry>> = BTreeMap::new();
+        for range in ranges {
+            ranges_by_service
+                .entry(u32::from_be_bytes(range.key.service_id_be))
+                .or_default()
+                .push(range);
+        }
         let mut me = Self::default();
         for (id, backend) in backends {
             me.next_backend_id = me.next_backend_id.max(id.saturating_add(1));
@@ -119,8 +141,17 @@ impl Programmer {
                 backend_ids.push(slots.get(&slot_key).map_or(0, |s| s.backend_id));
                 live_slots.insert(slot_key);
             }
-            me.services
-                .insert(key, ProgrammedService { entry, backend_ids });
+            let ranges = ranges_by_service
+                .remove(&entry.service_id)
+                .unwrap_or_default();
+            me.services.insert(
+                key,
+                ProgrammedService {
+                    entry,
+                    backend_ids,
+                    ranges,
+                },
+            );
         }
         let stale = slots
             .keys()
@@ -148,15 +179,18 @@ impl Programmer {
                 addr: addr.octets(),
                 port: frontend.port,
                 proto: frontend.protocol.number(),
-                scope: SCOPE_EXTERNAL,
+                scope: match frontend.scope {
+                    Scope::External => SCOPE_EXTERNAL,
+                    Scope::Internal => SCOPE_INTERNAL,
+                },
             };
             wanted.insert(key);
-            let what = || {
-                format!(
-                    "{} port {} ({}:{}/{:?})",
-                    spec.service, spec.port_name, addr, frontend.port, frontend.protocol
-                )
-            };
+            let what = || format!("{} port {} ({frontend})", spec.service, spec.port_name);
+            let has_internal = frontend.scope == Scope::External
+                && desired.frontends.contains_key(&Frontend {
+                    scope: Scope::Internal,
+                    ..frontend.clone()
+                });
             let ids = match self.ensure_backends(&key, spec, maps, &mut report.writes) {
                 Ok(ids) => ids,
                 Err(e) => {
@@ -164,7 +198,9 @@ impl Programmer {
                     continue;
                 }
             };
-            if let Err(e) = self.program_service(key, spec, ids, maps, &mut report.writes) {
+            if let Err(e) =
+                self.program_service(key, spec, has_internal, ids, maps, &mut report.writes)
+            {
                 report.errors.push(format!("{}: {e:#}", what()));
             }
         }
@@ -252,88 +288,119 @@ impl Programmer {
         Ok(ids)
     }
 
+    /// Writes one frontend: new source ranges first, then (if the backend set
+    /// changed) the slots of the next revision, then the service entry that
+    /// switches to them, then the cleanup of what the old entry used. Every
+    /// step a packet can observe is consistent; a failure undoes what this
+    /// call added and leaves the previous programming in force.
     fn program_service(
         &mut self,
         key: Lb4ServiceKey,
         spec: &FrontendSpec,
+        has_internal: bool,
         ids: Vec<u32>,
         maps: &mut impl TableWriter,
         writes: &mut usize,
     ) -> anyhow::Result<()> {
-        let template = Lb4Service {
-            service_id: 0,
+        let current = self.services.get(&key).cloned();
+        let service_id = current
+            .as_ref()
+            .map_or(self.next_service_id, |c| c.entry.service_id);
+        let ranges: Vec<SourceRangeEntry> = spec
+            .source_ranges
+            .iter()
+            .filter_map(|range| match range.addr {
+                IpAddr::V4(addr) => Some(SourceRangeEntry {
+                    key: Lb4SourceRangeKey {
+                        service_id_be: service_id.to_be_bytes(),
+                        addr: addr.octets(),
+                    },
+                    prefix_len: range.prefix_len,
+                }),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let mut flags = 0;
+        if spec.local_only {
+            flags |= FLAG_LOCAL_ONLY;
+        }
+        if has_internal {
+            flags |= FLAG_HAS_INTERNAL;
+        }
+        if !ranges.is_empty() {
+            flags |= FLAG_SOURCE_RANGES;
+        }
+        let ids_changed = current.as_ref().is_none_or(|c| c.backend_ids != ids);
+        let old_revision = current.as_ref().map_or(0, |c| c.entry.revision);
+        let entry = Lb4Service {
+            service_id,
             backend_count: ids.len() as u32,
-            revision: 0,
+            revision: if ids_changed {
+                old_revision.wrapping_add(1)
+            } else {
+                old_revision
+            },
             kind: kind_code(spec.kind),
-            flags: 0,
+            flags,
             affinity_timeout: spec.affinity_timeout.unwrap_or(0),
         };
-        match self.services.get(&key) {
-            Some(current) if current.backend_ids == ids => {
-                let entry = Lb4Service {
-                    service_id: current.entry.service_id,
-                    revision: current.entry.revision,
-                    ..template
-                };
-                if entry != current.entry {
-                    maps.put_service(&key, &entry)?;
-                    *writes += 1;
-                    self.services.insert(
-                        key,
-                        ProgrammedService {
-                            entry,
-                            backend_ids: ids,
-                        },
-                    );
-                }
-                Ok(())
+        let old_ranges = current
+            .as_ref()
+            .map(|c| c.ranges.clone())
+            .unwrap_or_default();
+        if current.as_ref().is_some_and(|c| c.entry == entry) && old_ranges == ranges {
+            return Ok(());
+        }
+
+        let added: Vec<SourceRangeEntry> = ranges
+            .iter()
+            .filter(|r| !old_ranges.contains(r))
+            .copied()
+            .collect();
+        let undo_ranges = |maps: &mut dyn FnMut(&SourceRangeEntry), upto: usize| {
+            for range in &added[..upto] {
+                maps(range);
             }
-            Some(current) => {
-                let old = current.clone();
-                let entry = Lb4Service {
-                    service_id: old.entry.service_id,
-                    revision: old.entry.revision.wrapping_add(1),
-                    ..template
-                };
-                write_slots(&entry, &ids, maps, writes)?;
-                if let Err(e) = maps.put_service(&key, &entry) {
-                    delete_slot_range(&entry, ids.len() as u32, maps, writes);
-                    return Err(e);
-                }
-                *writes += 1;
-                delete_slot_range(&old.entry, old.backend_ids.len() as u32, maps, writes);
-                self.services.insert(
-                    key,
-                    ProgrammedService {
-                        entry,
-                        backend_ids: ids,
-                    },
-                );
-                Ok(())
+        };
+        for (i, range) in added.iter().enumerate() {
+            if let Err(e) = maps.put_source_range(range) {
+                undo_ranges(&mut |r| drop(maps.delete_source_range(r)), i);
+                return Err(e.context("writing a source range"));
             }
-            None => {
-                let entry = Lb4Service {
-                    service_id: self.next_service_id,
-                    revision: 1,
-                    ..template
-                };
-                write_slots(&entry, &ids, maps, writes)?;
-                if let Err(e) = maps.put_service(&key, &entry) {
-                    delete_slot_range(&entry, ids.len() as u32, maps, writes);
-                    return Err(e);
-                }
+            *writes += 1;
+        }
+        if ids_changed && let Err(e) = write_slots(&entry, &ids, maps, writes) {
+            undo_ranges(&mut |r| drop(maps.delete_source_range(r)), added.len());
+            return Err(e);
+        }
+        if let Err(e) = maps.put_service(&key, &entry) {
+            if ids_changed {
+                delete_slot_range(&entry, ids.len() as u32, maps, writes);
+            }
+            undo_ranges(&mut |r| drop(maps.delete_source_range(r)), added.len());
+            return Err(e);
+        }
+        *writes += 1;
+        if ids_changed && let Some(old) = &current {
+            delete_slot_range(&old.entry, old.backend_ids.len() as u32, maps, writes);
+        }
+        for range in old_ranges.iter().filter(|r| !ranges.contains(r)) {
+            if maps.delete_source_range(range).is_ok() {
                 *writes += 1;
-                self.next_service_id += 1;
-                self.services.insert(
-                    key,
-                    ProgrammedService {
-                        entry,
-                        backend_ids: ids,
-                    },
-                );
-                Ok(())
             }
         }
+        if current.is_none() {
+            self.next_service_id += 1;
+        }
+        self.services.insert(
+            key,
+            ProgrammedService {
+                entry,
+                backend_ids: ids,
+                ranges,
+            },
+        );
+        Ok(())
     }
 
     fn remove_service(
@@ -350,8 +417,14 @@ impl Programmer {
         *writes += 1;
         let entry = current.entry;
         let count = current.backend_ids.len() as u32;
+        let ranges = current.ranges.clone();
         self.services.remove(key);
         delete_slot_range(&entry, count, maps, writes);
+        for range in &ranges {
+            if maps.delete_source_range(range).is_ok() {
+                *writes += 1;
+            }
+        }
         Ok(())
     }
 
@@ -441,6 +514,7 @@ mod tests {
         services: BTreeMap<Lb4ServiceKey, Lb4Service>,
         slots: BTreeMap<Lb4SlotKey, Lb4Slot>,
         backends: BTreeMap<u32, Lb4Backend>,
+        ranges: BTreeSet<SourceRangeEntry>,
         capacity_slots: usize,
         ops: usize,
     }
@@ -467,6 +541,16 @@ mod tests {
                         s.backend_id
                     );
                 }
+                // A restricted service with no allowed range would drop
+                // every client.
+                if svc.flags & FLAG_SOURCE_RANGES != 0 {
+                    let id = svc.service_id.to_be_bytes();
+                    assert!(
+                        self.ranges.iter().any(|r| r.key.service_id_be == id),
+                        "after op {}: {key:?} is restricted but has no range",
+                        self.ops
+                    );
+                }
             }
         }
         fn backends_of(&self, key: &Lb4ServiceKey) -> Vec<Lb4Backend> {
@@ -485,6 +569,18 @@ mod tests {
     }
 
     impl TableWriter for CheckedMaps {
+        fn put_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
+            self.ranges.insert(*range);
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+        fn delete_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
+            self.ranges.remove(range);
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
         fn put_service(&mut self, key: &Lb4ServiceKey, value: &Lb4Service) -> anyhow::Result<()> {
             self.services.insert(*key, *value);
             self.ops += 1;
@@ -532,11 +628,11 @@ mod tests {
     }
 
     fn frontend(last: u8, port: u16) -> Frontend {
-        Frontend {
-            addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)),
+        Frontend::new(
+            IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)),
             port,
-            protocol: Protocol::Tcp,
-        }
+            Protocol::Tcp,
+        )
     }
 
     fn spec(name: &str, pods: &[u8]) -> FrontendSpec {
@@ -558,12 +654,15 @@ mod tests {
                 })
                 .collect(),
             affinity_timeout: None,
+            local_only: false,
+            source_ranges: Vec::new(),
         }
     }
 
     fn tables(entries: &[(Frontend, FrontendSpec)]) -> DesiredTables {
         DesiredTables {
             frontends: entries.iter().cloned().collect(),
+            ..DesiredTables::default()
         }
     }
 
@@ -684,6 +783,7 @@ mod tests {
             maps.services.clone(),
             &maps.slots.clone(),
             maps.backends.clone(),
+            maps.ranges.clone(),
         );
         assert!(stale.is_empty());
         let r = adopted.apply(&desired, &mut maps);
@@ -701,5 +801,68 @@ mod tests {
             ids.contains(&4),
             "new backend did not get a fresh id: {ids:?}"
         );
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_the_flag_and_removed_after_it() {
+        use crate::model::SourceRange;
+        let mut maps = CheckedMaps::default();
+        let mut prog = Programmer::default();
+        let mut lb = spec("lb", &[11]);
+        lb.kind = FrontendKind::LoadBalancer;
+        lb.source_ranges = vec![SourceRange {
+            addr: "198.51.100.0".parse().expect("addr"),
+            prefix_len: 24,
+        }];
+        let r = prog.apply(&tables(&[(frontend(10, 80), lb.clone())]), &mut maps);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        let svc = maps.services[&key(10, 80)];
+        assert_ne!(svc.flags & FLAG_SOURCE_RANGES, 0);
+        assert_eq!(maps.ranges.len(), 1);
+
+        // Swap the range: the new one is in before the old one goes.
+        lb.source_ranges[0].addr = "203.0.113.0".parse().expect("addr");
+        prog.apply(&tables(&[(frontend(10, 80), lb.clone())]), &mut maps);
+        assert_eq!(maps.ranges.len(), 1);
+        assert_eq!(
+            maps.ranges.iter().next().map(|r| r.key.addr),
+            Some([203, 0, 113, 0])
+        );
+
+        // Open the service again: flag off first, then the range goes.
+        lb.source_ranges.clear();
+        prog.apply(&tables(&[(frontend(10, 80), lb)]), &mut maps);
+        assert_eq!(maps.services[&key(10, 80)].flags & FLAG_SOURCE_RANGES, 0);
+        assert!(maps.ranges.is_empty());
+    }
+
+    #[test]
+    fn an_internal_entry_sets_the_flag_on_its_external_twin() {
+        let mut maps = CheckedMaps::default();
+        let mut prog = Programmer::default();
+        let mut local = spec("np", &[11]);
+        local.kind = FrontendKind::NodePort;
+        local.local_only = true;
+        let mut all = spec("np", &[11, 12]);
+        all.kind = FrontendKind::NodePort;
+        let internal = Frontend {
+            scope: Scope::Internal,
+            ..frontend(10, 30080)
+        };
+        prog.apply(
+            &tables(&[(frontend(10, 30080), local), (internal, all)]),
+            &mut maps,
+        );
+        let external = maps.services[&key(10, 30080)];
+        assert_eq!(
+            external.flags & (FLAG_LOCAL_ONLY | FLAG_HAS_INTERNAL),
+            FLAG_LOCAL_ONLY | FLAG_HAS_INTERNAL
+        );
+        let internal_key = Lb4ServiceKey {
+            scope: SCOPE_INTERNAL,
+            ..key(10, 30080)
+        };
+        assert_eq!(addrs(&maps.backends_of(&internal_key)), vec![11, 12]);
+        assert_eq!(addrs(&maps.backends_of(&key(10, 30080))), vec![11]);
     }
 }

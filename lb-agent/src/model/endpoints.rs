@@ -285,23 +285,30 @@ pub(super) fn candidates_for_port(slices: &[ParsedSlice], port: &ParsedPort) -> 
 }
 
 /// The backends a frontend at `frontend_addr` sends to: candidates of its
-/// address family that are ready; when there is none, those serving while
-/// terminating (so connections drain instead of being refused during a
-/// rollout). Sorted and deduplicated by (addr, port) so equal input gives
-/// equal output whatever the slice layout.
-pub(super) fn select_backends(candidates: &[Candidate], frontend_addr: IpAddr) -> Vec<Backend> {
+/// address family (only this node's with `local_only`) that are ready; when
+/// there is none, those serving while terminating (so connections drain
+/// instead of being refused during a rollout) — decided separately for the
+/// node-local and the cluster-wide set, as kube-proxy does. Sorted and
+/// deduplicated by (addr, port) so equal input gives equal output whatever
+/// the slice layout.
+pub(super) fn select_backends(
+    candidates: &[Candidate],
+    frontend_addr: IpAddr,
+    local_only: bool,
+) -> Vec<Backend> {
     let family = Family::of(frontend_addr);
-    let same_family = || {
-        candidates
-            .iter()
-            .filter(move |candidate| Family::of(candidate.backend.addr) == family)
+    let eligible = || {
+        candidates.iter().filter(move |candidate| {
+            Family::of(candidate.backend.addr) == family
+                && (!local_only || candidate.backend.node_local)
+        })
     };
-    let mut backends: Vec<Backend> = same_family()
+    let mut backends: Vec<Backend> = eligible()
         .filter(|candidate| candidate.conditions.ready)
         .map(|candidate| candidate.backend.clone())
         .collect();
     if backends.is_empty() {
-        backends = same_family()
+        backends = eligible()
             .filter(|candidate| candidate.conditions.serving && candidate.conditions.terminating)
             .map(|candidate| Backend {
                 terminating: true,
@@ -314,4 +321,18 @@ pub(super) fn select_backends(candidates: &[Candidate], frontend_addr: IpAddr) -
     // ordering; the first of each kept is the same whatever the input order.
     backends.dedup_by(|later, first| later.addr == first.addr && later.port == first.port);
     backends
+}
+
+/// Ready endpoints of a service on this node (distinct addresses), what a
+/// healthCheckNodePort reports.
+pub(super) fn local_ready_endpoints(slices: &[ParsedSlice]) -> usize {
+    let mut addresses: Vec<IpAddr> = slices
+        .iter()
+        .flat_map(|slice| &slice.endpoints)
+        .filter(|endpoint| endpoint.node_local && endpoint.conditions.ready)
+        .map(|endpoint| endpoint.addr)
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    addresses.len()
 }

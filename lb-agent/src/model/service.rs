@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 
-use super::{Frontend, FrontendKind, ModelError, NodeIdentity, Protocol, ServiceRef};
+use super::{Frontend, FrontendKind, ModelError, NodeIdentity, Protocol, ServiceRef, SourceRange};
 use crate::source::ObjectKey;
 
 /// Label that hands a service to a specific proxy implementation.
@@ -27,6 +27,16 @@ pub(super) struct ParsedService {
     /// Valid ports, first of each (port, protocol) only.
     pub ports: Vec<ParsedPort>,
     pub affinity_timeout: Option<u32>,
+    /// Valid `status.loadBalancer.ingress[].ip` with ipMode VIP or unset.
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// Valid `spec.externalIPs`.
+    pub external_ips: Vec<IpAddr>,
+    /// `externalTrafficPolicy: Local`.
+    pub external_local: bool,
+    /// `spec.healthCheckNodePort` of a Local LoadBalancer service.
+    pub health_check_node_port: Option<u16>,
+    /// Valid `spec.loadBalancerSourceRanges`.
+    pub source_ranges: Vec<SourceRange>,
 }
 
 /// One valid entry of `spec.ports`.
@@ -36,23 +46,43 @@ pub(super) struct ParsedPort {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// A valid `nodePort` of a NodePort or LoadBalancer service.
+    pub node_port: Option<u16>,
 }
 
 impl ParsedService {
-    /// The frontends one service port opens. NodePort, LoadBalancer ingress
-    /// and externalIPs will add their own here.
-    pub fn frontends(&self, port: &ParsedPort) -> Vec<(Frontend, FrontendKind)> {
-        self.cluster_ips
+    /// The frontends one service port opens: its cluster IPs, its node port
+    /// on every NodePort address of this node, and its LoadBalancer and
+    /// external IPs.
+    pub fn frontends(
+        &self,
+        port: &ParsedPort,
+        node: &NodeIdentity,
+    ) -> Vec<(Frontend, FrontendKind)> {
+        let at = |addr, number| Frontend::new(addr, number, port.protocol);
+        let mut out: Vec<(Frontend, FrontendKind)> = self
+            .cluster_ips
             .iter()
-            .map(|&addr| {
-                let frontend = Frontend {
-                    addr,
-                    port: port.port,
-                    protocol: port.protocol,
-                };
-                (frontend, FrontendKind::ClusterIp)
-            })
-            .collect()
+            .map(|&addr| (at(addr, port.port), FrontendKind::ClusterIp))
+            .collect();
+        if let Some(node_port) = port.node_port {
+            out.extend(
+                node.nodeport_addresses
+                    .iter()
+                    .map(|&addr| (at(addr, node_port), FrontendKind::NodePort)),
+            );
+        }
+        out.extend(
+            self.load_balancer_ips
+                .iter()
+                .map(|&addr| (at(addr, port.port), FrontendKind::LoadBalancer)),
+        );
+        out.extend(
+            self.external_ips
+                .iter()
+                .map(|&addr| (at(addr, port.port), FrontendKind::ExternalIp)),
+        );
+        out
     }
 }
 
@@ -83,8 +113,64 @@ pub(super) fn parse_service(
     if cluster_ips.is_empty() {
         return None;
     }
-    let ports = parse_ports(&object, spec.ports.as_deref().unwrap_or_default(), errors);
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let opens_node_ports = matches!(type_, "NodePort" | "LoadBalancer");
+    let is_load_balancer = type_ == "LoadBalancer";
+    let ports = parse_ports(
+        &object,
+        spec.ports.as_deref().unwrap_or_default(),
+        opens_node_ports.then_some(&node.nodeport_range),
+        errors,
+    );
     let affinity_timeout = affinity_timeout(&object, spec, errors);
+    let load_balancer_ips = if is_load_balancer {
+        load_balancer_ips(&object, service, errors)
+    } else {
+        Vec::new()
+    };
+    let external_ips = addresses(
+        &object,
+        "spec.externalIPs",
+        spec.external_ips.as_deref().unwrap_or_default(),
+        errors,
+    );
+    let external_local = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            errors.push(ModelError::new(
+                &object,
+                "spec.externalTrafficPolicy",
+                format!("{other:?} is not Cluster or Local; using Cluster"),
+            ));
+            false
+        }
+    };
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(port) if is_load_balancer && external_local => match port_number(port) {
+            Some(port) => Some(port),
+            None => {
+                errors.push(ModelError::new(
+                    &object,
+                    "spec.healthCheckNodePort",
+                    format!("{port} is out of range 1..=65535"),
+                ));
+                None
+            }
+        },
+        _ => None,
+    };
+    let source_ranges = if is_load_balancer {
+        source_ranges(
+            &object,
+            spec.load_balancer_source_ranges
+                .as_deref()
+                .unwrap_or_default(),
+            errors,
+        )
+    } else {
+        Vec::new()
+    };
     Some(ParsedService {
         service: ServiceRef {
             namespace: key.namespace.clone(),
@@ -94,7 +180,135 @@ pub(super) fn parse_service(
         cluster_ips,
         ports,
         affinity_timeout,
+        load_balancer_ips,
+        external_ips,
+        external_local,
+        health_check_node_port,
+        source_ranges,
     })
+}
+
+/// `status.loadBalancer.ingress[].ip` entries the datapath should serve:
+/// ipMode `VIP` or unset. `Proxy` means the load balancer itself proxies to
+/// the nodes, so kube-proxy does not capture that address (and neither do we).
+fn load_balancer_ips(object: &str, service: &Service, errors: &mut Vec<ModelError>) -> Vec<IpAddr> {
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|status| status.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_deref())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for (index, entry) in ingress.iter().enumerate() {
+        match entry.ip_mode.as_deref() {
+            None | Some("VIP") => {}
+            Some("Proxy") => continue,
+            Some(other) => {
+                errors.push(ModelError::new(
+                    object,
+                    format!("status.loadBalancer.ingress[{index}].ipMode"),
+                    format!("{other:?} is not VIP or Proxy; the address is not programmed"),
+                ));
+                continue;
+            }
+        }
+        let Some(value) = entry.ip.as_deref() else {
+            // A hostname-only ingress has nothing to match packets on.
+            continue;
+        };
+        match value.parse::<IpAddr>() {
+            Ok(addr) if !out.contains(&addr) => out.push(addr),
+            Ok(_) => {}
+            Err(_) => errors.push(ModelError::new(
+                object,
+                format!("status.loadBalancer.ingress[{index}].ip"),
+                format!("{value:?} is not an IP address"),
+            )),
+        }
+    }
+    out
+}
+
+/// A list of addresses; each invalid one is reported and skipped.
+fn addresses(
+    object: &str,
+    field: &str,
+    values: &[String],
+    errors: &mut Vec<ModelError>,
+) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for (index, value) in values.iter().enumerate() {
+        match value.parse::<IpAddr>() {
+            Ok(addr) if !out.contains(&addr) => out.push(addr),
+            Ok(_) => {}
+            Err(_) => errors.push(ModelError::new(
+                object,
+                format!("{field}[{index}]"),
+                format!("{value:?} is not an IP address"),
+            )),
+        }
+    }
+    out
+}
+
+/// `spec.loadBalancerSourceRanges`: CIDRs, host bits cleared. An invalid
+/// entry is reported and skipped; if every entry is invalid the service is
+/// left open rather than closed (the error says so), as kube-proxy does.
+fn source_ranges(
+    object: &str,
+    values: &[String],
+    errors: &mut Vec<ModelError>,
+) -> Vec<SourceRange> {
+    let mut out = Vec::new();
+    for (index, value) in values.iter().enumerate() {
+        match parse_cidr(value.trim()) {
+            Some(range) if !out.contains(&range) => out.push(range),
+            Some(_) => {}
+            None => errors.push(ModelError::new(
+                object,
+                format!("spec.loadBalancerSourceRanges[{index}]"),
+                format!("{value:?} is not a CIDR (address/prefix length)"),
+            )),
+        }
+    }
+    out
+}
+
+/// `10.0.0.0/8` or `2001:db8::/32` with host bits cleared; a bare address is
+/// a single-host range.
+pub fn parse_cidr(value: &str) -> Option<SourceRange> {
+    let (addr, len) = match value.split_once('/') {
+        Some((addr, len)) => (addr.parse::<IpAddr>().ok()?, Some(len.parse::<u8>().ok()?)),
+        None => (value.parse::<IpAddr>().ok()?, None),
+    };
+    match addr {
+        IpAddr::V4(v4) => {
+            let len = len.unwrap_or(32);
+            if len > 32 {
+                return None;
+            }
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            Some(SourceRange {
+                addr: IpAddr::V4((u32::from(v4) & mask).into()),
+                prefix_len: len,
+            })
+        }
+        IpAddr::V6(v6) => {
+            let len = len.unwrap_or(128);
+            if len > 128 {
+                return None;
+            }
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
+            Some(SourceRange {
+                addr: IpAddr::V6((u128::from(v6) & mask).into()),
+                prefix_len: len,
+            })
+        }
+    }
 }
 
 /// kube-proxy's rule: with a proxy name, only services carrying it; without
@@ -142,6 +356,7 @@ fn cluster_ips(spec: &ServiceSpec) -> Result<Vec<IpAddr>, (String, String)> {
 fn parse_ports(
     object: &str,
     ports: &[ServicePort],
+    nodeport_range: Option<&std::ops::RangeInclusive<u16>>,
     errors: &mut Vec<ModelError>,
 ) -> Vec<ParsedPort> {
     let mut parsed: Vec<ParsedPort> = Vec::new();
@@ -177,11 +392,33 @@ fn parse_ports(
             ));
             continue;
         }
+        // An unset nodePort is not allocated yet: the port still serves
+        // its cluster IP. One outside the range is refused for the node port
+        // only.
+        let node_port = match (nodeport_range, port.node_port) {
+            (Some(range), Some(value)) => match port_number(value) {
+                Some(number) if range.contains(&number) => Some(number),
+                _ => {
+                    errors.push(ModelError::new(
+                        object,
+                        format!("{field}.nodePort"),
+                        format!(
+                            "{value} is outside the node port range {}-{}",
+                            range.start(),
+                            range.end()
+                        ),
+                    ));
+                    None
+                }
+            },
+            _ => None,
+        };
         parsed.push(ParsedPort {
             field,
             name: port.name.clone().unwrap_or_default(),
             port: number,
             protocol,
+            node_port,
         });
     }
     parsed

@@ -50,6 +50,7 @@ fn node() -> NodeIdentity {
     NodeIdentity {
         name: NODE.to_owned(),
         service_proxy_name: None,
+        ..NodeIdentity::default()
     }
 }
 
@@ -65,11 +66,7 @@ fn tables(yaml: &str) -> (DesiredTables, Vec<ModelError>) {
 }
 
 fn frontend(addr: &str, port: u16, protocol: Protocol) -> Frontend {
-    Frontend {
-        addr: addr.parse().expect("test address"),
-        port,
-        protocol,
-    }
+    Frontend::new(addr.parse().expect("test address"), port, protocol)
 }
 
 fn spec<'a>(
@@ -305,6 +302,7 @@ fn service_proxy_name_selects_labelled_services_only() {
     let ours = NodeIdentity {
         name: NODE.to_owned(),
         service_proxy_name: Some("lb".to_owned()),
+        ..NodeIdentity::default()
     };
     let (tables, errors) = desired_tables(&state, &ours);
     assert_eq!(errors, []);
@@ -570,4 +568,242 @@ fn protocol_numbers() {
     assert_eq!(Protocol::Tcp.number(), 6);
     assert_eq!(Protocol::Udp.number(), 17);
     assert_eq!(Protocol::Sctp.number(), 132);
+}
+
+/// node-a with one node address, as the agent finds it.
+fn node_with_address() -> NodeIdentity {
+    NodeIdentity {
+        nodeport_addresses: vec!["198.51.100.11".parse().expect("address")],
+        ..node()
+    }
+}
+
+/// `web`'s endpoints (node-a has 10.0.1.1, node-b the others) behind a
+/// service of the given spec.
+fn north_south(name: &str, spec_yaml: &str) -> String {
+    let slice_body = WEB.split("addressType: IPv4").nth(1).unwrap_or_default();
+    format!(
+        "{}{}",
+        service(name, spec_yaml),
+        slice(
+            &format!("{name}-abc"),
+            name,
+            &format!("addressType: IPv4{slice_body}")
+        )
+    )
+}
+
+#[test]
+fn node_port_load_balancer_and_external_ips_open_frontends() {
+    let yaml = north_south(
+        "lb",
+        r#"  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  externalIPs: [203.0.113.20]
+  ports:
+  - {name: http, port: 80, nodePort: 30080, protocol: TCP}
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 203.0.113.10}
+    - {ip: 203.0.113.11, ipMode: VIP}
+    - {ip: 203.0.113.12, ipMode: Proxy}
+    - {hostname: lb.example.com}"#,
+    );
+    let (tables, errors) = desired_tables(&state(&yaml), &node_with_address());
+    assert_eq!(errors, []);
+    assert_eq!(
+        frontends_of(&tables, "default", "lb"),
+        [
+            "10.96.0.30:80/TCP",
+            "198.51.100.11:30080/TCP",
+            "203.0.113.10:80/TCP",
+            "203.0.113.11:80/TCP",
+            "203.0.113.20:80/TCP"
+        ],
+        "ipMode Proxy and hostname-only ingress must not be programmed"
+    );
+    let node_port = spec(&tables, "198.51.100.11", 30080, Protocol::Tcp);
+    assert_eq!(node_port.kind, FrontendKind::NodePort);
+    assert_eq!(
+        node_port.backends.len(),
+        3,
+        "Cluster policy uses every endpoint"
+    );
+    assert!(!node_port.local_only);
+    assert_eq!(
+        spec(&tables, "203.0.113.10", 80, Protocol::Tcp).kind,
+        FrontendKind::LoadBalancer
+    );
+    assert_eq!(
+        spec(&tables, "203.0.113.20", 80, Protocol::Tcp).kind,
+        FrontendKind::ExternalIp
+    );
+    assert!(
+        tables.health_checks.is_empty(),
+        "Cluster policy has no health check"
+    );
+}
+
+#[test]
+fn local_policy_splits_external_and_internal_views_and_runs_a_health_check() {
+    let yaml = north_south(
+        "local",
+        r#"  type: LoadBalancer
+  clusterIP: 10.96.0.31
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  loadBalancerSourceRanges: [198.51.100.0/24, " 192.0.2.7 "]
+  ports:
+  - {name: http, port: 80, nodePort: 30081, protocol: TCP}
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.10}]"#,
+    );
+    let (tables, errors) = desired_tables(&state(&yaml), &node_with_address());
+    assert_eq!(errors, []);
+    for (addr, port) in [("198.51.100.11", 30081), ("203.0.113.10", 80)] {
+        let external = spec(&tables, addr, port, Protocol::Tcp);
+        assert!(external.local_only);
+        assert_eq!(
+            endpoints_of(external),
+            ["10.0.1.1:8080"],
+            "only node-a's endpoint"
+        );
+        let internal = tables
+            .frontends
+            .get(&Frontend {
+                scope: Scope::Internal,
+                ..frontend(addr, port, Protocol::Tcp)
+            })
+            .expect("internal entry");
+        assert_eq!(
+            internal.backends.len(),
+            3,
+            "pods still reach every endpoint"
+        );
+        assert!(!internal.local_only);
+    }
+    // The ClusterIP is not subject to externalTrafficPolicy.
+    assert_eq!(
+        spec(&tables, "10.96.0.31", 80, Protocol::Tcp)
+            .backends
+            .len(),
+        3
+    );
+    // Source ranges restrict the LoadBalancer address only.
+    let lb = spec(&tables, "203.0.113.10", 80, Protocol::Tcp);
+    assert_eq!(
+        lb.source_ranges,
+        [
+            parse_cidr("198.51.100.0/24").unwrap(),
+            parse_cidr("192.0.2.7/32").unwrap()
+        ]
+    );
+    assert!(
+        spec(&tables, "198.51.100.11", 30081, Protocol::Tcp)
+            .source_ranges
+            .is_empty()
+    );
+    let check = &tables.health_checks[&32000];
+    assert_eq!(check.service.to_string(), "default/local");
+    assert_eq!(check.local_endpoints, 1);
+
+    // On node-c, with no local endpoint, the external view is empty and the
+    // health check reports zero.
+    let node_c = NodeIdentity {
+        name: "node-c".into(),
+        ..node_with_address()
+    };
+    let (tables, _) = desired_tables(&state(&yaml), &node_c);
+    assert!(
+        spec(&tables, "203.0.113.10", 80, Protocol::Tcp)
+            .backends
+            .is_empty()
+    );
+    assert_eq!(tables.health_checks[&32000].local_endpoints, 0);
+}
+
+#[test]
+fn bad_north_south_input_is_named_and_contained() {
+    let yaml = format!(
+        "{WEB}{}{}{}",
+        service(
+            "bad-lb",
+            r#"  type: LoadBalancer
+  clusterIP: 10.96.0.40
+  externalIPs: [203.0.113.30, not-an-ip]
+  loadBalancerSourceRanges: [10.0.0.0/33, 198.51.100.0/24]
+  ports:
+  - {name: a, port: 80, nodePort: 20000, protocol: TCP}
+  - {name: b, port: 81, nodePort: 30100, protocol: TCP}
+status:
+  loadBalancer:
+    ingress: [{ip: 300.1.1.1}, {ip: 203.0.113.40}]"#
+        ),
+        service(
+            "dup-nodeport",
+            r#"  type: NodePort
+  clusterIP: 10.96.0.41
+  ports:
+  - {name: a, port: 80, nodePort: 30100, protocol: TCP}"#
+        ),
+        service(
+            "bad-policy",
+            r#"  type: NodePort
+  clusterIP: 10.96.0.42
+  externalTrafficPolicy: Sometimes
+  ports:
+  - {port: 80, nodePort: 30101}"#
+        ),
+    );
+    let (tables, errors) = desired_tables(&state(&yaml), &node_with_address());
+    let fields: Vec<(String, String)> = errors
+        .iter()
+        .map(|e| (e.object.clone(), e.field.clone()))
+        .collect();
+    for (object, field) in [
+        ("Service default/bad-lb", "spec.ports[0].nodePort"),
+        ("Service default/bad-lb", "spec.externalIPs[1]"),
+        ("Service default/bad-lb", "spec.loadBalancerSourceRanges[0]"),
+        (
+            "Service default/bad-lb",
+            "status.loadBalancer.ingress[0].ip",
+        ),
+        ("Service default/dup-nodeport", "spec.ports[0].nodePort"),
+        ("Service default/bad-policy", "spec.externalTrafficPolicy"),
+    ] {
+        assert!(
+            fields.contains(&(object.to_string(), field.to_string())),
+            "no error for {object} {field}: {errors:#?}"
+        );
+    }
+    // What was valid is still programmed, the first owner of a NodePort
+    // keeps it, and the good service is untouched.
+    let bad_lb = frontends_of(&tables, "default", "bad-lb");
+    for want in [
+        "10.96.0.40:80/TCP",
+        "198.51.100.11:30100/TCP",
+        "203.0.113.30:81/TCP",
+        "203.0.113.40:80/TCP",
+    ] {
+        assert!(
+            bad_lb.iter().any(|f| f == want),
+            "{want} missing from {bad_lb:?}"
+        );
+    }
+    assert!(
+        !bad_lb.iter().any(|f| f.contains(":20000")),
+        "out-of-range NodePort programmed"
+    );
+    assert_eq!(
+        spec(&tables, "203.0.113.40", 80, Protocol::Tcp).source_ranges,
+        [parse_cidr("198.51.100.0/24").unwrap()]
+    );
+    assert_eq!(
+        frontends_of(&tables, "default", "dup-nodeport"),
+        ["10.96.0.41:80/TCP"]
+    );
+    assert!(!frontends_of(&tables, "default", "bad-policy").is_empty());
+    assert_web_programmed(&tables);
 }

@@ -10,11 +10,12 @@
 //! Sources:
 //! - [`files`]: a directory of manifests in `kubectl get -o yaml` shape
 //!   (`lb-agent --manifests DIR`), polled for changes.
-//! - The Kubernetes API (kube-rs reflectors, a later step) plugs into the same
-//!   channel and feeds the same model; nothing downstream knows which source
-//!   is in use.
+//! - [`kube`]: the Kubernetes API (`--kubeconfig PATH` or in-cluster),
+//!   kube-rs watchers feeding the same store and the same channel; nothing
+//!   downstream knows which source is in use.
 
 pub mod files;
+pub mod kube;
 
 use std::collections::BTreeMap;
 

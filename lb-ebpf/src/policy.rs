@@ -1,0 +1,53 @@
+//! Traffic policy decisions: source ranges, and when the source address
+//! must be translated (externalTrafficPolicy Cluster to another node).
+
+use aya_ebpf::btf_maps::lpm_trie::Key;
+use lb_common::{
+    backend::{FLAG_LOCAL, Lb4Backend},
+    conntrack::Lb4CtKey,
+    service::{FLAG_LOCAL_ONLY, FLAG_SOURCE_RANGES, Lb4Service},
+    source_range::{Lb4SourceRangeKey, SERVICE_ID_BITS},
+    stats::Reason,
+};
+
+use crate::{Hook, LB_CONFIG_V1, LB4_SRC_RANGES_V1};
+
+/// Drops a new flow whose client is outside the service's
+/// loadBalancerSourceRanges.
+#[inline(always)]
+pub fn check_source_range(service: &Lb4Service, flow: &Lb4CtKey) -> Result<(), Reason> {
+    if service.flags & FLAG_SOURCE_RANGES == 0 {
+        return Ok(());
+    }
+    let key = Key::new(
+        SERVICE_ID_BITS + 32,
+        Lb4SourceRangeKey {
+            service_id_be: service.service_id.to_be_bytes(),
+            addr: flow.src_addr,
+        },
+    );
+    match LB4_SRC_RANGES_V1.get(&key) {
+        Some(_) => Ok(()),
+        None => Err(Reason::DropSourceRange),
+    }
+}
+
+/// Traffic from outside balanced to a backend on another node must leave
+/// with this node's address, or the reply would skip the reverse
+/// translation here. externalTrafficPolicy Local never gets here with a
+/// remote backend, and keeps the client address by design.
+#[inline(always)]
+pub fn needs_snat(service: &Lb4Service, backend: &Lb4Backend, hook: Hook) -> bool {
+    hook == Hook::FromNetwork
+        && service.flags & FLAG_LOCAL_ONLY == 0
+        && backend.flags & FLAG_LOCAL == 0
+}
+
+/// The node address SNAT uses; a node without one cannot SNAT.
+#[inline(always)]
+pub fn node_addr() -> Result<[u8; 4], Reason> {
+    match LB_CONFIG_V1.get(0) {
+        Some(config) if config.node_addr4 != [0; 4] => Ok(config.node_addr4),
+        _ => Err(Reason::DropNoNodeAddress),
+    }
+}
