@@ -1,6 +1,7 @@
 //! The node agent: cluster state (`source`) -> desired tables (`model`) ->
 //! BPF maps (`datapath`). Data flows one way; only `datapath` touches the kernel.
 
+pub mod bpf_log;
 pub mod datapath;
 pub mod health;
 pub mod http;

@@ -74,6 +74,10 @@ struct Args {
     /// Capacity of the conntrack map (two entries per flow).
     #[arg(long, default_value_t = MapSizes::default().conntrack)]
     max_conntrack: u32,
+    /// Forward the programs' aya-log output (a debug line per new flow and
+    /// per drop) to this log, target `lb_ebpf`. Off by default: costly.
+    #[arg(long)]
+    bpf_log: bool,
 }
 
 fn parse_cidr_arg(value: &str) -> Result<SourceRange, String> {
@@ -102,8 +106,14 @@ fn parse_port_range(value: &str) -> Result<std::ops::RangeInclusive<u16>, String
 }
 
 fn main() -> std::process::ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if args.bpf_log {
+        // The programs log at debug level; --bpf-log asks to see them.
+        logger.filter_module(lb_agent::bpf_log::TARGET, log::LevelFilter::Debug);
+    }
+    logger.init();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -132,6 +142,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut datapath = Datapath::load(&args.bpffs, sizes)?;
     let mut tables = datapath.take_tables()?;
+    lb_agent::bpf_log::set_flag(&mut tables, args.bpf_log)?;
+    let bpf_log = if args.bpf_log {
+        Some(lb_agent::bpf_log::spawn(&mut datapath)?)
+    } else {
+        None
+    };
     let (mut programmer, stale_slots) = Programmer::adopt(
         tables.dump_services()?,
         &tables.dump_slots()?,
@@ -245,6 +261,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     watcher.abort();
     metrics_server.abort();
+    if let Some(task) = bpf_log {
+        task.abort();
+        if let Err(e) = lb_agent::bpf_log::set_flag(&mut tables, false) {
+            warn!("{e:#}");
+        }
+    }
     healthz_server.abort();
     info!("stopping; maps stay pinned under {}", args.bpffs.display());
     Ok(())
@@ -264,6 +286,13 @@ fn program(
     let report = programmer.apply(&desired, tables);
     for e in &report.errors {
         error!("{e}");
+    }
+    // UDP has no end of connection: flows to a backend that left a service
+    // would stick to it forever.
+    match tables.flush_udp_conntrack(&report.removed_members) {
+        Ok(0) => {}
+        Ok(n) => info!("flushed {n} UDP conntrack entries of removed backends"),
+        Err(e) => warn!("flushing UDP conntrack of removed backends: {e:#}"),
     }
     if report.unsupported > 0 {
         warn!(
@@ -305,9 +334,10 @@ fn refresh_addresses(
         "node addresses: NodePorts on {:?}, SNAT from {:?}",
         found.nodeport, found.snat4
     );
+    // Read-modify-write: the flags belong to others (`lbctl trace`, --bpf-log).
     let config = lb_common::config::LbConfig {
         node_addr4: found.snat4.map_or([0; 4], |a| a.octets()),
-        flags: 0,
+        flags: tables.config().map_or(0, |c| c.flags),
     };
     if let Err(e) = tables.set_config(&config) {
         error!(

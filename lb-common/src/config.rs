@@ -10,6 +10,16 @@ pub const NAME: &str = "LB_CONFIG_V1";
 /// One entry, at index 0.
 pub const MAX_ENTRIES: u32 = 1;
 
+/// Write a [`crate::trace::TraceEvent`] per new flow and per drop into
+/// `LB_TRACE_V1`. Set by `lbctl trace` while it runs; the agent preserves it.
+pub const FLAG_TRACE: u32 = 1;
+/// Log a line per new flow and per drop with aya-log (agent `--bpf-log`).
+pub const FLAG_LOG: u32 = 2;
+/// The bits only the agent's `--bpf-log` setting owns; everything else in
+/// `flags` belongs to whoever set it (`lbctl trace`), and the agent keeps it
+/// when it rewrites the node address.
+pub const AGENT_OWNED_FLAGS: u32 = FLAG_LOG;
+
 /// Node-wide settings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]

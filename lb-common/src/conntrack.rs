@@ -51,6 +51,9 @@ pub const DIR_REPLY: u8 = 2;
 pub const REWRITE_DST: u8 = 1;
 /// Rewrite the source to `src_addr:src_port`.
 pub const REWRITE_SRC: u8 = 2;
+/// A hairpin flow (a pod balanced to itself): after the rewrite the packet
+/// goes straight back out of the device it came in on.
+pub const REWRITE_HAIRPIN: u8 = 4;
 
 /// A TCP FIN was seen in this direction.
 pub const TCP_FIN: u8 = 1;

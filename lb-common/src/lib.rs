@@ -9,13 +9,18 @@
 //! version suffix of the map name (`_V1` -> `_V2`), never reinterprets in place.
 #![no_std]
 
+pub mod affinity;
 pub mod backend;
 pub mod config;
 pub mod conntrack;
+pub mod member;
 pub mod service;
+pub mod service_name;
+pub mod service_stats;
 pub mod slot;
 pub mod source_range;
 pub mod stats;
+pub mod trace;
 
 /// IANA protocol numbers, as they appear in the IPv4 header.
 pub const PROTO_TCP: u8 = 6;
@@ -23,6 +28,13 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 /// See [`PROTO_TCP`].
 pub const PROTO_SCTP: u8 = 132;
+/// See [`PROTO_TCP`].
+pub const PROTO_ICMP: u8 = 1;
+
+/// Source address of hairpin traffic (a pod balanced to itself): a
+/// link-local address that routes back to the node from every pod, so the
+/// pod's reply returns through the node to be translated back.
+pub const HAIRPIN_ADDR4: [u8; 4] = [169, 254, 42, 1];
 
 /// Implements `aya::Pod` for the user-space side of a shared type.
 macro_rules! user_pod {

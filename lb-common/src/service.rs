@@ -27,6 +27,12 @@ pub const FLAG_LOCAL_ONLY: u32 = 1;
 pub const FLAG_HAS_INTERNAL: u32 = 2;
 /// Sources are restricted (loadBalancerSourceRanges) by `LB4_SRC_RANGES_V1`.
 pub const FLAG_SOURCE_RANGES: u32 = 4;
+/// An address marker (port 0, protocol 0): the address is a ClusterIP, so
+/// connection attempts to a port no frontend defines are rejected.
+pub const FLAG_ADDRESS: u32 = 8;
+/// Connection attempts to a frontend with no usable backend are answered
+/// with ICMP port unreachable (kube-proxy's REJECT) instead of dropped.
+pub const FLAG_REJECT_EMPTY: u32 = 16;
 
 /// Lookup key of a frontend.
 #[repr(C)]

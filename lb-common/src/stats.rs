@@ -42,6 +42,8 @@ pub enum Reason {
     CtForward = 5,
     /// Established flow, reply translated back to the frontend.
     CtReply = 6,
+    /// First packet of a flow: the client's session-affinity backend.
+    NewFlowAffinity = 7,
     /// The service has no usable backend.
     DropNoBackend = 16,
     /// A header ended before the packet did.
@@ -58,6 +60,8 @@ pub enum Reason {
     DropSourceRange = 22,
     /// SNAT was needed but the agent has not configured a node address.
     DropNoNodeAddress = 23,
+    /// A connection attempt to a ClusterIP on a port no frontend defines.
+    DropUnknownPort = 24,
 }
 
 impl Reason {
@@ -65,7 +69,7 @@ impl Reason {
     pub const FIRST_DROP: u32 = 16;
 
     /// Every reason, for readers that list all counters.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 17] = [
         Reason::PassNotIpv4,
         Reason::PassOtherL4,
         Reason::PassFragment,
@@ -73,6 +77,7 @@ impl Reason {
         Reason::NewFlow,
         Reason::CtForward,
         Reason::CtReply,
+        Reason::NewFlowAffinity,
         Reason::DropNoBackend,
         Reason::DropMalformed,
         Reason::DropCtFull,
@@ -81,6 +86,7 @@ impl Reason {
         Reason::DropNoLocalBackend,
         Reason::DropSourceRange,
         Reason::DropNoNodeAddress,
+        Reason::DropUnknownPort,
     ];
 
     /// Stable name for metrics and `lbctl stats`.
@@ -93,6 +99,7 @@ impl Reason {
             Reason::NewFlow => "new_flow",
             Reason::CtForward => "ct_forward",
             Reason::CtReply => "ct_reply",
+            Reason::NewFlowAffinity => "new_flow_affinity",
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropMalformed => "drop_malformed",
             Reason::DropCtFull => "drop_ct_full",
@@ -101,6 +108,7 @@ impl Reason {
             Reason::DropNoLocalBackend => "drop_no_local_backend",
             Reason::DropSourceRange => "drop_source_range",
             Reason::DropNoNodeAddress => "drop_no_node_address",
+            Reason::DropUnknownPort => "drop_unknown_port",
         }
     }
 
@@ -110,4 +118,4 @@ impl Reason {
     }
 }
 
-const _: () = assert!((Reason::DropNoNodeAddress as u32) < MAX_ENTRIES);
+const _: () = assert!((Reason::DropUnknownPort as u32) < MAX_ENTRIES);

@@ -2,9 +2,11 @@
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
+    HAIRPIN_ADDR4,
     backend::Lb4Backend,
     conntrack::{
-        DIR_FORWARD, DIR_REPLY, Lb4CtEntry, Lb4CtKey, REWRITE_DST, REWRITE_SRC, TCP_FIN, TCP_RST,
+        DIR_FORWARD, DIR_REPLY, Lb4CtEntry, Lb4CtKey, REWRITE_DST, REWRITE_HAIRPIN, REWRITE_SRC,
+        TCP_FIN, TCP_RST,
     },
     service::Lb4Service,
     stats::Reason,
@@ -23,6 +25,16 @@ const SNAT_PORT_COUNT: u16 = 4000;
 /// Candidates tried before giving up on a port (a constant bound for the
 /// verifier).
 const SNAT_PORT_TRIES: u16 = 8;
+
+/// Source translation of a new flow.
+#[derive(Clone, Copy)]
+pub enum Snat {
+    /// From outside to a backend on another node: this node's address.
+    Node([u8; 4]),
+    /// A pod balanced to itself: the hairpin address, and back out of the
+    /// same device.
+    Hairpin,
+}
 
 /// A copy of the flow's entry, if it is tracked.
 #[inline(always)]
@@ -69,37 +81,33 @@ pub fn create(
     service: &Lb4Service,
     backend_id: u32,
     backend: &Lb4Backend,
-    snat: Option<[u8; 4]>,
+    snat: Option<Snat>,
     len: u32,
     now: u64,
 ) -> Result<Lb4CtEntry, Reason> {
     let k = &flow.key;
-    let mut forward = Lb4CtEntry {
-        dst_addr: backend.addr,
-        dst_port: backend.port,
-        direction: DIR_FORWARD,
-        rewrite: REWRITE_DST,
-        src_addr: [0; 4],
-        src_port: 0,
+    let (snat_addr, hairpin) = match snat {
+        None => ([0; 4], 0),
+        Some(Snat::Node(addr)) => (addr, 0),
+        Some(Snat::Hairpin) => (HAIRPIN_ADDR4, REWRITE_HAIRPIN),
+    };
+    // One entry on the stack, first as the reply entry, then turned into
+    // the forward one: the verifier's stack budget is small.
+    let mut entry = Lb4CtEntry {
+        dst_addr: k.src_addr,
+        dst_port: k.src_port,
+        direction: DIR_REPLY,
+        rewrite: REWRITE_SRC,
+        src_addr: k.dst_addr,
+        src_port: k.dst_port,
         tcp_flags: 0,
         _pad: 0,
         service_id: service.service_id,
         backend_id,
         created_ns: now,
         last_seen_ns: now,
-        packets: 1,
-        bytes: len as u64,
-    };
-    let mut reply = Lb4CtEntry {
-        dst_addr: [0; 4],
-        dst_port: 0,
-        direction: DIR_REPLY,
-        rewrite: REWRITE_SRC,
-        src_addr: k.dst_addr,
-        src_port: k.dst_port,
         packets: 0,
         bytes: 0,
-        ..forward
     };
     let mut reply_key = Lb4CtKey {
         src_addr: backend.addr,
@@ -110,42 +118,48 @@ pub fn create(
         _pad: [0; 3],
     };
     // Reply first: once the forward entry exists, replies must find theirs.
-    match snat {
-        None => {
-            LB4_CT_V2
-                .insert(reply_key, reply, BPF_ANY as u64)
-                .map_err(|_| Reason::DropCtFull)?;
+    let mut snat_port = 0;
+    if snat.is_none() {
+        LB4_CT_V2
+            .insert(reply_key, entry, BPF_ANY as u64)
+            .map_err(|_| Reason::DropCtFull)?;
+    } else {
+        entry.rewrite |= REWRITE_DST | hairpin;
+        reply_key.dst_addr = snat_addr;
+        // A port whose reply tuple is free; hashing the client spreads
+        // clients over the range, probing resolves collisions.
+        let seed = u16::from_be_bytes([k.src_addr[2], k.src_addr[3]]) ^ k.src_port;
+        for i in 0..SNAT_PORT_TRIES {
+            let candidate = SNAT_PORT_MIN + (seed.wrapping_add(i) % SNAT_PORT_COUNT);
+            reply_key.dst_port = candidate;
+            if LB4_CT_V2
+                .insert(reply_key, entry, BPF_NOEXIST as u64)
+                .is_ok()
+            {
+                snat_port = candidate;
+                break;
+            }
         }
-        Some(node_addr) => {
-            reply.rewrite |= REWRITE_DST;
-            reply.dst_addr = k.src_addr;
-            reply.dst_port = k.src_port;
-            reply_key.dst_addr = node_addr;
-            // A port whose reply tuple is free; hashing the client spreads
-            // clients over the range, probing resolves collisions.
-            let seed = u16::from_be_bytes([k.src_addr[2], k.src_addr[3]]) ^ k.src_port;
-            let mut port = 0;
-            for i in 0..SNAT_PORT_TRIES {
-                let candidate = SNAT_PORT_MIN + (seed.wrapping_add(i) % SNAT_PORT_COUNT);
-                reply_key.dst_port = candidate;
-                if LB4_CT_V2
-                    .insert(reply_key, reply, BPF_NOEXIST as u64)
-                    .is_ok()
-                {
-                    port = candidate;
-                    break;
-                }
-            }
-            if port == 0 {
-                return Err(Reason::DropCtFull);
-            }
-            forward.rewrite |= REWRITE_SRC;
-            forward.src_addr = node_addr;
-            forward.src_port = port;
+        if snat_port == 0 {
+            return Err(Reason::DropCtFull);
         }
     }
+    entry.direction = DIR_FORWARD;
+    entry.dst_addr = backend.addr;
+    entry.dst_port = backend.port;
+    entry.packets = 1;
+    entry.bytes = len as u64;
+    if snat.is_some() {
+        entry.rewrite = REWRITE_DST | REWRITE_SRC | hairpin;
+        entry.src_addr = snat_addr;
+        entry.src_port = snat_port;
+    } else {
+        entry.rewrite = REWRITE_DST;
+        entry.src_addr = [0; 4];
+        entry.src_port = 0;
+    }
     LB4_CT_V2
-        .insert(k, forward, BPF_ANY as u64)
+        .insert(k, entry, BPF_ANY as u64)
         .map_err(|_| Reason::DropCtFull)?;
-    Ok(forward)
+    Ok(entry)
 }

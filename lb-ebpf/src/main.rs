@@ -9,29 +9,40 @@ mod ct;
 mod nat;
 mod parse;
 mod policy;
+mod reject;
 mod service;
 mod stats;
+mod trace;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     helpers::bpf_ktime_get_ns,
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
+    affinity::{self, Lb4Affinity, Lb4AffinityKey},
     backend::{self, Lb4Backend},
     config::{self, LbConfig},
     conntrack::{self, DIR_FORWARD, Lb4CtEntry, Lb4CtKey},
+    member::{self, Lb4Member, Lb4MemberKey},
     service::{self as svc, Lb4Service, Lb4ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
     source_range::{self, Lb4SourceRange, Lb4SourceRangeKey},
     stats::{self as st, Counter, Reason},
 };
+// Inspection (lbctl): service names, per-service counters, flow trace.
+use lb_common::{
+    service_name::{self, LbServiceName},
+    service_stats::{self, LbServiceStats},
+    trace::{self as tr, TraceEvent},
+};
 
 use crate::{
-    nat::Translation,
+    nat::{Action, Translation},
     parse::{Flow, Packet, PacketBuf},
+    trace::Observation,
 };
 
 /// Frontends: (address, port, protocol, scope) -> service entry.
@@ -53,6 +64,19 @@ static LB4_BACKENDS_V1: HashMap<u32, Lb4Backend, { backend::MAX_ENTRIES as usize
 static LB4_CT_V2: LruHashMap<Lb4CtKey, Lb4CtEntry, { conntrack::MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
+/// Session affinity: (client, service id) -> backend, last chosen.
+#[btf_map]
+static LB4_AFFINITY_V1: LruHashMap<
+    Lb4AffinityKey,
+    Lb4Affinity,
+    { affinity::MAX_ENTRIES as usize },
+> = LruHashMap::new();
+
+/// Backend membership: (service id, backend id) -> present.
+#[btf_map]
+static LB4_MEMBERS_V1: HashMap<Lb4MemberKey, Lb4Member, { member::MAX_ENTRIES as usize }> =
+    HashMap::new();
+
 /// loadBalancerSourceRanges: (service id, client prefix) -> allowed.
 #[btf_map]
 static LB4_SRC_RANGES_V1: LpmTrie<
@@ -68,6 +92,24 @@ static LB_CONFIG_V1: Array<LbConfig, { config::MAX_ENTRIES as usize }> = Array::
 /// Per-CPU packet/byte counters indexed by [`Reason`].
 #[btf_map]
 static LB_STATS_V1: PerCpuArray<Counter, { st::MAX_ENTRIES as usize }> = PerCpuArray::new();
+
+/// Service id -> Kubernetes namespace/name/port, for `lbctl` and bpftool
+/// only: no program reads it, it is declared so the agent creates and pins it.
+#[btf_map]
+static LB_SERVICE_NAMES_V1: HashMap<u32, LbServiceName, { service_name::MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+/// Per-CPU packet/byte counters per service id (see `lb_common::service_stats`).
+#[btf_map]
+static LB_SERVICE_STATS_V1: LruPerCpuHashMap<
+    u32,
+    LbServiceStats,
+    { service_stats::MAX_ENTRIES as usize },
+> = LruPerCpuHashMap::new();
+
+/// Flow-trace events while `FLAG_TRACE` is set (`lbctl trace`).
+#[btf_map]
+static LB_TRACE_V1: RingBuf<TraceEvent, { tr::RING_BYTES as usize }> = RingBuf::new();
 
 /// Where a packet entered, which decides the service semantics it gets.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -96,49 +138,77 @@ pub fn lb_tc_node(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn lb_xdp_node(ctx: XdpContext) -> u32 {
     let len = ctx.len();
-    let reason = match process_packet(&ctx, Hook::FromNetwork) {
-        Ok((reason, translation)) => match nat::apply_xdp(&ctx, &translation) {
-            Ok(()) => reason,
-            Err(drop) => drop,
+    let mut obs = Observation::default();
+    let (reason, verdict) = match process_packet(&ctx, Hook::FromNetwork, &mut obs) {
+        // The reply is built after the counters and the trace have read
+        // the packet: it overwrites it.
+        Ok((reason, action)) if action.reject => (reason, xdp_action::XDP_TX),
+        Ok((reason, action)) => match nat::apply_xdp(&ctx, &action.translation) {
+            Ok(()) => (reason, xdp_action::XDP_PASS),
+            Err(drop) => (drop, xdp_action::XDP_DROP),
         },
-        Err(drop) => drop,
+        Err(drop) => (drop, xdp_action::XDP_DROP),
     };
     stats::count(reason, len);
-    if reason.is_drop() {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
+    stats::count_service(&obs, reason, len);
+    trace::record(&ctx, &obs, reason, Hook::FromNetwork);
+    if verdict == xdp_action::XDP_TX {
+        return reject::reply_xdp(&ctx).unwrap_or(xdp_action::XDP_DROP);
     }
+    verdict
 }
 
 #[inline(always)]
 fn tc_verdict(ctx: &TcContext, hook: Hook) -> i32 {
     let len = ctx.len();
-    let reason = match process_packet(ctx, hook) {
-        Ok((reason, translation)) => match nat::apply_tc(ctx, &translation) {
-            Ok(()) => reason,
-            Err(drop) => drop,
+    let mut obs = Observation::default();
+    let mut reject = false;
+    let (reason, verdict) = match process_packet(ctx, hook, &mut obs) {
+        Ok((reason, action)) if action.reject => {
+            reject = true;
+            (reason, TC_ACT_SHOT)
+        }
+        Ok((reason, action)) => match nat::apply_tc(ctx, &action.translation) {
+            Ok(()) if action.translation.hairpin => match nat::hairpin_tc(ctx) {
+                Ok(verdict) => (reason, verdict),
+                Err(drop) => (drop, TC_ACT_SHOT),
+            },
+            Ok(()) => (reason, TC_ACT_OK),
+            Err(drop) => (drop, TC_ACT_SHOT),
         },
-        Err(drop) => drop,
+        Err(drop) => (drop, TC_ACT_SHOT),
     };
     stats::count(reason, len);
-    if reason.is_drop() {
-        TC_ACT_SHOT
-    } else {
-        TC_ACT_OK
+    stats::count_service(&obs, reason, len);
+    trace::record(ctx, &obs, reason, hook);
+    if reject {
+        // Built last: it overwrites the packet the counters and trace read.
+        return reject::reply_tc(ctx).unwrap_or(TC_ACT_SHOT);
     }
+    verdict
 }
 
 /// Parses the packet, then follows its tracked flow or balances a new one.
 /// `Ok` carries the pass reason and the rewrite to apply, `Err` a drop reason.
+/// `obs` collects what the packet matched, for per-service counters and tracing.
 #[inline(always)]
-fn process_packet<C: PacketBuf>(ctx: &C, hook: Hook) -> Result<(Reason, Translation), Reason> {
+fn process_packet<C: PacketBuf>(
+    ctx: &C,
+    hook: Hook,
+    obs: &mut Observation,
+) -> Result<(Reason, Action), Reason> {
+    let untouched = |reason| Ok((reason, Action::forward(Translation::none())));
     let flow = match parse::parse_packet(ctx)? {
         Packet::Flow(flow) => flow,
-        Packet::NotIpv4 => return Ok((Reason::PassNotIpv4, Translation::none())),
-        Packet::OtherL4 => return Ok((Reason::PassOtherL4, Translation::none())),
-        Packet::Fragment => return Ok((Reason::PassFragment, Translation::none())),
+        Packet::NotIpv4 => return untouched(Reason::PassNotIpv4),
+        Packet::OtherL4 => return untouched(Reason::PassOtherL4),
+        Packet::Fragment => return untouched(Reason::PassFragment),
     };
+    obs.src_addr = flow.key.src_addr;
+    obs.dst_addr = flow.key.dst_addr;
+    obs.src_port = flow.key.src_port;
+    obs.dst_port = flow.key.dst_port;
+    obs.proto = flow.key.proto;
     let len = ctx.len();
     let now = unsafe { bpf_ktime_get_ns() };
 
@@ -148,37 +218,67 @@ fn process_packet<C: PacketBuf>(ctx: &C, hook: Hook) -> Result<(Reason, Translat
         // programmed.
         let forward = entry.direction == DIR_FORWARD;
         if !forward || !flow.is_syn() || ct::backend_still_valid(&entry) {
+            obs.service_id = entry.service_id;
+            obs.backend_id = entry.backend_id;
             ct::touch(&flow, len, now);
             let reason = if forward {
                 Reason::CtForward
             } else {
                 Reason::CtReply
             };
-            return Ok((reason, Translation::of(&flow, &entry)));
+            return Ok((reason, Action::forward(Translation::of(&flow, &entry))));
         }
     }
-    balance_new_flow(&flow, hook, len, now)
+    balance_new_flow(&flow, hook, len, obs)
 }
 
-#[inline(always)]
+/// Not inlined: the new-flow path gets its own stack frame beside the
+/// established path's, which keeps each within the verifier's budget.
+#[inline(never)]
 fn balance_new_flow(
     flow: &Flow,
     hook: Hook,
     len: u32,
-    now: u64,
-) -> Result<(Reason, Translation), Reason> {
+    obs: &mut Observation,
+) -> Result<(Reason, Action), Reason> {
+    // Read here rather than passed: BPF calls take at most five arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     let Some(service) = service::lookup_service(&flow.key, hook) else {
-        return Ok((Reason::PassNotService, Translation::none()));
+        // kube-proxy rejects a connection attempt to a ClusterIP port that
+        // no service port defines.
+        if flow.is_connection_attempt() && service::is_service_address(&flow.key) {
+            return Ok((Reason::DropUnknownPort, Action::reject()));
+        }
+        return Ok((Reason::PassNotService, Action::forward(Translation::none())));
     };
+    obs.service(&service);
     policy::check_source_range(&service, &flow.key)?;
-    let (backend_id, backend) = service::select_backend(&service)?;
-    let snat = if policy::needs_snat(&service, &backend, hook) {
-        Some(policy::node_addr()?)
-    } else {
-        None
+    let choice = match service::select_backend(&service, &flow.key, now) {
+        Ok(choice) => choice,
+        // No endpoint at all: refuse at once (a Local service without a
+        // local endpoint drops instead, so load balancers go elsewhere).
+        Err(Reason::DropNoBackend) if flow.is_connection_attempt() => {
+            return Ok((Reason::DropNoBackend, Action::reject()));
+        }
+        Err(drop) => return Err(drop),
     };
-    let entry = ct::create(flow, &service, backend_id, &backend, snat, len, now)?;
-    Ok((Reason::NewFlow, Translation::of(flow, &entry)))
+    obs.backend(choice.backend_id, choice.backend.addr, choice.backend.port);
+    let snat = policy::snat_for(&service, &choice.backend, &flow.key, hook)?;
+    let entry = ct::create(
+        flow,
+        &service,
+        choice.backend_id,
+        &choice.backend,
+        snat,
+        len,
+        now,
+    )?;
+    let reason = if choice.by_affinity {
+        Reason::NewFlowAffinity
+    } else {
+        Reason::NewFlow
+    };
+    Ok((reason, Action::forward(Translation::of(flow, &entry))))
 }
 
 #[cfg(target_arch = "bpf")]

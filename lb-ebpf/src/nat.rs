@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     PROTO_UDP,
-    conntrack::{Lb4CtEntry, REWRITE_DST, REWRITE_SRC},
+    conntrack::{Lb4CtEntry, REWRITE_DST, REWRITE_HAIRPIN, REWRITE_SRC},
     stats::Reason,
 };
 
@@ -23,6 +23,34 @@ pub struct Rewrite {
     new_port: u16,
 }
 
+/// What to do with a packet: rewrite it (possibly not at all) and pass it
+/// on, or answer the connection attempt with ICMP port unreachable.
+///
+/// A struct, not an enum with data: the kernel rejects the BTF Rust emits
+/// for such enums (union members at a non-zero offset).
+pub struct Action {
+    pub translation: Translation,
+    pub reject: bool,
+}
+
+impl Action {
+    #[inline(always)]
+    pub fn forward(translation: Translation) -> Self {
+        Self {
+            translation,
+            reject: false,
+        }
+    }
+
+    #[inline(always)]
+    pub fn reject() -> Self {
+        Self {
+            translation: Translation::none(),
+            reject: true,
+        }
+    }
+}
+
 /// What to change in one packet.
 pub struct Translation {
     l4_off: usize,
@@ -30,6 +58,8 @@ pub struct Translation {
     udp: bool,
     src: Option<Rewrite>,
     dst: Option<Rewrite>,
+    /// A hairpin flow: after the rewrite, straight back out of the device.
+    pub hairpin: bool,
 }
 
 impl Translation {
@@ -42,6 +72,7 @@ impl Translation {
             udp: false,
             src: None,
             dst: None,
+            hairpin: false,
         }
     }
 
@@ -65,6 +96,7 @@ impl Translation {
                 old_port: k.dst_port,
                 new_port: entry.dst_port,
             }),
+            hairpin: entry.rewrite & REWRITE_HAIRPIN != 0,
         }
     }
 }
@@ -130,10 +162,14 @@ pub fn apply_xdp(ctx: &XdpContext, t: &Translation) -> Result<(), Reason> {
     if t.src.is_none() && t.dst.is_none() {
         return Ok(());
     }
+    // The offsets may come back from a non-inlined call as plain numbers:
+    // the masks give the verifier the bounds it needs (they are below 128).
+    let csum_off = t.csum_off & 0xff;
+    let l4_off = t.l4_off & 0xff;
     let ip_csum = ptr_at::<XdpContext, [u8; 2]>(ctx, IP_CSUM_OFF)?;
-    let l4_csum = ptr_at::<XdpContext, [u8; 2]>(ctx, t.csum_off)?;
-    let src_port = ptr_at::<XdpContext, [u8; 2]>(ctx, t.l4_off)?;
-    let dst_port = ptr_at::<XdpContext, [u8; 2]>(ctx, t.l4_off + 2)?;
+    let l4_csum = ptr_at::<XdpContext, [u8; 2]>(ctx, csum_off)?;
+    let src_port = ptr_at::<XdpContext, [u8; 2]>(ctx, l4_off)?;
+    let dst_port = ptr_at::<XdpContext, [u8; 2]>(ctx, l4_off + 2)?;
     let src = ptr_at::<XdpContext, [u8; 4]>(ctx, IP_SRC_OFF)?;
     let dst = ptr_at::<XdpContext, [u8; 4]>(ctx, IP_DST_OFF)?;
     // SAFETY: every pointer was bounds-checked against data_end above.
@@ -206,4 +242,21 @@ fn csum_replace4(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
         + u16::from_be_bytes([new[0], new[1]]) as u32
         + u16::from_be_bytes([new[2], new[3]]) as u32;
     !fold(sum)
+}
+
+/// Sends a hairpin packet straight back out of the device it came in on
+/// (the pod is both client and backend): the MAC addresses swap, as the
+/// node would have addressed it.
+#[inline(always)]
+pub fn hairpin_tc(ctx: &TcContext) -> Result<i32, Reason> {
+    let eth = ptr_at::<TcContext, [u8; 12]>(ctx, 0)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let eth = unsafe { *eth };
+    let mut swapped = [0u8; 12];
+    swapped[0..6].copy_from_slice(&eth[6..12]);
+    swapped[6..12].copy_from_slice(&eth[0..6]);
+    ctx.store(0, &swapped, 0).map_err(|_| Reason::DropRewrite)?;
+    // SAFETY: reading the ingress ifindex of the program's own skb.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    Ok(unsafe { aya_ebpf::helpers::bpf_redirect(ifindex, 0) } as i32)
 }

@@ -10,7 +10,7 @@ use lb_common::{
     stats::Reason,
 };
 
-use crate::{Hook, LB_CONFIG_V1, LB4_SRC_RANGES_V1};
+use crate::{Hook, LB_CONFIG_V1, LB4_SRC_RANGES_V1, ct::Snat};
 
 /// Drops a new flow whose client is outside the service's
 /// loadBalancerSourceRanges.
@@ -37,7 +37,7 @@ pub fn check_source_range(service: &Lb4Service, flow: &Lb4CtKey) -> Result<(), R
 /// translation here. externalTrafficPolicy Local never gets here with a
 /// remote backend, and keeps the client address by design.
 #[inline(always)]
-pub fn needs_snat(service: &Lb4Service, backend: &Lb4Backend, hook: Hook) -> bool {
+fn needs_snat(service: &Lb4Service, backend: &Lb4Backend, hook: Hook) -> bool {
     hook == Hook::FromNetwork
         && service.flags & FLAG_LOCAL_ONLY == 0
         && backend.flags & FLAG_LOCAL == 0
@@ -45,9 +45,29 @@ pub fn needs_snat(service: &Lb4Service, backend: &Lb4Backend, hook: Hook) -> boo
 
 /// The node address SNAT uses; a node without one cannot SNAT.
 #[inline(always)]
-pub fn node_addr() -> Result<[u8; 4], Reason> {
+fn node_addr() -> Result<[u8; 4], Reason> {
     match LB_CONFIG_V1.get(0) {
         Some(config) if config.node_addr4 != [0; 4] => Ok(config.node_addr4),
         _ => Err(Reason::DropNoNodeAddress),
     }
+}
+
+/// The source translation a new flow needs, if any: the node address for
+/// traffic from outside to another node's backend, the hairpin address for
+/// a pod balanced to itself (its own address as both ends would never
+/// leave the pod's stack).
+#[inline(always)]
+pub fn snat_for(
+    service: &Lb4Service,
+    backend: &Lb4Backend,
+    flow: &Lb4CtKey,
+    hook: Hook,
+) -> Result<Option<Snat>, Reason> {
+    if needs_snat(service, backend, hook) {
+        return Ok(Some(Snat::Node(node_addr()?)));
+    }
+    if hook == Hook::FromPod && backend.addr == flow.src_addr {
+        return Ok(Some(Snat::Hairpin));
+    }
+    Ok(None)
 }

@@ -155,7 +155,7 @@ fn traffic_not_for_a_service_is_untouched() {
             Reason::PassNotService,
         ),
         (
-            Packet::udp((CLIENT, 40002), (VIP, 5353), b"").emit(),
+            Packet::udp((CLIENT, 40002), (POD_B, 5353), b"").emit(),
             Reason::PassNotService,
         ),
         (arp_request(), Reason::PassNotIpv4),
@@ -174,7 +174,7 @@ fn a_service_without_backends_drops_and_counts() {
     let before = fx.count(Reason::DropNoBackend);
     let (verdict, _) = fx.run(
         POD,
-        &Packet::tcp((CLIENT, 40003), (EMPTY_VIP, 80), SYN, b"").emit(),
+        &Packet::tcp((CLIENT, 40003), (EMPTY_VIP, 80), ACK, b"").emit(),
     );
     assert_eq!(
         verdict,

@@ -15,6 +15,7 @@ use lb_common::{
     source_range::{Lb4SourceRange, Lb4SourceRangeKey},
     stats::Counter,
 };
+use lb_common::{service_name::LbServiceName, service_stats::LbServiceStats, trace::TraceEvent};
 use xtask::TempDir;
 
 /// struct name -> (size, [(field, byte offset)]), as bpftool prints them.
@@ -137,6 +138,34 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
         host_layout!(Lb4SourceRange { allow }),
         host_layout!(LbConfig { node_addr4, flags }),
         host_layout!(Counter { packets, bytes }),
+        host_layout!(LbServiceName {
+            namespace,
+            name,
+            port_name
+        }),
+        host_layout!(LbServiceStats {
+            new_flow,
+            ct_forward,
+            ct_reply,
+            dropped
+        }),
+        host_layout!(TraceEvent {
+            timestamp_ns,
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto,
+            kind,
+            selection,
+            hook,
+            reason,
+            service_id,
+            backend_id,
+            backend_addr,
+            backend_port,
+            _pad
+        }),
     ];
     for (name, layout) in host {
         let in_kernel = kernel

@@ -5,6 +5,8 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 use xtask::demo::{DemoOptions, demo};
 use xtask::{cargo, cleanup_leftovers, cleanup_stale, debug_binary, setup};
 
@@ -36,6 +38,20 @@ enum Task {
         #[arg(last = true)]
         test_args: Vec<String>,
     },
+    /// Compare this datapath with kube-proxy's iptables and nftables
+    /// rulesets and a direct baseline; writes docs/benchmarks.md. Root.
+    Bench {
+        /// A few minutes, 3 repetitions, smaller sizes.
+        #[arg(long, conflicts_with = "smoke")]
+        quick: bool,
+        /// Seconds, tiny sizes: only proves the benchmark works (the report
+        /// goes to target/bench-smoke/).
+        #[arg(long)]
+        smoke: bool,
+        /// Directory for benchmarks.md, the charts and the raw values.
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+    },
     /// Remove namespaces, bpffs directories and temp directories left by
     /// tests and demos (`lbt-*`, `lbd-*`), and agents running inside them.
     Clean,
@@ -50,6 +66,16 @@ fn main() -> ExitCode {
             keep_seconds,
         }),
         Task::Test { test_args } => test(&test_args),
+        Task::Bench { quick, smoke, out } => bench::bench(&bench::BenchOptions {
+            mode: if smoke {
+                bench::Mode::Smoke
+            } else if quick {
+                bench::Mode::Quick
+            } else {
+                bench::Mode::Full
+            },
+            out,
+        }),
         Task::Clean => {
             clean();
             Ok(())
@@ -82,7 +108,7 @@ fn test(test_args: &[String]) -> Result<()> {
     let mut cargo_test = vec!["test", "--workspace", "--", "--test-threads=1"];
     cargo_test.extend(test_args.iter().map(String::as_str));
 
-    let steps: [(&str, Vec<&str>); 4] = [
+    let steps: [(&str, Vec<&str>); 5] = [
         ("format", vec!["fmt", "--all", "--", "--check"]),
         (
             "clippy",
@@ -97,6 +123,12 @@ fn test(test_args: &[String]) -> Result<()> {
         ),
         ("build", vec!["build", "--workspace", "--bins"]),
         ("test", cargo_test),
+        // The benchmark in its quickest form, only to prove it runs (it
+        // asserts no timing; the report goes to target/bench-smoke/).
+        (
+            "bench smoke",
+            vec!["run", "-p", "xtask", "--", "bench", "--smoke"],
+        ),
     ];
     let mut totals = Tally::default();
     for (name, args) in steps {

@@ -1,15 +1,37 @@
 //! `lbctl`: reads the pinned maps directly, so it works while the agent is down.
+//!
+//! Every command builds JSON rows first; `-o table` renders those same rows,
+//! so both formats always carry the same facts.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
 
+use anyhow::{Context as _, anyhow};
+use aya::maps::{Map, MapData, RingBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::datapath::KernelTables;
 use lb_common::{
     PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     backend::{FLAG_LOCAL, FLAG_TERMINATING, Lb4Backend},
-    conntrack::DIR_FORWARD,
-    service::{KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER, KIND_NODE_PORT},
+    config::FLAG_TRACE,
+    conntrack::{DIR_FORWARD, Lb4CtEntry, Lb4CtKey, REWRITE_SRC, TCP_FIN, TCP_RST},
+    service::{
+        FLAG_ADDRESS, FLAG_LOCAL_ONLY, KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER,
+        KIND_NODE_PORT, SCOPE_INTERNAL,
+    },
+    service_name::LbServiceName,
     slot::Lb4SlotKey,
+    stats::{Counter, Reason},
+    trace::{
+        self, EVENT_DROP, EVENT_NEW_FLOW, HOOK_NETWORK, HOOK_POD, SELECT_AFFINITY, SELECT_LOCAL,
+        SELECT_RANDOM, TraceEvent,
+    },
 };
 use serde_json::{Value, json};
 
@@ -20,14 +42,14 @@ struct Args {
     /// The agent's pin directory (its --bpffs).
     #[arg(long, default_value = "/sys/fs/bpf/lb", global = true)]
     bpffs: PathBuf,
-    /// Output format.
+    /// Output format (`trace -o json` prints one JSON object per line).
     #[arg(short, long, value_enum, default_value_t = Format::Table, global = true)]
     output: Format,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Format {
     Table,
     Json,
@@ -35,18 +57,39 @@ enum Format {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// One row per frontend, with its backends.
+    /// One row per frontend, with the Service it came from and its backends.
     Services,
-    /// Every backend.
+    /// Every backend, with the services that use it.
     Backends,
-    /// Tracked flows (forward direction).
+    /// Tracked flows (one row per flow, forward direction).
     Conntrack {
+        /// Only flows of this Service (NAMESPACE/NAME).
+        #[arg(long, value_name = "NS/NAME")]
+        service: Option<String>,
         /// At most this many rows.
         #[arg(long)]
         limit: Option<usize>,
     },
-    /// Packets and bytes per verdict and drop reason.
+    /// Session-affinity entries (sessionAffinity ClientIP).
+    Affinity,
+    /// Packets and bytes per verdict and drop reason, and per service.
     Stats,
+    /// Streams which backend each new flow gets and why, and every drop.
+    /// Turns tracing on in the datapath while it runs (one trace at a time).
+    Trace {
+        /// Only events of this Service (NAMESPACE/NAME).
+        #[arg(long, value_name = "NS/NAME")]
+        service: Option<String>,
+        /// Only events from clients in this CIDR (or address).
+        #[arg(long, value_name = "CIDR")]
+        client: Option<String>,
+        /// Stop after this many (matching) events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long, value_name = "N")]
+        seconds: Option<u64>,
+    },
 }
 
 fn proto_name(proto: u8) -> String {
@@ -68,6 +111,40 @@ fn kind_name(kind: u32) -> &'static str {
     }
 }
 
+fn endpoint(addr: [u8; 4], port: u16) -> String {
+    format!("{}:{port}", Ipv4Addr::from(addr))
+}
+
+/// `namespace/name` and the port name of a service id, from the name map.
+struct Names(BTreeMap<u32, LbServiceName>);
+
+impl Names {
+    fn service(&self, id: u32) -> Option<String> {
+        self.0.get(&id).map(|n| {
+            format!(
+                "{}/{}",
+                String::from_utf8_lossy(n.namespace_bytes()),
+                String::from_utf8_lossy(n.name_bytes())
+            )
+        })
+    }
+
+    fn port_name(&self, id: u32) -> Option<String> {
+        self.0
+            .get(&id)
+            .map(|n| String::from_utf8_lossy(n.port_name_bytes()).into_owned())
+    }
+
+    /// The service ids programmed from `namespace/name`.
+    fn ids_of(&self, service: &str) -> Vec<u32> {
+        self.0
+            .keys()
+            .copied()
+            .filter(|id| self.service(*id).as_deref() == Some(service))
+            .collect()
+    }
+}
+
 fn backend_json(id: u32, b: &Lb4Backend) -> Value {
     let state = if b.flags & FLAG_TERMINATING != 0 {
         "terminating"
@@ -76,88 +153,470 @@ fn backend_json(id: u32, b: &Lb4Backend) -> Value {
     };
     json!({
         "id": id,
-        "address": format!("{}:{}", Ipv4Addr::from(b.addr), b.port),
+        "address": endpoint(b.addr, b.port),
         "protocol": proto_name(b.proto),
         "state": state,
         "local": b.flags & FLAG_LOCAL != 0,
     })
 }
 
-fn services(tables: &KernelTables) -> anyhow::Result<Vec<Value>> {
+fn services(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> {
     let slots = tables.dump_slots()?;
     let backends = tables.dump_backends()?;
+    let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for range in tables.dump_source_ranges()? {
+        ranges
+            .entry(u32::from_be_bytes(range.key.service_id_be))
+            .or_default()
+            .push(format!(
+                "{}/{}",
+                Ipv4Addr::from(range.key.addr),
+                range.prefix_len
+            ));
+    }
     let mut services = tables.dump_services()?;
     services.sort_by_key(|(k, _)| *k);
     Ok(services
         .iter()
+        // Address markers (port 0) say "this is a ClusterIP"; not frontends.
+        .filter(|(_, svc)| svc.flags & FLAG_ADDRESS == 0)
         .map(|(key, svc)| {
             let members: Vec<Value> = (0..svc.backend_count)
                 .map(|slot| {
-                    let slot_key = Lb4SlotKey { service_id: svc.service_id, revision: svc.revision, slot };
-                    match slots.get(&slot_key).and_then(|s| backends.get(&s.backend_id).map(|b| (s.backend_id, b))) {
+                    let slot_key = Lb4SlotKey {
+                        service_id: svc.service_id,
+                        revision: svc.revision,
+                        slot,
+                    };
+                    match slots
+                        .get(&slot_key)
+                        .and_then(|s| backends.get(&s.backend_id).map(|b| (s.backend_id, b)))
+                    {
                         Some((id, b)) => backend_json(id, b),
                         None => json!({ "slot": slot, "state": "missing" }),
                     }
                 })
                 .collect();
             json!({
-                "frontend": format!("{}:{}/{}", Ipv4Addr::from(key.addr), key.port, proto_name(key.proto)),
+                "frontend": format!("{}/{}", endpoint(key.addr, key.port), proto_name(key.proto)),
+                "address": Ipv4Addr::from(key.addr).to_string(),
+                "port": key.port,
+                "protocol": proto_name(key.proto),
                 "type": kind_name(svc.kind),
+                "scope": if key.scope == SCOPE_INTERNAL { "internal" } else { "external" },
+                "policy": if svc.flags & FLAG_LOCAL_ONLY != 0 { "Local" } else { "Cluster" },
+                "service": names.service(svc.service_id),
+                "port_name": names.port_name(svc.service_id),
                 "service_id": svc.service_id,
                 "revision": svc.revision,
                 "affinity_timeout": svc.affinity_timeout,
+                "source_ranges": ranges.get(&svc.service_id).cloned().unwrap_or_default(),
                 "backends": members,
             })
         })
         .collect())
 }
 
-fn run(args: &Args) -> anyhow::Result<()> {
-    let tables = KernelTables::open(&args.bpffs)?;
-    let rows: Vec<Value> = match &args.command {
-        Command::Services => services(&tables)?,
-        Command::Backends => tables
-            .dump_backends()?
-            .iter()
-            .map(|(id, b)| backend_json(*id, b))
-            .collect(),
-        Command::Conntrack { limit } => {
-            let mut flows: Vec<_> = tables
-                .dump_conntrack()?
-                .into_iter()
-                .filter(|(_, e)| e.direction == DIR_FORWARD)
-                .collect();
-            flows.sort_by_key(|(k, _)| *k);
-            flows
-                .iter()
-                .take(limit.unwrap_or(usize::MAX))
-                .map(|(k, e)| {
-                    json!({
-                        "client": format!("{}:{}", Ipv4Addr::from(k.src_addr), k.src_port),
-                        "frontend": format!("{}:{}", Ipv4Addr::from(k.dst_addr), k.dst_port),
-                        "backend": format!("{}:{}", Ipv4Addr::from(e.dst_addr), e.dst_port),
-                        "snat": (e.rewrite & lb_common::conntrack::REWRITE_SRC != 0)
-                            .then(|| format!("{}:{}", Ipv4Addr::from(e.src_addr), e.src_port)),
-                        "protocol": proto_name(k.proto),
-                        "packets": e.packets,
-                        "bytes": e.bytes,
-                    })
-                })
-                .collect()
+fn backends(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> {
+    let mut used_by: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let slots = tables.dump_slots()?;
+    for (_, svc) in tables.dump_services()? {
+        for slot in 0..svc.backend_count {
+            let key = Lb4SlotKey {
+                service_id: svc.service_id,
+                revision: svc.revision,
+                slot,
+            };
+            if let Some(s) = slots.get(&key) {
+                let name = names
+                    .service(svc.service_id)
+                    .unwrap_or_else(|| format!("id {}", svc.service_id));
+                let list = used_by.entry(s.backend_id).or_default();
+                if !list.contains(&name) {
+                    list.push(name);
+                }
+            }
         }
-        Command::Stats => tables
-            .stats
-            .all()?
-            .iter()
-            .map(|(reason, c)| {
-                json!({
-                    "reason": reason.name(),
-                    "verdict": if reason.is_drop() { "drop" } else { "pass" },
-                    "packets": c.packets,
-                    "bytes": c.bytes,
-                })
+    }
+    Ok(tables
+        .dump_backends()?
+        .iter()
+        .map(|(id, b)| {
+            let mut row = backend_json(*id, b);
+            row["services"] = json!(used_by.get(id).cloned().unwrap_or_default());
+            row
+        })
+        .collect())
+}
+
+/// CLOCK_MONOTONIC in ns: what `bpf_ktime_get_ns()` counts.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn seconds_since(now: u64, then: u64) -> f64 {
+    (now.saturating_sub(then) as f64 / 1e9 * 10.0).round() / 10.0
+}
+
+/// A flow's state from what both directions saw: RST or FIN flags, and
+/// whether anything came back yet.
+fn flow_state(proto: u8, forward: &Lb4CtEntry, reply: Option<&Lb4CtEntry>) -> &'static str {
+    let flags = forward.tcp_flags | reply.map_or(0, |r| r.tcp_flags);
+    let replied = reply.is_some_and(|r| r.packets > 0);
+    if proto != PROTO_TCP {
+        return if replied { "replied" } else { "unreplied" };
+    }
+    if flags & TCP_RST != 0 {
+        "reset"
+    } else if forward.tcp_flags & TCP_FIN != 0 && reply.is_some_and(|r| r.tcp_flags & TCP_FIN != 0)
+    {
+        "closed"
+    } else if flags & TCP_FIN != 0 {
+        "closing"
+    } else if replied {
+        "established"
+    } else {
+        "opening"
+    }
+}
+
+fn conntrack(
+    tables: &KernelTables,
+    names: &Names,
+    service: Option<&str>,
+    limit: Option<usize>,
+) -> anyhow::Result<Vec<Value>> {
+    let wanted = service.map(|s| names.ids_of(s));
+    let all: BTreeMap<Lb4CtKey, Lb4CtEntry> = tables.dump_conntrack()?.into_iter().collect();
+    let now = monotonic_ns();
+    Ok(all
+        .iter()
+        .filter(|(_, e)| e.direction == DIR_FORWARD)
+        .filter(|(_, e)| wanted.as_ref().is_none_or(|ids| ids.contains(&e.service_id)))
+        .take(limit.unwrap_or(usize::MAX))
+        .map(|(k, e)| {
+            let snat = e.rewrite & REWRITE_SRC != 0;
+            // The reply comes from the backend to the client, or to the SNAT address.
+            let reply_key = Lb4CtKey {
+                src_addr: e.dst_addr,
+                dst_addr: if snat { e.src_addr } else { k.src_addr },
+                src_port: e.dst_port,
+                dst_port: if snat { e.src_port } else { k.src_port },
+                proto: k.proto,
+                _pad: [0; 3],
+            };
+            let reply = all.get(&reply_key);
+            json!({
+                "client": endpoint(k.src_addr, k.src_port),
+                "frontend": endpoint(k.dst_addr, k.dst_port),
+                "backend": endpoint(e.dst_addr, e.dst_port),
+                "snat": snat.then(|| endpoint(e.src_addr, e.src_port)),
+                "protocol": proto_name(k.proto),
+                "state": flow_state(k.proto, e, reply),
+                "service": names.service(e.service_id),
+                "service_id": e.service_id,
+                "backend_id": e.backend_id,
+                "age_s": seconds_since(now, e.created_ns),
+                "idle_s": seconds_since(now, e.last_seen_ns.max(reply.map_or(0, |r| r.last_seen_ns))),
+                "packets": e.packets,
+                "bytes": e.bytes,
+                "reply_packets": reply.map_or(0, |r| r.packets),
+                "reply_bytes": reply.map_or(0, |r| r.bytes),
             })
-            .collect(),
+        })
+        .collect())
+}
+
+/// The session-affinity entries, with how long ago each was last used.
+fn affinity_rows(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> {
+    let backends = tables.dump_backends()?;
+    let services: BTreeMap<u32, u32> = tables
+        .dump_services()?
+        .into_iter()
+        .map(|(_, s)| (s.service_id, s.affinity_timeout))
+        .collect();
+    let now = monotonic_ns();
+    let mut rows = Vec::new();
+    for (key, value) in tables.dump_affinity()? {
+        let age = seconds_since(now, value.last_seen_ns);
+        let timeout = services.get(&key.service_id).copied();
+        rows.push(json!({
+            "client": Ipv4Addr::from(key.client).to_string(),
+            "service": names.service(key.service_id),
+            "service_id": key.service_id,
+            "backend_id": value.backend_id,
+            "backend": backends.get(&value.backend_id).map(|b| endpoint(b.addr, b.port)),
+            "age_s": age,
+            "expired": timeout.is_none_or(|t| age > f64::from(t)),
+        }));
+    }
+    Ok(rows)
+}
+
+fn counter_json(c: &Counter) -> Value {
+    json!({ "packets": c.packets, "bytes": c.bytes })
+}
+
+fn stats(tables: &KernelTables, names: &Names) -> anyhow::Result<Value> {
+    let reasons: Vec<Value> = tables
+        .stats
+        .all()?
+        .iter()
+        .map(|(reason, c)| {
+            json!({
+                "reason": reason.name(),
+                "verdict": if reason.is_drop() { "drop" } else { "pass" },
+                "packets": c.packets,
+                "bytes": c.bytes,
+            })
+        })
+        .collect();
+    let mut verdicts = [Counter::default(), Counter::default()];
+    for (reason, c) in tables.stats.all()? {
+        let v = &mut verdicts[usize::from(reason.is_drop())];
+        v.packets += c.packets;
+        v.bytes += c.bytes;
+    }
+    let services: Vec<Value> = tables
+        .dump_service_stats()?
+        .iter()
+        .map(|(id, s)| {
+            json!({
+                "service_id": id,
+                "service": names.service(*id),
+                "port_name": names.port_name(*id),
+                "new_flow": counter_json(&s.new_flow),
+                "ct_forward": counter_json(&s.ct_forward),
+                "ct_reply": counter_json(&s.ct_reply),
+                "dropped": counter_json(&s.dropped),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "verdicts": {"pass": counter_json(&verdicts[0]), "drop": counter_json(&verdicts[1])},
+        "reasons": reasons,
+        "services": services,
+    }))
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Sets or clears `FLAG_TRACE`, keeping the other bits and the node address.
+fn set_trace_flag(tables: &mut KernelTables, on: bool) -> anyhow::Result<()> {
+    let mut config = tables.config()?;
+    if on {
+        config.flags |= FLAG_TRACE;
+    } else {
+        config.flags &= !FLAG_TRACE;
+    }
+    tables.set_config(&config)
+}
+
+fn parse_cidr(text: &str) -> anyhow::Result<(u32, u32)> {
+    let (addr, len) = text.split_once('/').unwrap_or((text, "32"));
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| anyhow!("--client {text:?}: not an IPv4 address or CIDR"))?;
+    let len: u32 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= 32)
+        .ok_or_else(|| anyhow!("--client {text:?}: bad prefix length"))?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Ok((u32::from(addr) & mask, mask))
+}
+
+fn trace_json(event: &TraceEvent, names: &Names) -> Value {
+    let kind = match event.kind {
+        EVENT_NEW_FLOW => "new_flow",
+        EVENT_DROP => "drop",
+        _ => "unknown",
+    };
+    let selection = match event.selection {
+        SELECT_RANDOM => Some("random"),
+        SELECT_AFFINITY => Some("affinity"),
+        SELECT_LOCAL => Some("local"),
+        _ => None,
+    };
+    let reason = Reason::ALL
+        .iter()
+        .find(|r| **r as u32 == event.reason)
+        .map_or_else(|| event.reason.to_string(), |r| r.name().to_owned());
+    let new_flow = event.kind == EVENT_NEW_FLOW;
+    json!({
+        "time_ns": event.timestamp_ns,
+        "event": kind,
+        "client": endpoint(event.src_addr, event.src_port),
+        "frontend": endpoint(event.dst_addr, event.dst_port),
+        "protocol": proto_name(event.proto),
+        "hook": match event.hook { HOOK_POD => "pod", HOOK_NETWORK => "network", _ => "unknown" },
+        "service_id": event.service_id,
+        "service": (event.service_id != 0).then(|| names.service(event.service_id)).flatten(),
+        "backend_id": new_flow.then_some(event.backend_id),
+        "backend": new_flow.then(|| endpoint(event.backend_addr, event.backend_port)),
+        "selection": selection,
+        "reason": reason,
+    })
+}
+
+fn print_trace_line(row: &Value, format: Format) {
+    match format {
+        Format::Json => println!("{row}"),
+        Format::Table => {
+            let text = |v: &Value| match v {
+                Value::String(s) => s.clone(),
+                Value::Null => "-".into(),
+                other => other.to_string(),
+            };
+            let what = if row["event"] == "new_flow" {
+                format!("-> {} ({})", text(&row["backend"]), text(&row["selection"]))
+            } else {
+                format!("DROP {}", text(&row["reason"]))
+            };
+            println!(
+                "{:>16.6} {:<8} {:<4} {:<21} -> {:<21} {:<22} {what}",
+                row["time_ns"].as_u64().unwrap_or(0) as f64 / 1e9,
+                text(&row["event"]),
+                text(&row["protocol"]),
+                text(&row["client"]),
+                text(&row["frontend"]),
+                text(&row["service"]),
+            );
+        }
+    }
+}
+
+struct TraceOptions<'a> {
+    service: Option<&'a str>,
+    client: Option<&'a str>,
+    count: Option<u64>,
+    seconds: Option<u64>,
+}
+
+fn trace(args: &Args, tables: &mut KernelTables, options: &TraceOptions) -> anyhow::Result<()> {
+    let client = options.client.map(parse_cidr).transpose()?;
+    let path = args.bpffs.join(trace::NAME);
+    let map = Map::from_map_data(
+        MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?,
+    )?;
+    let mut ring =
+        RingBuf::try_from(map).with_context(|| format!("{} is not a ring buffer", trace::NAME))?;
+    // Events a previous trace left unread are not ours.
+    while ring.next().is_some() {}
+
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+    set_trace_flag(tables, true)?;
+    eprintln!(
+        "lbctl: tracing new flows and drops under {} (Ctrl-C to stop)",
+        args.bpffs.display()
+    );
+    if args.output == Format::Table {
+        println!(
+            "{:>16} {:<8} {:<4} {:<21}    {:<21} {:<22} RESULT",
+            "TIME", "EVENT", "PROTO", "CLIENT", "FRONTEND", "SERVICE"
+        );
+    }
+    let result = follow_ring(&mut ring, tables, args.output, options, client);
+    // Always clear the flag, even after an error: tracing must not stay on.
+    let cleared = set_trace_flag(tables, false);
+    result.and(cleared)
+}
+
+fn follow_ring(
+    ring: &mut RingBuf<MapData>,
+    tables: &KernelTables,
+    format: Format,
+    options: &TraceOptions,
+    client: Option<(u32, u32)>,
+) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let deadline = options
+        .seconds
+        .map(|s| Instant::now() + Duration::from_secs(s));
+    let mut names = Names(tables.dump_service_names()?);
+    let mut seen = 0u64;
+    while !STOP.load(Ordering::Relaxed) {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let mut pollfd = libc::pollfd {
+            fd: ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a bounded wait so signals and the
+        // deadline are noticed.
+        unsafe { libc::poll(&mut pollfd, 1, 100) };
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<TraceEvent>() {
+                continue;
+            }
+            let event: TraceEvent = bytemuck::pod_read_unaligned(&item[..size_of::<TraceEvent>()]);
+            drop(item);
+            if let Some((net, mask)) = client
+                && u32::from_be_bytes(event.src_addr) & mask != net
+            {
+                continue;
+            }
+            if event.service_id != 0 && !names.0.contains_key(&event.service_id) {
+                // A service programmed after we started.
+                names = Names(tables.dump_service_names()?);
+            }
+            if let Some(service) = options.service
+                && names.service(event.service_id).as_deref() != Some(service)
+            {
+                continue;
+            }
+            print_trace_line(&trace_json(&event, &names), format);
+            seen += 1;
+            if options.count.is_some_and(|n| seen >= n) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    let mut tables = KernelTables::open(&args.bpffs)?;
+    let names = Names(tables.dump_service_names()?);
+    let rows: Value = match &args.command {
+        Command::Services => Value::Array(services(&tables, &names)?),
+        Command::Backends => Value::Array(backends(&tables, &names)?),
+        Command::Conntrack { service, limit } => {
+            Value::Array(conntrack(&tables, &names, service.as_deref(), *limit)?)
+        }
+        Command::Affinity => Value::Array(affinity_rows(&tables, &names)?),
+        Command::Stats => stats(&tables, &names)?,
+        Command::Trace {
+            service,
+            client,
+            count,
+            seconds,
+        } => {
+            let options = TraceOptions {
+                service: service.as_deref(),
+                client: client.as_deref(),
+                count: *count,
+                seconds: *seconds,
+            };
+            return trace(args, &mut tables, &options);
+        }
     };
     match args.output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
@@ -166,59 +625,184 @@ fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_table(command: &Command, rows: &[Value]) {
-    let text = |v: &Value| match v {
+fn text(v: &Value) -> String {
+    match v {
         Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Array(items) if items.is_empty() => "-".into(),
+        Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join(","),
         other => other.to_string(),
+    }
+}
+
+/// Columns padded to their widest cell.
+fn print_columns(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
     };
+    println!(
+        "{}",
+        line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>())
+    );
+    for row in rows {
+        println!("{}", line(row));
+    }
+}
+
+fn print_table(command: &Command, rows: &Value) {
+    let empty = Vec::new();
+    let list = rows.as_array().unwrap_or(&empty);
     match command {
         Command::Services => {
-            println!(
-                "{:<24} {:<12} {:<8} BACKENDS",
-                "FRONTEND", "TYPE", "AFFINITY"
-            );
-            for row in rows {
+            // Like `cilium service list`: the frontend, then one line per backend.
+            let mut cells = Vec::new();
+            for row in list {
+                let service = match (&row["service"], text(&row["port_name"])) {
+                    (Value::Null, _) => "-".to_owned(),
+                    (s, port) if port.is_empty() || port == "-" => text(s),
+                    (s, port) => format!("{} ({port})", text(s)),
+                };
                 let backends: Vec<String> = row["backends"]
                     .as_array()
-                    .map(|bs| {
-                        bs.iter()
-                            .map(|b| format!("{} ({})", text(&b["address"]), text(&b["state"])))
-                            .collect()
+                    .unwrap_or(&empty)
+                    .iter()
+                    .map(|b| {
+                        let local = if b["local"] == true { ", local" } else { "" };
+                        format!(
+                            "{} => {} ({}{local})",
+                            text(&b["id"]),
+                            text(&b["address"]),
+                            text(&b["state"])
+                        )
                     })
-                    .unwrap_or_default();
-                println!(
-                    "{:<24} {:<12} {:<8} {}",
+                    .collect();
+                let affinity = match row["affinity_timeout"].as_u64() {
+                    Some(0) | None => "-".to_owned(),
+                    Some(t) => format!("{t}s"),
+                };
+                let mut first = vec![
+                    text(&row["service_id"]),
                     text(&row["frontend"]),
+                    service,
                     text(&row["type"]),
-                    text(&row["affinity_timeout"]),
-                    backends.join(", ")
-                );
+                    text(&row["scope"]),
+                    text(&row["policy"]),
+                    affinity,
+                    text(&row["source_ranges"]),
+                ];
+                let mut backends = backends.into_iter();
+                first.push(backends.next().unwrap_or_else(|| "(none)".into()));
+                cells.push(first);
+                for more in backends {
+                    let mut line = vec![String::new(); 8];
+                    line.push(more);
+                    cells.push(line);
+                }
             }
+            print_columns(
+                &[
+                    "ID",
+                    "FRONTEND",
+                    "SERVICE",
+                    "TYPE",
+                    "SCOPE",
+                    "POLICY",
+                    "AFFINITY",
+                    "SOURCE RANGES",
+                    "BACKENDS",
+                ],
+                &cells,
+            );
+        }
+        Command::Stats => {
+            let reasons: Vec<Vec<String>> = rows["reasons"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .map(|r| {
+                    ["reason", "verdict", "packets", "bytes"]
+                        .iter()
+                        .map(|c| text(&r[*c]))
+                        .collect()
+                })
+                .collect();
+            print_columns(&["REASON", "VERDICT", "PACKETS", "BYTES"], &reasons);
+            let v = &rows["verdicts"];
+            println!(
+                "total: pass {} packets / {} bytes, drop {} packets / {} bytes",
+                v["pass"]["packets"], v["pass"]["bytes"], v["drop"]["packets"], v["drop"]["bytes"]
+            );
+            println!();
+            let services: Vec<Vec<String>> = rows["services"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .map(|s| {
+                    let pair = |c: &str| format!("{}/{}", s[c]["packets"], s[c]["bytes"]);
+                    vec![
+                        text(&s["service_id"]),
+                        text(&s["service"]),
+                        text(&s["port_name"]),
+                        pair("new_flow"),
+                        pair("ct_forward"),
+                        pair("ct_reply"),
+                        pair("dropped"),
+                    ]
+                })
+                .collect();
+            print_columns(
+                &[
+                    "ID",
+                    "SERVICE",
+                    "PORT",
+                    "NEW_FLOW PKTS/BYTES",
+                    "CT_FORWARD",
+                    "CT_REPLY",
+                    "DROPPED",
+                ],
+                &services,
+            );
         }
         _ => {
             let columns: &[&str] = match command {
-                Command::Backends => &["id", "address", "protocol", "state", "local"],
+                Command::Backends => &["id", "address", "protocol", "state", "local", "services"],
                 Command::Conntrack { .. } => &[
-                    "client", "frontend", "backend", "protocol", "packets", "bytes",
+                    "client", "frontend", "backend", "snat", "protocol", "state", "service",
+                    "age_s", "idle_s", "packets", "bytes",
                 ],
-                _ => &["reason", "verdict", "packets", "bytes"],
+                _ => &[
+                    "client",
+                    "service",
+                    "backend",
+                    "backend_id",
+                    "age_s",
+                    "expired",
+                ],
             };
-            if rows.is_empty() {
+            if list.is_empty() {
                 println!("(none)");
                 return;
             }
-            let line =
-                |cells: Vec<String>| cells.iter().map(|c| format!("{c:<22}")).collect::<String>();
-            println!(
-                "{}",
-                line(columns.iter().map(|c| c.to_uppercase()).collect()).trim_end()
-            );
-            for row in rows {
-                println!(
-                    "{}",
-                    line(columns.iter().map(|c| text(&row[*c])).collect()).trim_end()
-                );
-            }
+            let header: Vec<String> = columns.iter().map(|c| c.to_uppercase()).collect();
+            let header: Vec<&str> = header.iter().map(String::as_str).collect();
+            let cells: Vec<Vec<String>> = list
+                .iter()
+                .map(|row| columns.iter().map(|c| text(&row[*c])).collect())
+                .collect();
+            print_columns(&header, &cells);
         }
     }
 }

@@ -7,18 +7,26 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, Map, MapData, PerCpuArray,
+        Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap,
         lpm_trie::{Key, LpmTrie},
     },
 };
 use lb_common::{
+    PROTO_UDP,
+    affinity::{self, Lb4Affinity, Lb4AffinityKey},
     backend::{self, Lb4Backend},
     config::{self, LbConfig},
     conntrack::{self, Lb4CtEntry, Lb4CtKey},
+    member::{self, Lb4Member, Lb4MemberKey},
     service::{self, Lb4Service, Lb4ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
     source_range::{self, Lb4SourceRange, Lb4SourceRangeKey, SERVICE_ID_BITS},
     stats::{self, Counter, Reason},
+};
+// Inspection maps (lbctl): names and per-service counters.
+use lb_common::{
+    service_name::{self, LbServiceName},
+    service_stats::{self, LbServiceStats},
 };
 
 use super::programmer::{SourceRangeEntry, TableWriter};
@@ -31,7 +39,13 @@ pub struct KernelTables {
     pub conntrack: HashMap<MapData, Lb4CtKey, Lb4CtEntry>,
     pub source_ranges: LpmTrie<MapData, Lb4SourceRangeKey, Lb4SourceRange>,
     pub config: Array<MapData, LbConfig>,
+    pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
+    pub members: HashMap<MapData, Lb4MemberKey, Lb4Member>,
     pub stats: StatsReader,
+    /// Service id -> Kubernetes namespace/name/port (written, never read, by the programs' side).
+    pub service_names: HashMap<MapData, u32, LbServiceName>,
+    /// Per-CPU counters per service id.
+    pub service_stats: PerCpuHashMap<MapData, u32, LbServiceStats>,
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
@@ -77,9 +91,16 @@ impl KernelTables {
             source_ranges: LpmTrie::try_from(get(source_range::NAME)?)
                 .with_context(|| layout(source_range::NAME))?,
             config: Array::try_from(get(config::NAME)?).with_context(|| layout(config::NAME))?,
+            affinity: HashMap::try_from(get(affinity::NAME)?)
+                .with_context(|| layout(affinity::NAME))?,
+            members: HashMap::try_from(get(member::NAME)?).with_context(|| layout(member::NAME))?,
             stats: StatsReader(
                 PerCpuArray::try_from(get(stats::NAME)?).with_context(|| layout(stats::NAME))?,
             ),
+            service_names: HashMap::try_from(get(service_name::NAME)?)
+                .with_context(|| layout(service_name::NAME))?,
+            service_stats: PerCpuHashMap::try_from(get(service_stats::NAME)?)
+                .with_context(|| layout(service_stats::NAME))?,
         })
     }
 
@@ -122,6 +143,58 @@ impl KernelTables {
         Ok(self.config.set(0, value, 0)?)
     }
 
+    /// Removes the UDP conntrack entries (both directions) of flows that
+    /// `removed` (service id, backend id) pairs carried, so a client that
+    /// keeps sending from the same port is balanced afresh to a live
+    /// backend (kube-proxy flushes UDP conntrack the same way). TCP flows
+    /// are left to finish. Returns how many entries went.
+    pub fn flush_udp_conntrack(&mut self, removed: &[(u32, u32)]) -> anyhow::Result<usize> {
+        if removed.is_empty() {
+            return Ok(0);
+        }
+        let doomed: Vec<Lb4CtKey> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, entry)| {
+                key.proto == PROTO_UDP && removed.contains(&(entry.service_id, entry.backend_id))
+            })
+            .map(|(key, _)| key)
+            .collect();
+        let mut flushed = 0;
+        for key in &doomed {
+            // An entry the LRU evicted meanwhile is already gone.
+            if self.conntrack.remove(key).is_ok() {
+                flushed += 1;
+            }
+        }
+        Ok(flushed)
+    }
+
+    /// Every session-affinity entry.
+    pub fn dump_affinity(&self) -> anyhow::Result<Vec<(Lb4AffinityKey, Lb4Affinity)>> {
+        Ok(self.affinity.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Every service id's Kubernetes name.
+    pub fn dump_service_names(&self) -> anyhow::Result<BTreeMap<u32, LbServiceName>> {
+        Ok(self.service_names.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Every service's counters, summed over CPUs.
+    pub fn dump_service_stats(&self) -> anyhow::Result<BTreeMap<u32, LbServiceStats>> {
+        self.service_stats
+            .iter()
+            .map(|entry| {
+                let (id, per_cpu) = entry?;
+                let sum = per_cpu
+                    .iter()
+                    .fold(LbServiceStats::default(), |acc, s| acc.add(s));
+                Ok((id, sum))
+            })
+            .collect()
+    }
+
     /// Every conntrack entry (both directions).
     pub fn dump_conntrack(&self) -> anyhow::Result<Vec<(Lb4CtKey, Lb4CtEntry)>> {
         Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
@@ -146,6 +219,25 @@ impl TableWriter for KernelTables {
     }
     fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
         Ok(self.backends.remove(&id)?)
+    }
+    fn put_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()> {
+        Ok(self.members.insert(key, Lb4Member { present: 1 }, 0)?)
+    }
+    fn delete_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()> {
+        Ok(self.members.remove(key)?)
+    }
+    fn put_service_name(&mut self, service_id: u32, name: &LbServiceName) -> anyhow::Result<()> {
+        // A fresh id (no name yet) starts with fresh counters: after an
+        // agent restart an id may be handed out again.
+        if self.service_names.get(&service_id, 0).is_err() {
+            let _ = self.service_stats.remove(&service_id);
+        }
+        Ok(self.service_names.insert(service_id, name, 0)?)
+    }
+    fn delete_service_name(&mut self, service_id: u32) -> anyhow::Result<()> {
+        // The counters go with the frontend; missing ones are fine.
+        let _ = self.service_stats.remove(&service_id);
+        Ok(self.service_names.remove(&service_id)?)
     }
     fn put_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
         let key = Key::new(SERVICE_ID_BITS + u32::from(range.prefix_len), range.key);

@@ -22,7 +22,7 @@ use aya::{
         xdp::{XdpLink, XdpMode},
     },
 };
-use lb_common::{backend, config, conntrack, service, slot, source_range, stats};
+use lb_common::{affinity, backend, config, conntrack, member, service, slot, source_range, stats};
 
 pub use devices::{accept_local_sources, glob_match, interface_addresses, list_interfaces};
 pub use maps::{KernelTables, StatsReader};
@@ -86,14 +86,20 @@ impl Default for MapSizes {
 }
 
 /// Every map the programs use, with its pinned name.
-pub const MAP_NAMES: [&str; 7] = [
+pub const MAP_NAMES: [&str; 12] = [
     service::NAME,
     slot::NAME,
     backend::NAME,
     conntrack::NAME,
+    affinity::NAME,
+    member::NAME,
     source_range::NAME,
     config::NAME,
     stats::NAME,
+    // Inspection: names, per-service counters, flow trace (lbctl).
+    lb_common::service_name::NAME,
+    lb_common::service_stats::NAME,
+    lb_common::trace::NAME,
 ];
 
 /// The loaded programs and their maps.
@@ -117,7 +123,10 @@ impl Datapath {
             .map_max_entries(service::NAME, sizes.services)
             .map_max_entries(slot::NAME, sizes.slots)
             .map_max_entries(backend::NAME, sizes.backends)
-            .map_max_entries(conntrack::NAME, sizes.conntrack);
+            .map_max_entries(conntrack::NAME, sizes.conntrack)
+            // One name and one counter entry per frontend.
+            .map_max_entries(lb_common::service_name::NAME, sizes.services)
+            .map_max_entries(lb_common::service_stats::NAME, sizes.services);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -148,6 +157,12 @@ impl Datapath {
             bpffs: bpffs.to_owned(),
             attached: BTreeMap::new(),
         })
+    }
+
+    /// Starts reading the programs' aya-log records (agent `--bpf-log`).
+    /// Call once.
+    pub fn bpf_logger(&mut self) -> anyhow::Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).context("starting aya-log for the programs")
     }
 
     /// The pin directory.

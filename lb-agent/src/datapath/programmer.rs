@@ -13,12 +13,14 @@ use std::{
     net::IpAddr,
 };
 
+use lb_common::service_name::LbServiceName;
 use lb_common::{
     backend::{FLAG_LOCAL, FLAG_TERMINATING, Lb4Backend},
+    member::Lb4MemberKey,
     service::{
-        FLAG_HAS_INTERNAL, FLAG_LOCAL_ONLY, FLAG_SOURCE_RANGES, KIND_CLUSTER_IP, KIND_EXTERNAL_IP,
-        KIND_LOAD_BALANCER, KIND_NODE_PORT, Lb4Service, Lb4ServiceKey, SCOPE_EXTERNAL,
-        SCOPE_INTERNAL,
+        FLAG_ADDRESS, FLAG_HAS_INTERNAL, FLAG_LOCAL_ONLY, FLAG_SOURCE_RANGES, KIND_CLUSTER_IP,
+        KIND_EXTERNAL_IP, KIND_LOAD_BALANCER, KIND_NODE_PORT, Lb4Service, Lb4ServiceKey,
+        SCOPE_EXTERNAL, SCOPE_INTERNAL,
     },
     slot::{Lb4Slot, Lb4SlotKey},
     source_range::Lb4SourceRangeKey,
@@ -35,9 +37,22 @@ pub trait TableWriter {
     fn delete_slot(&mut self, key: &Lb4SlotKey) -> anyhow::Result<()>;
     fn put_backend(&mut self, id: u32, value: &Lb4Backend) -> anyhow::Result<()>;
     fn delete_backend(&mut self, id: u32) -> anyhow::Result<()>;
+    /// Backend `key.backend_id` is part of service `key.service_id`.
+    fn put_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()>;
+    fn delete_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()>;
     /// An allowed client range of a service: (service id, network) / length.
     fn put_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()>;
     fn delete_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()>;
+    // Inspection (issue 6): the Kubernetes name of each service id, read
+    // by lbctl only. Defaults do nothing, so fakes need not care.
+    /// Records which Service (and port) a service id was programmed from.
+    fn put_service_name(&mut self, _service_id: u32, _name: &LbServiceName) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// Forgets the name (and per-service counters) of a removed service id.
+    fn delete_service_name(&mut self, _service_id: u32) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// One loadBalancerSourceRanges entry as the trie holds it.
@@ -62,6 +77,9 @@ pub struct ApplyReport {
     /// Failures, each naming the service; the service keeps its previous
     /// programming and every other service is unaffected.
     pub errors: Vec<String>,
+    /// (service id, backend id) pairs that stopped being members: their
+    /// UDP conntrack entries are to be flushed.
+    pub removed_members: Vec<(u32, u32)>,
 }
 
 #[derive(Clone, Debug)]
@@ -78,18 +96,25 @@ type BackendKey = ([u8; 4], u16, u8);
 #[derive(Debug)]
 pub struct Programmer {
     services: BTreeMap<Lb4ServiceKey, ProgrammedService>,
+    /// ClusterIP addresses with a marker entry (port 0, protocol 0).
+    markers: BTreeSet<[u8; 4]>,
     backends: BTreeMap<BackendKey, (u32, Lb4Backend)>,
     next_service_id: u32,
     next_backend_id: u32,
+    /// Inspection only: names written to the service-name map, by service
+    /// id. Empty after `adopt`, so a restarted agent writes each name once.
+    names: BTreeMap<u32, LbServiceName>,
 }
 
 impl Default for Programmer {
     fn default() -> Self {
         Self {
             services: BTreeMap::new(),
+            markers: BTreeSet::new(),
             backends: BTreeMap::new(),
             next_service_id: 1,
             next_backend_id: 1,
+            names: BTreeMap::new(),
         }
     }
 }
@@ -128,6 +153,10 @@ impl Programmer {
         }
         let mut live_slots = BTreeSet::new();
         for (key, entry) in services {
+            if entry.flags & FLAG_ADDRESS != 0 {
+                me.markers.insert(key.addr);
+                continue;
+            }
             me.next_service_id = me.next_service_id.max(entry.service_id.saturating_add(1));
             let mut backend_ids = Vec::with_capacity(entry.backend_count as usize);
             for slot in 0..entry.backend_count {
@@ -198,12 +227,27 @@ impl Programmer {
                     continue;
                 }
             };
-            if let Err(e) =
-                self.program_service(key, spec, has_internal, ids, maps, &mut report.writes)
-            {
+            if let Err(e) = self.program_service(key, spec, has_internal, ids, maps, &mut report) {
                 report.errors.push(format!("{}: {e:#}", what()));
             }
+            // Inspection only (lbctl): not counted as a datapath write.
+            if let Err(e) = self.sync_service_name(&key, spec, maps) {
+                report
+                    .errors
+                    .push(format!("{}: writing its name: {e:#}", what()));
+            }
         }
+
+        let cluster_ips: BTreeSet<[u8; 4]> = desired
+            .frontends
+            .iter()
+            .filter(|(f, spec)| f.scope == Scope::External && spec.kind == FrontendKind::ClusterIp)
+            .filter_map(|(f, _)| match f.addr {
+                IpAddr::V4(addr) => Some(addr.octets()),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        self.sync_markers(&cluster_ips, maps, &mut report);
 
         let stale: Vec<Lb4ServiceKey> = self
             .services
@@ -212,7 +256,7 @@ impl Programmer {
             .copied()
             .collect();
         for key in stale {
-            if let Err(e) = self.remove_service(&key, maps, &mut report.writes) {
+            if let Err(e) = self.remove_service(&key, maps, &mut report) {
                 report.errors.push(format!(
                     "removing frontend {:?}:{}/{}: {e:#}",
                     key.addr, key.port, key.proto
@@ -300,7 +344,7 @@ impl Programmer {
         has_internal: bool,
         ids: Vec<u32>,
         maps: &mut impl TableWriter,
-        writes: &mut usize,
+        report: &mut ApplyReport,
     ) -> anyhow::Result<()> {
         let current = self.services.get(&key).cloned();
         let service_id = current
@@ -352,41 +396,67 @@ impl Programmer {
             return Ok(());
         }
 
-        let added: Vec<SourceRangeEntry> = ranges
-            .iter()
-            .filter(|r| !old_ranges.contains(r))
-            .copied()
-            .collect();
-        let undo_ranges = |maps: &mut dyn FnMut(&SourceRangeEntry), upto: usize| {
-            for range in &added[..upto] {
-                maps(range);
-            }
-        };
-        for (i, range) in added.iter().enumerate() {
+        // What this call adds before the switch, undone if it fails.
+        let mut added: Vec<Added> = Vec::new();
+        for range in ranges.iter().filter(|r| !old_ranges.contains(r)) {
             if let Err(e) = maps.put_source_range(range) {
-                undo_ranges(&mut |r| drop(maps.delete_source_range(r)), i);
+                undo(&added, maps);
                 return Err(e.context("writing a source range"));
             }
-            *writes += 1;
+            added.push(Added::Range(*range));
+            report.writes += 1;
         }
-        if ids_changed && let Err(e) = write_slots(&entry, &ids, maps, writes) {
-            undo_ranges(&mut |r| drop(maps.delete_source_range(r)), added.len());
+        let old_ids: BTreeSet<u32> = current
+            .as_ref()
+            .map(|c| c.backend_ids.iter().copied().collect())
+            .unwrap_or_default();
+        let new_ids: BTreeSet<u32> = ids.iter().copied().collect();
+        for backend_id in new_ids.difference(&old_ids) {
+            let member = Lb4MemberKey {
+                service_id,
+                backend_id: *backend_id,
+            };
+            if let Err(e) = maps.put_member(&member) {
+                undo(&added, maps);
+                return Err(e.context("writing a backend membership"));
+            }
+            added.push(Added::Member(member));
+            report.writes += 1;
+        }
+        if ids_changed && let Err(e) = write_slots(&entry, &ids, maps, &mut report.writes) {
+            undo(&added, maps);
             return Err(e);
         }
         if let Err(e) = maps.put_service(&key, &entry) {
             if ids_changed {
-                delete_slot_range(&entry, ids.len() as u32, maps, writes);
+                delete_slot_range(&entry, ids.len() as u32, maps, &mut report.writes);
             }
-            undo_ranges(&mut |r| drop(maps.delete_source_range(r)), added.len());
+            undo(&added, maps);
             return Err(e);
         }
-        *writes += 1;
+        report.writes += 1;
+        // Switched: now what only the old entry used can go.
         if ids_changed && let Some(old) = &current {
-            delete_slot_range(&old.entry, old.backend_ids.len() as u32, maps, writes);
+            delete_slot_range(
+                &old.entry,
+                old.backend_ids.len() as u32,
+                maps,
+                &mut report.writes,
+            );
+        }
+        for backend_id in old_ids.difference(&new_ids) {
+            let member = Lb4MemberKey {
+                service_id,
+                backend_id: *backend_id,
+            };
+            if maps.delete_member(&member).is_ok() {
+                report.writes += 1;
+            }
+            report.removed_members.push((service_id, *backend_id));
         }
         for range in old_ranges.iter().filter(|r| !ranges.contains(r)) {
             if maps.delete_source_range(range).is_ok() {
-                *writes += 1;
+                report.writes += 1;
             }
         }
         if current.is_none() {
@@ -407,23 +477,104 @@ impl Programmer {
         &mut self,
         key: &Lb4ServiceKey,
         maps: &mut impl TableWriter,
-        writes: &mut usize,
+        report: &mut ApplyReport,
     ) -> anyhow::Result<()> {
-        let Some(current) = self.services.get(key) else {
+        let Some(current) = self.services.remove(key) else {
             return Ok(());
         };
-        // Entry first: after it is gone no packet reaches the slots.
-        maps.delete_service(key)?;
-        *writes += 1;
+        // Entry first: after it is gone no packet reaches the rest.
+        if let Err(e) = maps.delete_service(key) {
+            self.services.insert(*key, current);
+            return Err(e);
+        }
+        report.writes += 1;
         let entry = current.entry;
-        let count = current.backend_ids.len() as u32;
-        let ranges = current.ranges.clone();
-        self.services.remove(key);
-        delete_slot_range(&entry, count, maps, writes);
-        for range in &ranges {
-            if maps.delete_source_range(range).is_ok() {
-                *writes += 1;
+        // Inspection only; a name already gone is what we want.
+        self.names.remove(&entry.service_id);
+        let _ = maps.delete_service_name(entry.service_id);
+        delete_slot_range(
+            &entry,
+            current.backend_ids.len() as u32,
+            maps,
+            &mut report.writes,
+        );
+        let ids: BTreeSet<u32> = current.backend_ids.iter().copied().collect();
+        for backend_id in ids {
+            let member = Lb4MemberKey {
+                service_id: entry.service_id,
+                backend_id,
+            };
+            if maps.delete_member(&member).is_ok() {
+                report.writes += 1;
             }
+            report.removed_members.push((entry.service_id, backend_id));
+        }
+        for range in &current.ranges {
+            if maps.delete_source_range(range).is_ok() {
+                report.writes += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps one marker entry (port 0, protocol 0) per ClusterIP address,
+    /// so the programs can reject connection attempts to ports no service
+    /// port defines.
+    fn sync_markers(
+        &mut self,
+        wanted: &BTreeSet<[u8; 4]>,
+        maps: &mut impl TableWriter,
+        report: &mut ApplyReport,
+    ) {
+        let marker_key = |addr: [u8; 4]| Lb4ServiceKey {
+            addr,
+            port: 0,
+            proto: 0,
+            scope: SCOPE_EXTERNAL,
+        };
+        let marker = Lb4Service {
+            service_id: 0,
+            backend_count: 0,
+            revision: 0,
+            kind: KIND_CLUSTER_IP,
+            flags: FLAG_ADDRESS,
+            affinity_timeout: 0,
+        };
+        for addr in wanted.difference(&self.markers.clone()) {
+            match maps.put_service(&marker_key(*addr), &marker) {
+                Ok(()) => {
+                    report.writes += 1;
+                    self.markers.insert(*addr);
+                }
+                Err(e) => report.errors.push(format!(
+                    "marking {} as a ClusterIP: {e:#}",
+                    std::net::Ipv4Addr::from(*addr)
+                )),
+            }
+        }
+        for addr in self.markers.clone().difference(wanted) {
+            if maps.delete_service(&marker_key(*addr)).is_ok() {
+                report.writes += 1;
+            }
+            self.markers.remove(addr);
+        }
+    }
+
+    /// Writes the Kubernetes name of a programmed frontend's service id when
+    /// it is not the one written last (inspection only, see `names`).
+    fn sync_service_name(
+        &mut self,
+        key: &Lb4ServiceKey,
+        spec: &FrontendSpec,
+        maps: &mut impl TableWriter,
+    ) -> anyhow::Result<()> {
+        let Some(service_id) = self.services.get(key).map(|s| s.entry.service_id) else {
+            return Ok(());
+        };
+        let name = LbServiceName::new(&spec.service.namespace, &spec.service.name, &spec.port_name);
+        if self.names.get(&service_id) != Some(&name) {
+            maps.put_service_name(service_id, &name)?;
+            self.names.insert(service_id, name);
         }
         Ok(())
     }
@@ -450,6 +601,22 @@ impl Programmer {
                 Err(e) => report.errors.push(format!("removing backend {id}: {e:#}")),
             }
         }
+    }
+}
+
+/// Something written ahead of a service entry switch.
+enum Added {
+    Range(SourceRangeEntry),
+    Member(Lb4MemberKey),
+}
+
+/// Deletes what a failed update added (best effort: it was just written).
+fn undo(added: &[Added], maps: &mut impl TableWriter) {
+    for item in added.iter().rev() {
+        let _ = match item {
+            Added::Range(range) => maps.delete_source_range(range),
+            Added::Member(member) => maps.delete_member(member),
+        };
     }
 }
 
@@ -515,6 +682,7 @@ mod tests {
         slots: BTreeMap<Lb4SlotKey, Lb4Slot>,
         backends: BTreeMap<u32, Lb4Backend>,
         ranges: BTreeSet<SourceRangeEntry>,
+        members: BTreeSet<Lb4MemberKey>,
         capacity_slots: usize,
         ops: usize,
     }
@@ -528,6 +696,22 @@ mod tests {
                         revision: svc.revision,
                         slot,
                     };
+                    let s = self.slots.get(&k).unwrap_or_else(|| {
+                        panic!(
+                            "after op {}: {key:?} points at missing slot {k:?}",
+                            self.ops
+                        )
+                    });
+                    let member = Lb4MemberKey {
+                        service_id: svc.service_id,
+                        backend_id: s.backend_id,
+                    };
+                    assert!(
+                        self.members.contains(&member),
+                        "after op {}: backend {} of {key:?} is not a member",
+                        self.ops,
+                        s.backend_id
+                    );
                     let s = self.slots.get(&k).unwrap_or_else(|| {
                         panic!(
                             "after op {}: {key:?} points at missing slot {k:?}",
@@ -569,6 +753,18 @@ mod tests {
     }
 
     impl TableWriter for CheckedMaps {
+        fn put_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()> {
+            self.members.insert(*key);
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+        fn delete_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()> {
+            self.members.remove(key);
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
         fn put_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
             self.ranges.insert(*range);
             self.ops += 1;
@@ -720,10 +916,24 @@ mod tests {
             "unreferenced backend kept: {:?}",
             maps.backends
         );
+        assert_eq!(r.removed_members.len(), 1, "{:?}", r.removed_members);
+        assert_eq!(maps.members.len(), 2, "stale membership kept");
+        // The ClusterIP address has its marker (port 0, protocol 0).
+        let marker = Lb4ServiceKey {
+            port: 0,
+            proto: 0,
+            ..key(10, 80)
+        };
+        assert_eq!(maps.services[&marker].flags, FLAG_ADDRESS);
 
         // Service gone: everything gone.
         prog.apply(&tables(&[]), &mut maps);
         assert!(maps.services.is_empty() && maps.slots.is_empty() && maps.backends.is_empty());
+        assert!(
+            maps.members.is_empty(),
+            "memberships left: {:?}",
+            maps.members
+        );
     }
 
     #[test]

@@ -13,6 +13,8 @@ use crate::source::ObjectKey;
 
 /// Label the EndpointSlice controller sets to the owning service's name.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label of EndpointSlices of headless services.
+const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 /// The raw slices of each service, by the service they name.
 pub(super) struct SliceIndex<'a> {
@@ -29,6 +31,15 @@ pub(super) fn index_slices<'a>(
 ) -> SliceIndex<'a> {
     let mut by_service: BTreeMap<ServiceRef, Vec<_>> = BTreeMap::new();
     for (key, slice) in state.endpoint_slices() {
+        // The controller marks slices of headless services; nothing to proxy.
+        if slice
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|labels| labels.contains_key(HEADLESS_LABEL))
+        {
+            continue;
+        }
         let Some(service_name) = slice
             .metadata
             .labels
@@ -96,6 +107,21 @@ struct ParsedEndpoint {
     conditions: Conditions,
     node_local: bool,
     pod: Option<String>,
+    hints: Hints,
+}
+
+/// Topology hints of an endpoint (`hints.forZones`, `hints.forNodes`).
+#[derive(Clone, Debug, Default)]
+struct Hints {
+    zones: Vec<String>,
+    nodes: Vec<String>,
+}
+
+/// Where this node is, for topology-aware routing.
+pub(super) struct Topology<'a> {
+    pub node: &'a str,
+    /// The Node's `topology.kubernetes.io/zone` label.
+    pub zone: Option<&'a str>,
 }
 
 /// Endpoint conditions with the API's defaults for unset values applied.
@@ -202,11 +228,30 @@ fn parse_slice(
             .as_ref()
             .filter(|target| target.kind.as_deref() == Some("Pod"))
             .and_then(|target| target.name.clone());
+        let hints = endpoint
+            .hints
+            .as_ref()
+            .map(|h| Hints {
+                zones: h
+                    .for_zones
+                    .iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+                nodes: h
+                    .for_nodes
+                    .iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
+            })
+            .unwrap_or_default();
         endpoints.push(ParsedEndpoint {
             addr,
             conditions: Conditions::of(endpoint),
             node_local,
             pod,
+            hints,
         });
     }
     Some(ParsedSlice { ports, endpoints })
@@ -251,6 +296,7 @@ fn endpoint_address(
 pub(super) struct Candidate {
     backend: Backend,
     conditions: Conditions,
+    hints: Hints,
 }
 
 /// The endpoints of `slices` that serve `port`. Each slice resolves the port
@@ -278,37 +324,100 @@ pub(super) fn candidates_for_port(slices: &[ParsedSlice], port: &ParsedPort) -> 
                     pod: endpoint.pod.clone(),
                 },
                 conditions: endpoint.conditions,
+                hints: endpoint.hints.clone(),
             });
         }
     }
     candidates
 }
 
+/// Which hints decide, kube-proxy's rule: node hints when every ready
+/// endpoint has some and one names this node; else zone hints when every
+/// ready endpoint has some and one names this node's zone; else none (all
+/// endpoints). Hints are what the EndpointSlice controller derives from
+/// `trafficDistribution` and the topology-mode annotation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TopologyMode {
+    Node,
+    Zone,
+    All,
+}
+
+fn topology_mode(candidates: &[&Candidate], topology: &Topology<'_>) -> TopologyMode {
+    let ready: Vec<&&Candidate> = candidates.iter().filter(|c| c.conditions.ready).collect();
+    if ready.is_empty() {
+        return TopologyMode::All;
+    }
+    if ready.iter().all(|c| !c.hints.nodes.is_empty())
+        && ready
+            .iter()
+            .any(|c| c.hints.nodes.iter().any(|n| n == topology.node))
+    {
+        return TopologyMode::Node;
+    }
+    if let Some(zone) = topology.zone
+        && ready.iter().all(|c| !c.hints.zones.is_empty())
+        && ready
+            .iter()
+            .any(|c| c.hints.zones.iter().any(|z| z == zone))
+    {
+        return TopologyMode::Zone;
+    }
+    TopologyMode::All
+}
+
+fn available(candidate: &Candidate, mode: TopologyMode, topology: &Topology<'_>) -> bool {
+    match mode {
+        TopologyMode::All => true,
+        TopologyMode::Node => candidate.hints.nodes.iter().any(|n| n == topology.node),
+        TopologyMode::Zone => candidate
+            .hints
+            .zones
+            .iter()
+            .any(|z| Some(z.as_str()) == topology.zone),
+    }
+}
+
 /// The backends a frontend at `frontend_addr` sends to: candidates of its
-/// address family (only this node's with `local_only`) that are ready; when
-/// there is none, those serving while terminating (so connections drain
-/// instead of being refused during a rollout) — decided separately for the
-/// node-local and the cluster-wide set, as kube-proxy does. Sorted and
-/// deduplicated by (addr, port) so equal input gives equal output whatever
-/// the slice layout.
+/// address family (only this node's with `local_only`; else filtered by
+/// topology hints) that are ready; when there is none, those serving while
+/// terminating (so connections drain instead of being refused during a
+/// rollout) — decided separately for the node-local and the cluster-wide
+/// set, as kube-proxy does. Sorted and deduplicated by (addr, port) so
+/// equal input gives equal output whatever the slice layout.
 pub(super) fn select_backends(
     candidates: &[Candidate],
     frontend_addr: IpAddr,
     local_only: bool,
+    topology: &Topology<'_>,
 ) -> Vec<Backend> {
     let family = Family::of(frontend_addr);
-    let eligible = || {
-        candidates.iter().filter(move |candidate| {
+    let eligible: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|candidate| {
             Family::of(candidate.backend.addr) == family
                 && (!local_only || candidate.backend.node_local)
         })
+        .collect();
+    // Policy Local already is the tightest topology; hints apply to the
+    // cluster-wide set only.
+    let mode = if local_only {
+        TopologyMode::All
+    } else {
+        topology_mode(&eligible, topology)
     };
-    let mut backends: Vec<Backend> = eligible()
+    let in_scope = || {
+        eligible
+            .iter()
+            .copied()
+            .filter(move |candidate| available(candidate, mode, topology))
+    };
+    let mut backends: Vec<Backend> = in_scope()
         .filter(|candidate| candidate.conditions.ready)
         .map(|candidate| candidate.backend.clone())
         .collect();
     if backends.is_empty() {
-        backends = eligible()
+        backends = in_scope()
             .filter(|candidate| candidate.conditions.serving && candidate.conditions.terminating)
             .map(|candidate| Backend {
                 terminating: true,

@@ -25,6 +25,9 @@ use std::ops::RangeInclusive;
 
 pub use crate::source::ClusterState;
 
+/// The Node label that names its zone.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// Who "this node" is: decides node-local backends and which services are
 /// ours to proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -274,6 +277,15 @@ pub fn desired_tables(
 ) -> (DesiredTables, Vec<ModelError>) {
     let mut errors = Vec::new();
     let slices = endpoints::index_slices(state, &mut errors);
+    let zone = state
+        .node(&node.name)
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|labels| labels.get(ZONE_LABEL))
+        .map(String::as_str);
+    let topology = endpoints::Topology {
+        node: &node.name,
+        zone,
+    };
     let mut tables = DesiredTables::default();
     // Who took each frontend first, to name it when a later service collides.
     let mut owners: BTreeMap<Frontend, ServiceRef> = BTreeMap::new();
@@ -299,7 +311,15 @@ pub fn desired_tables(
                     continue;
                 }
                 owners.insert(frontend.clone(), service.service.clone());
-                let all = endpoints::select_backends(&candidates, frontend.addr, false);
+                // internalTrafficPolicy Local narrows the ClusterIP to this
+                // node's endpoints (dropped, counted, when there is none).
+                let internal_local = kind == FrontendKind::ClusterIp && service.internal_local;
+                let all = endpoints::select_backends(
+                    &candidates,
+                    frontend.addr,
+                    internal_local,
+                    &topology,
+                );
                 let source_ranges = match kind {
                     FrontendKind::LoadBalancer => service.source_ranges.clone(),
                     _ => Vec::new(),
@@ -317,7 +337,8 @@ pub fn desired_tables(
                     // kube-proxy's rule: outside clients get this node's
                     // endpoints only (client address kept); pods and the
                     // node itself still reach every endpoint.
-                    let local = endpoints::select_backends(&candidates, frontend.addr, true);
+                    let local =
+                        endpoints::select_backends(&candidates, frontend.addr, true, &topology);
                     let internal = Frontend {
                         scope: Scope::Internal,
                         ..frontend.clone()
@@ -325,7 +346,7 @@ pub fn desired_tables(
                     tables.frontends.insert(internal, spec(all, false));
                     tables.frontends.insert(frontend, spec(local, true));
                 } else {
-                    tables.frontends.insert(frontend, spec(all, false));
+                    tables.frontends.insert(frontend, spec(all, internal_local));
                 }
             }
         }

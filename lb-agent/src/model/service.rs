@@ -33,6 +33,8 @@ pub(super) struct ParsedService {
     pub external_ips: Vec<IpAddr>,
     /// `externalTrafficPolicy: Local`.
     pub external_local: bool,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
     /// `spec.healthCheckNodePort` of a Local LoadBalancer service.
     pub health_check_node_port: Option<u16>,
     /// Valid `spec.loadBalancerSourceRanges`.
@@ -146,6 +148,30 @@ pub(super) fn parse_service(
             false
         }
     };
+    let internal_local = match spec.internal_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            errors.push(ModelError::new(
+                &object,
+                "spec.internalTrafficPolicy",
+                format!("{other:?} is not Cluster or Local; using Cluster"),
+            ));
+            false
+        }
+    };
+    match spec.traffic_distribution.as_deref() {
+        // Carried out through the EndpointSlice hints the controller
+        // derives from it (see endpoints::select_backends).
+        None | Some("PreferClose" | "PreferSameZone" | "PreferSameNode") => {}
+        Some(other) => errors.push(ModelError::new(
+            &object,
+            "spec.trafficDistribution",
+            format!(
+                "{other:?} is not PreferClose, PreferSameZone or PreferSameNode; hints are used as the slices give them"
+            ),
+        )),
+    }
     let health_check_node_port = match spec.health_check_node_port {
         Some(port) if is_load_balancer && external_local => match port_number(port) {
             Some(port) => Some(port),
@@ -183,6 +209,7 @@ pub(super) fn parse_service(
         load_balancer_ips,
         external_ips,
         external_local,
+        internal_local,
         health_check_node_port,
         source_ranges,
     })

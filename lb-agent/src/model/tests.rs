@@ -807,3 +807,122 @@ status:
     assert!(!frontends_of(&tables, "default", "bad-policy").is_empty());
     assert_web_programmed(&tables);
 }
+
+#[test]
+fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node() {
+    let yaml = north_south(
+        "itp",
+        r#"  clusterIP: 10.96.0.60
+  internalTrafficPolicy: Local
+  ports:
+  - {name: http, port: 80, protocol: TCP}"#,
+    );
+    let (tables, errors) = desired_tables(&state(&yaml), &node());
+    assert_eq!(errors, []);
+    let cluster_ip = spec(&tables, "10.96.0.60", 80, Protocol::Tcp);
+    assert_eq!(
+        endpoints_of(cluster_ip),
+        ["10.0.1.1:8080"],
+        "only node-a's endpoint"
+    );
+    assert!(
+        cluster_ip.local_only,
+        "an empty local set must drop, not fall back"
+    );
+    let node_c = NodeIdentity {
+        name: "node-c".into(),
+        ..node()
+    };
+    let (tables, _) = desired_tables(&state(&yaml), &node_c);
+    assert!(
+        spec(&tables, "10.96.0.60", 80, Protocol::Tcp)
+            .backends
+            .is_empty()
+    );
+}
+
+/// A slice of three endpoints with the given hints, one per zone.
+fn hinted(zones: [&str; 3], nodes: [&str; 3]) -> String {
+    let mut body = String::from(
+        "addressType: IPv4\nports:\n- {name: http, port: 8080, protocol: TCP}\nendpoints:\n",
+    );
+    for (i, (zone, node)) in zones.iter().zip(nodes).enumerate() {
+        body.push_str(&format!(
+            "- addresses: [10.0.2.{}]\n  conditions: {{ready: true}}\n  nodeName: node-{i}\n",
+            i + 1
+        ));
+        let mut hints = Vec::new();
+        if !zone.is_empty() {
+            hints.push(format!("forZones: [{{name: {zone}}}]"));
+        }
+        if !node.is_empty() {
+            hints.push(format!("forNodes: [{{name: {node}}}]"));
+        }
+        if !hints.is_empty() {
+            body.push_str(&format!("  hints: {{{}}}\n", hints.join(", ")));
+        }
+    }
+    format!(
+        "{}{}---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {{topology.kubernetes.io/zone: zone-a}}\n",
+        service(
+            "topo",
+            "  clusterIP: 10.96.0.70\n  trafficDistribution: PreferClose\n  ports:\n  - {name: http, port: 80}"
+        ),
+        slice("topo-1", "topo", &body)
+    )
+}
+
+#[test]
+fn topology_hints_follow_kube_proxy_rules() {
+    let endpoints = |yaml: String| {
+        let (tables, errors) = tables(&yaml);
+        assert_eq!(errors, []);
+        endpoints_of(spec(&tables, "10.96.0.70", 80, Protocol::Tcp))
+    };
+    // Every endpoint has a zone hint and one names node-a's zone: only it.
+    assert_eq!(
+        endpoints(hinted(["zone-a", "zone-b", "zone-c"], ["", "", ""])),
+        ["10.0.2.1:8080"]
+    );
+    // Node hints for this node win over zones.
+    assert_eq!(
+        endpoints(hinted(
+            ["zone-a", "zone-a", "zone-b"],
+            ["node-x", "node-a", "node-y"]
+        )),
+        ["10.0.2.2:8080"]
+    );
+    // One endpoint without a hint: hints are ignored, every endpoint used.
+    assert_eq!(
+        endpoints(hinted(["zone-a", "zone-b", ""], ["", "", ""])).len(),
+        3
+    );
+    // No endpoint hinted for this zone: every endpoint used.
+    assert_eq!(
+        endpoints(hinted(["zone-b", "zone-b", "zone-c"], ["", "", ""])).len(),
+        3
+    );
+}
+
+#[test]
+fn headless_slices_and_unknown_policies() {
+    let yaml = format!(
+        "{WEB}{}{}",
+        service(
+            "odd",
+            "  clusterIP: 10.96.0.80\n  internalTrafficPolicy: Nearby\n  trafficDistribution: Anywhere\n  ports:\n  - {name: http, port: 80}"
+        ),
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  namespace: default\n  name: odd-headless\n  labels: {kubernetes.io/service-name: odd, service.kubernetes.io/headless: \"\"}\naddressType: IPv4\nports:\n- {name: http, port: 8080}\nendpoints:\n- addresses: [10.0.3.1]\n"
+    );
+    let (tables, errors) = tables(&yaml);
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert!(fields.contains(&"spec.internalTrafficPolicy"), "{errors:?}");
+    assert!(fields.contains(&"spec.trafficDistribution"), "{errors:?}");
+    assert!(
+        spec(&tables, "10.96.0.80", 80, Protocol::Tcp)
+            .backends
+            .is_empty(),
+        "a slice labelled headless must not be used"
+    );
+    assert_web_programmed(&tables);
+}

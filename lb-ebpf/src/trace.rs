@@ -1,0 +1,153 @@
+//! Flow tracing and program logging, both off unless asked for: what a
+//! packet matched is collected in an [`Observation`] on the stack while it
+//! is processed, and only a new flow or a drop looks at the config flags
+//! (one array lookup); established traffic never does.
+//!
+//! - `FLAG_TRACE` (set by `lbctl trace` while it runs): one
+//!   [`TraceEvent`] per new flow and per drop into the `LB_TRACE_V1` ring
+//!   buffer. A full ring loses the event, never the packet.
+//! - `FLAG_LOG` (agent `--bpf-log`): the same as an aya-log debug line.
+
+use aya_ebpf::EbpfContext;
+use lb_common::{
+    config::{FLAG_LOG, FLAG_TRACE},
+    service::{FLAG_LOCAL_ONLY, Lb4Service},
+    stats::Reason,
+    trace::{
+        EVENT_DROP, EVENT_NEW_FLOW, HOOK_NETWORK, HOOK_POD, SELECT_AFFINITY, SELECT_LOCAL,
+        SELECT_NONE, SELECT_RANDOM,
+    },
+};
+
+use crate::{Hook, LB_CONFIG_V1, LB_TRACE_V1};
+
+/// What processing learned about a packet, for per-service counters and
+/// tracing. Zero ids mean "not known" (ids start at 1).
+#[derive(Clone, Copy, Default)]
+pub struct Observation {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    /// `SELECT_*` of a new flow's backend.
+    pub selection: u8,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub backend_addr: [u8; 4],
+    pub backend_port: u16,
+}
+
+impl Observation {
+    /// Records the service a packet matched and how its backends are chosen.
+    #[inline(always)]
+    pub fn service(&mut self, service: &Lb4Service) {
+        self.service_id = service.service_id;
+        self.selection = if service.flags & FLAG_LOCAL_ONLY != 0 {
+            SELECT_LOCAL
+        } else {
+            SELECT_RANDOM
+        };
+    }
+
+    /// Records the backend a flow was given (or is tracked to).
+    #[inline(always)]
+    pub fn backend(&mut self, backend_id: u32, addr: [u8; 4], port: u16) {
+        self.backend_id = backend_id;
+        self.backend_addr = addr;
+        self.backend_port = port;
+    }
+}
+
+/// Emits the trace event and log line of a new flow or a drop, if enabled.
+#[inline(always)]
+pub fn record<C: EbpfContext>(ctx: &C, obs: &Observation, reason: Reason, hook: Hook) {
+    let new_flow = matches!(reason, Reason::NewFlow | Reason::NewFlowAffinity);
+    if !new_flow && !reason.is_drop() {
+        return;
+    }
+    let flags = match LB_CONFIG_V1.get(0) {
+        Some(config) => config.flags,
+        None => return,
+    };
+    if flags & (FLAG_TRACE | FLAG_LOG) == 0 {
+        return;
+    }
+    let selection = match reason {
+        Reason::NewFlowAffinity => SELECT_AFFINITY,
+        _ if new_flow => obs.selection,
+        _ => SELECT_NONE,
+    };
+    if flags & FLAG_TRACE != 0 {
+        emit_event(obs, reason, hook, new_flow, selection);
+    }
+    if flags & FLAG_LOG != 0 {
+        log_event(ctx, obs, reason, new_flow);
+    }
+}
+
+/// Writes the event straight into the ring (no copy on the stack, whose
+/// 512 bytes the dispatch mostly needs). A full ring loses the event; the
+/// packet goes on regardless.
+#[inline(never)]
+fn emit_event(obs: &Observation, reason: Reason, hook: Hook, new_flow: bool, selection: u8) {
+    let Some(mut entry) = LB_TRACE_V1.reserve(0) else {
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at a reserved, exclusively owned TraceEvent;
+    // every field is written before submit.
+    unsafe {
+        (*event).timestamp_ns = aya_ebpf::helpers::bpf_ktime_get_ns();
+        (*event).src_addr = obs.src_addr;
+        (*event).dst_addr = obs.dst_addr;
+        (*event).src_port = obs.src_port;
+        (*event).dst_port = obs.dst_port;
+        (*event).proto = obs.proto;
+        (*event).kind = if new_flow { EVENT_NEW_FLOW } else { EVENT_DROP };
+        (*event).selection = selection;
+        (*event).hook = match hook {
+            Hook::FromPod => HOOK_POD,
+            Hook::FromNetwork => HOOK_NETWORK,
+        };
+        (*event).reason = reason as u32;
+        (*event).service_id = obs.service_id;
+        (*event).backend_id = obs.backend_id;
+        (*event).backend_addr = obs.backend_addr;
+        (*event).backend_port = obs.backend_port;
+        (*event)._pad = [0; 6];
+    }
+    entry.submit(0);
+}
+
+/// Out of line: the log macros' buffers must not add to the dispatch's stack.
+#[inline(never)]
+fn log_event<C: EbpfContext>(ctx: &C, obs: &Observation, reason: Reason, new_flow: bool) {
+    if new_flow {
+        aya_log_ebpf::debug!(
+            ctx,
+            "new flow {:i}:{} -> {:i}:{} proto {} service {} -> backend {} {:i}:{}",
+            obs.src_addr,
+            obs.src_port,
+            obs.dst_addr,
+            obs.dst_port,
+            obs.proto,
+            obs.service_id,
+            obs.backend_id,
+            obs.backend_addr,
+            obs.backend_port
+        );
+    } else {
+        aya_log_ebpf::debug!(
+            ctx,
+            "drop {:i}:{} -> {:i}:{} proto {} service {} reason {}",
+            obs.src_addr,
+            obs.src_port,
+            obs.dst_addr,
+            obs.dst_port,
+            obs.proto,
+            obs.service_id,
+            reason as u32
+        );
+    }
+}

@@ -1,0 +1,662 @@
+//! `lb-bench`: the parts of `cargo xtask bench` that need the agent's
+//! library (xtask itself must build before the BPF toolchain exists).
+//!
+//! - `packet`: per-packet cost of the real programs through
+//!   BPF_PROG_TEST_RUN, next to a trivial XDP/TC program (the floor), at
+//!   several service counts;
+//! - `program`: time to install N services x 10 endpoints through the real
+//!   `Programmer` into real maps, one endpoint change, and the delay from a
+//!   change being written to the first packet that picks the new backend.
+//!
+//! Results are printed one per line as `RESULT metric=.. variant=.. size=..
+//! rep=.. value=..`; xtask parses them. Each case's verdict and output are
+//! checked once (and the per-reason counters after every repeated run), so
+//! a figure always belongs to the path it is named after. Nothing here
+//! asserts a timing.
+//!
+//! Usage: `lb-bench packet|program key=value...` (see [`Options`]).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::programs::{TestRun, TestRunOptions};
+use lb_agent::{
+    datapath::{Datapath, KernelTables, MapSizes, Programmer, TC_POD_PROGRAM},
+    model::{Backend, DesiredTables, Frontend, FrontendKind, FrontendSpec, Protocol, ServiceRef},
+};
+use lb_common::{config::LbConfig, stats::Reason};
+use lb_tests::packet::{ACK, Packet, SYN, arp_request};
+use xtask::BpffsDir;
+
+/// Name prefix of the bench's bpffs directories (removed by `cargo xtask clean`).
+const PREFIX: &str = "lbd";
+const ENDPOINTS_PER_SERVICE: u32 = 10;
+const SERVICE_PORT: u16 = 80;
+const TARGET_PORT: u16 = 8080;
+/// The node address SNAT uses on the XDP path.
+const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
+const POD_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const EXTERNAL_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 100);
+/// A service whose only backend is its own address and port (marked local,
+/// so no SNAT): the established-flow packet is rewritten to itself, so the
+/// kernel's repeats (which do not reset the packet) all take the same
+/// conntrack-hit path, rewrite included.
+const MIRROR_VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 255, 1);
+/// No service listens here.
+const NOT_A_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 111, 255, 2);
+
+/// Service `i` (0-based) of a generated set: 10.96.0.0/12 from .0.1 on.
+fn service_vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i)
+}
+
+/// Endpoint `j` of service `i`: 10.128.0.0/9, never routed (only the
+/// datapath's choice is looked at).
+fn endpoint_addr(i: u32, j: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * ENDPOINTS_PER_SERVICE + j)
+}
+
+fn backend(addr: Ipv4Addr, port: u16, local: bool) -> Backend {
+    Backend {
+        addr: IpAddr::V4(addr),
+        port,
+        node_local: local,
+        terminating: false,
+        pod: None,
+    }
+}
+
+fn frontend_spec(name: &str, backends: Vec<Backend>) -> FrontendSpec {
+    FrontendSpec {
+        service: ServiceRef {
+            namespace: "bench".into(),
+            name: name.into(),
+        },
+        port_name: "http".into(),
+        kind: FrontendKind::ClusterIp,
+        backends,
+        affinity_timeout: None,
+        local_only: false,
+        source_ranges: Vec::new(),
+    }
+}
+
+/// `services` ClusterIP services with 10 endpoints each, plus the mirror service.
+fn desired(services: u32) -> DesiredTables {
+    let mut tables = DesiredTables::default();
+    for i in 0..services {
+        let backends = (0..ENDPOINTS_PER_SERVICE)
+            .map(|j| backend(endpoint_addr(i, j), TARGET_PORT, false))
+            .collect();
+        tables.frontends.insert(
+            Frontend::new(IpAddr::V4(service_vip(i)), SERVICE_PORT, Protocol::Tcp),
+            frontend_spec(&format!("svc-{i}"), backends),
+        );
+    }
+    tables.frontends.insert(
+        Frontend::new(IpAddr::V4(MIRROR_VIP), SERVICE_PORT, Protocol::Tcp),
+        frontend_spec("mirror", vec![backend(MIRROR_VIP, SERVICE_PORT, true)]),
+    );
+    tables
+}
+
+fn sizes_for(services: u32) -> MapSizes {
+    let backends = services * ENDPOINTS_PER_SERVICE + 1024;
+    MapSizes {
+        services: services + 1024,
+        // Room for a second revision of every set during updates.
+        slots: 2 * backends,
+        backends,
+        conntrack: 1 << 20,
+    }
+}
+
+/// Loaded programs with their maps, pinned in a directory of their own.
+struct Loaded {
+    datapath: Datapath,
+    tables: KernelTables,
+    programmer: Programmer,
+    _pins: BpffsDir,
+}
+
+impl Loaded {
+    fn new(services: u32) -> Result<Loaded> {
+        let pins = BpffsDir::with_prefix(PREFIX)?;
+        let mut datapath = Datapath::load(pins.path(), sizes_for(services))?;
+        let mut tables = datapath.take_tables()?;
+        tables.set_config(&LbConfig {
+            node_addr4: NODE_ADDR.octets(),
+            flags: 0,
+        })?;
+        Ok(Loaded {
+            datapath,
+            tables,
+            programmer: Programmer::default(),
+            _pins: pins,
+        })
+    }
+
+    /// Programs `desired`; returns the time `Programmer::apply` took.
+    fn apply(&mut self, desired: &DesiredTables) -> Result<Duration> {
+        let started = Instant::now();
+        let report = self.programmer.apply(desired, &mut self.tables);
+        let took = started.elapsed();
+        ensure!(
+            report.errors.is_empty(),
+            "programming failed: {:?}",
+            &report.errors[..report.errors.len().min(3)]
+        );
+        Ok(took)
+    }
+
+    fn count(&self, reason: Reason) -> Result<u64> {
+        Ok(self.tables.stats.get(reason)?.packets)
+    }
+
+    /// One BPF_PROG_TEST_RUN: (verdict, output, kernel's ns per repeat).
+    fn run(&mut self, hook: Hook, frame: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, u64)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        };
+        let result = match hook {
+            Hook::Xdp => self.datapath.xdp_program()?.test_run(opts),
+            Hook::Tc => self.datapath.tc_program(TC_POD_PROGRAM)?.test_run(opts),
+        }
+        .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out, result.duration.as_nanos() as u64))
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    /// `lb_xdp_node`: traffic from the network (external client).
+    Xdp,
+    /// `lb_tc_pod`: traffic from a pod.
+    Tc,
+}
+
+impl Hook {
+    fn name(self) -> &'static str {
+        match self {
+            Hook::Xdp => "xdp",
+            Hook::Tc => "tc",
+        }
+    }
+    fn pass(self) -> u32 {
+        match self {
+            Hook::Xdp => 2, // XDP_PASS
+            Hook::Tc => 0,  // TC_ACT_OK
+        }
+    }
+    fn client(self) -> Ipv4Addr {
+        match self {
+            Hook::Xdp => EXTERNAL_CLIENT,
+            Hook::Tc => POD_CLIENT,
+        }
+    }
+}
+
+/// Trivial programs loaded straight through bpf(2): `r0 = verdict; exit`.
+/// They are the floor: what BPF_PROG_TEST_RUN itself costs per packet.
+mod floor {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use anyhow::{Result, bail};
+
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    pub const PROG_TYPE_SCHED_CLS: u32 = 3;
+    pub const PROG_TYPE_XDP: u32 = 6;
+
+    /// `union bpf_attr`, large enough for both commands.
+    #[repr(C, align(8))]
+    struct Attr([u8; 128]);
+
+    impl Attr {
+        fn put_u32(&mut self, offset: usize, value: u32) {
+            self.0[offset..offset + 4].copy_from_slice(&value.to_ne_bytes());
+        }
+        fn put_u64(&mut self, offset: usize, value: u64) {
+            self.0[offset..offset + 8].copy_from_slice(&value.to_ne_bytes());
+        }
+        fn u32_at(&self, offset: usize) -> u32 {
+            u32::from_ne_bytes(self.0[offset..offset + 4].try_into().expect("4 bytes"))
+        }
+    }
+
+    fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<i64> {
+        // SAFETY: bpf(2) reads and writes at most `size_of::<Attr>()` bytes
+        // of `attr`, which lives for the whole call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr as *mut Attr,
+                std::mem::size_of::<Attr>() as u32,
+            )
+        };
+        if ret < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    }
+
+    pub struct Program(OwnedFd);
+
+    impl Program {
+        /// `mov64 r0, verdict; exit` as a program of `prog_type`.
+        pub fn load(prog_type: u32, verdict: i32) -> Result<Program> {
+            let mut insns = [0u8; 16];
+            insns[0] = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K, dst r0
+            insns[4..8].copy_from_slice(&verdict.to_ne_bytes());
+            insns[8] = 0x95; // BPF_JMP | BPF_EXIT
+            let license = b"GPL\0";
+            let mut attr = Attr([0; 128]);
+            attr.put_u32(0, prog_type);
+            attr.put_u32(4, 2); // insn_cnt
+            attr.put_u64(8, insns.as_ptr() as u64);
+            attr.put_u64(16, license.as_ptr() as u64);
+            let fd = match bpf(BPF_PROG_LOAD, &mut attr) {
+                Ok(fd) => fd,
+                Err(e) => bail!("loading the trivial program (type {prog_type}): {e}"),
+            };
+            // SAFETY: the kernel just returned this fd to us.
+            Ok(Program(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+        }
+
+        /// BPF_PROG_TEST_RUN: (verdict, ns per repeat).
+        pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<(u32, u64)> {
+            let mut out = vec![0u8; frame.len() + 256];
+            let mut attr = Attr([0; 128]);
+            attr.put_u32(0, self.0.as_raw_fd() as u32);
+            attr.put_u32(8, frame.len() as u32);
+            attr.put_u32(12, out.len() as u32);
+            attr.put_u64(16, frame.as_ptr() as u64);
+            attr.put_u64(24, out.as_mut_ptr() as u64);
+            attr.put_u32(32, repeat);
+            if let Err(e) = bpf(BPF_PROG_TEST_RUN, &mut attr) {
+                bail!("BPF_PROG_TEST_RUN of the trivial program: {e}");
+            }
+            Ok((attr.u32_at(4), u64::from(attr.u32_at(36))))
+        }
+    }
+}
+
+/// `key=value` arguments with defaults.
+struct Options(BTreeMap<String, String>);
+
+impl Options {
+    fn parse(args: &[String]) -> Result<Options> {
+        let mut map = BTreeMap::new();
+        for arg in args {
+            let Some((key, value)) = arg.split_once('=') else {
+                bail!("argument {arg:?} is not key=value");
+            };
+            map.insert(key.to_owned(), value.to_owned());
+        }
+        Ok(Options(map))
+    }
+    fn u32(&self, key: &str, default: u32) -> Result<u32> {
+        match self.0.get(key) {
+            Some(v) => v.parse().with_context(|| format!("{key}={v}")),
+            None => Ok(default),
+        }
+    }
+    fn list(&self, key: &str, default: &[u32]) -> Result<Vec<u32>> {
+        match self.0.get(key) {
+            Some(v) => v
+                .split(',')
+                .map(|s| s.parse().with_context(|| format!("{key}={v}")))
+                .collect(),
+            None => Ok(default.to_vec()),
+        }
+    }
+}
+
+fn result(metric: &str, variant: &str, size: u32, rep: u32, value: f64) {
+    println!("RESULT metric={metric} variant={variant} size={size} rep={rep} value={value:.3}");
+}
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let outcome = match args.split_first() {
+        Some((mode, rest)) if mode == "packet" => Options::parse(rest).and_then(|o| packet(&o)),
+        Some((mode, rest)) if mode == "program" => Options::parse(rest).and_then(|o| program(&o)),
+        _ => Err(anyhow::anyhow!(
+            "usage: lb-bench packet|program key=value... (run by `cargo xtask bench`)"
+        )),
+    };
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The established-flow packet: client -> mirror service, ACK with data.
+fn established_packet(hook: Hook, flags: u8) -> Packet {
+    Packet::tcp(
+        (hook.client(), 40_000),
+        (MIRROR_VIP, SERVICE_PORT),
+        flags,
+        b"GET / HTTP/1.1\r\n\r\n",
+    )
+}
+
+/// Runs `frame` `repeat` times and checks the verdict, that the output
+/// equals `expected_out` (when given) and that `reason` counted every repeat.
+fn measure_repeated(
+    loaded: &mut Loaded,
+    hook: Hook,
+    frame: &[u8],
+    expected_out: Option<&[u8]>,
+    reason: Reason,
+    repeat: u32,
+) -> Result<u64> {
+    let before = loaded.count(reason)?;
+    let (verdict, out, ns) = loaded.run(hook, frame, repeat)?;
+    let counted = loaded.count(reason)? - before;
+    ensure!(
+        verdict == hook.pass(),
+        "{}: verdict {verdict}, expected pass",
+        hook.name()
+    );
+    ensure!(
+        counted == u64::from(repeat),
+        "{}: {counted} of {repeat} repeats counted as {reason:?}: another path was taken",
+        hook.name()
+    );
+    if let Some(expected) = expected_out {
+        ensure!(
+            out == expected,
+            "{}: output after {repeat} repeats differs from a single run's",
+            hook.name()
+        );
+    }
+    Ok(ns)
+}
+
+/// Average kernel-measured cost of `runs` single runs of new flows (distinct
+/// source ports and addresses) to the last generated service; each must be
+/// counted as a new flow and rewritten to one of its endpoints.
+fn measure_new_flows(
+    loaded: &mut Loaded,
+    hook: Hook,
+    services: u32,
+    runs: u32,
+    round: u32,
+) -> Result<f64> {
+    let target = service_vip(services - 1);
+    let endpoints: Vec<Ipv4Addr> = (0..ENDPOINTS_PER_SERVICE)
+        .map(|j| endpoint_addr(services - 1, j))
+        .collect();
+    let before = loaded.count(Reason::NewFlow)?;
+    let mut total_ns = 0u64;
+    for k in 0..runs {
+        // A source no earlier run of any round used: 10.244.(100+round).x
+        // or 198.51.(100+round).x-ish with 50000 ports each.
+        let index = k + round * runs;
+        let [a, b, _, _] = hook.client().octets();
+        let src = Ipv4Addr::new(a, b, 100 + (index / 50_000) as u8, 3);
+        let port = 10_000 + (index % 50_000) as u16;
+        let frame = Packet::tcp((src, port), (target, SERVICE_PORT), SYN, b"").emit();
+        let (verdict, out, ns) = loaded.run(hook, &frame, 1)?;
+        ensure!(
+            verdict == hook.pass(),
+            "{}: new flow not passed",
+            hook.name()
+        );
+        if k == 0 {
+            let parsed = Packet::parse(&out).map_err(|e| anyhow::anyhow!(e))?;
+            ensure!(
+                endpoints.contains(&parsed.dst),
+                "{}: new flow to {target} went to {}, not an endpoint",
+                hook.name(),
+                parsed.dst
+            );
+        }
+        total_ns += ns;
+    }
+    let counted = loaded.count(Reason::NewFlow)? - before;
+    ensure!(
+        counted == u64::from(runs),
+        "{}: {counted} of {runs} new-flow runs counted as new flows",
+        hook.name()
+    );
+    Ok(total_ns as f64 / f64::from(runs))
+}
+
+/// Per-packet cost. Options: sizes (service counts), reps, repeat (per
+/// repeated run), new_flows (single runs per new-flow figure).
+fn packet(options: &Options) -> Result<()> {
+    let sizes = options.list("sizes", &[100, 1000, 10_000, 100_000])?;
+    let reps = options.u32("reps", 5)?;
+    let repeat = options.u32("repeat", 1_000_000)?;
+    let new_flows = options.u32("new_flows", 20_000)?;
+
+    let xdp_floor = floor::Program::load(floor::PROG_TYPE_XDP, 2)?;
+    let tc_floor = floor::Program::load(floor::PROG_TYPE_SCHED_CLS, 0)?;
+    let mut loaded = Vec::new();
+    for &size in &sizes {
+        let mut one = Loaded::new(size)?;
+        one.apply(&desired(size))?;
+        // Establish the mirror flow once per hook (a new flow), then check
+        // that a single established run rewrites the packet to itself.
+        for hook in [Hook::Xdp, Hook::Tc] {
+            let syn = established_packet(hook, SYN).emit();
+            let (verdict, _, _) = one.run(hook, &syn, 1)?;
+            ensure!(
+                verdict == hook.pass(),
+                "{}: mirror SYN dropped",
+                hook.name()
+            );
+            let ack = established_packet(hook, ACK).emit();
+            let (_, out, _) = one.run(hook, &ack, 1)?;
+            ensure!(
+                out == ack,
+                "{}: the mirror service does not rewrite the packet to itself",
+                hook.name()
+            );
+        }
+        eprintln!("lb-bench: {size} services programmed");
+        loaded.push((size, one));
+    }
+
+    let tcp_frame = established_packet(Hook::Tc, ACK).emit();
+    for rep in 0..reps {
+        for (size, one) in loaded.iter_mut() {
+            let size = *size;
+            // Floors, measured beside every size so drift shows up.
+            let (verdict, ns) = xdp_floor.test_run(&tcp_frame, repeat)?;
+            ensure!(verdict == 2, "trivial XDP program returned {verdict}");
+            result("pkt_ns", "xdp_pass_floor", size, rep, ns as f64);
+            let (verdict, ns) = tc_floor.test_run(&tcp_frame, repeat)?;
+            ensure!(verdict == 0, "trivial TC program returned {verdict}");
+            result("pkt_ns", "tc_pass_floor", size, rep, ns as f64);
+            let single: u64 = (0..new_flows.min(5000))
+                .map(|_| xdp_floor.test_run(&tcp_frame, 1).map(|(_, ns)| ns))
+                .sum::<Result<u64>>()?;
+            result(
+                "pkt_ns",
+                "xdp_pass_floor_single",
+                size,
+                rep,
+                single as f64 / f64::from(new_flows.min(5000)),
+            );
+            let arp = arp_request();
+            let ns = measure_repeated(
+                one,
+                Hook::Xdp,
+                &arp,
+                Some(&arp),
+                Reason::PassNotIpv4,
+                repeat,
+            )?;
+            result("pkt_ns", "xdp_arp", size, rep, ns as f64);
+
+            for hook in [Hook::Xdp, Hook::Tc] {
+                let ack = established_packet(hook, ACK).emit();
+                let ns = measure_repeated(one, hook, &ack, Some(&ack), Reason::CtForward, repeat)?;
+                result(
+                    "pkt_ns",
+                    &format!("{}_established", hook.name()),
+                    size,
+                    rep,
+                    ns as f64,
+                );
+
+                let other = Packet::tcp(
+                    (hook.client(), 40_001),
+                    (NOT_A_SERVICE, SERVICE_PORT),
+                    ACK,
+                    b"GET / HTTP/1.1\r\n\r\n",
+                )
+                .emit();
+                let ns = measure_repeated(
+                    one,
+                    hook,
+                    &other,
+                    Some(&other),
+                    Reason::PassNotService,
+                    repeat,
+                )?;
+                result(
+                    "pkt_ns",
+                    &format!("{}_not_service", hook.name()),
+                    size,
+                    rep,
+                    ns as f64,
+                );
+
+                let ns = measure_new_flows(one, hook, size, new_flows, rep)?;
+                result(
+                    "pkt_ns",
+                    &format!("{}_new_flow", hook.name()),
+                    size,
+                    rep,
+                    ns,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Replaces endpoint 0 of service `i` in `tables` by `addr`.
+fn change_endpoint(tables: &mut DesiredTables, i: u32, addr: Ipv4Addr) -> Result<()> {
+    let frontend = Frontend::new(IpAddr::V4(service_vip(i)), SERVICE_PORT, Protocol::Tcp);
+    let spec = tables
+        .frontends
+        .get_mut(&frontend)
+        .with_context(|| format!("no frontend {frontend}"))?;
+    spec.backends[0] = backend(addr, TARGET_PORT, false);
+    Ok(())
+}
+
+/// Programming. Options: sizes (install), reps, change_size (services for
+/// the single change and the churn), changes (single changes timed per
+/// rep), churn (changes in the churn run).
+fn program(options: &Options) -> Result<()> {
+    let sizes = options.list("sizes", &[1000, 10_000, 100_000])?;
+    let reps = options.u32("reps", 5)?;
+    let change_size = options.u32("change_size", 10_000)?;
+    let changes = options.u32("changes", 20)?;
+    let churn = options.u32("churn", 1000)?;
+
+    for rep in 0..reps {
+        for &size in &sizes {
+            let mut one = Loaded::new(size)?;
+            let tables = desired(size);
+            let took = one.apply(&tables)?;
+            result("install_ms", "ours", size, rep, took.as_secs_f64() * 1e3);
+        }
+    }
+
+    // One endpoint change, then a sustained churn, on one set of maps.
+    let mut one = Loaded::new(change_size)?;
+    let mut tables = desired(change_size);
+    one.apply(&tables)?;
+    let mut next_addr = u32::from(Ipv4Addr::new(10, 64, 0, 1));
+    for rep in 0..reps {
+        let mut times: Vec<f64> = Vec::new();
+        for k in 0..changes {
+            let i = (k * 7919 + rep * 104_729) % change_size;
+            change_endpoint(&mut tables, i, Ipv4Addr::from(next_addr))?;
+            next_addr += 1;
+            times.push(one.apply(&tables)?.as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        result(
+            "endpoint_change_ms",
+            "ours",
+            change_size,
+            rep,
+            times[times.len() / 2],
+        );
+    }
+
+    // Churn: the last service gets a single endpoint that changes on every
+    // step; the delay runs from the start of the write to the first probe
+    // (a SYN of a new flow through lb_tc_pod) that is sent to the new address.
+    let target = change_size - 1;
+    let vip = service_vip(target);
+    let frontend = Frontend::new(IpAddr::V4(vip), SERVICE_PORT, Protocol::Tcp);
+    let mut probe_id = 0u32;
+    for rep in 0..reps {
+        let mut delays: Vec<f64> = Vec::with_capacity(churn as usize);
+        let mut probes = 0u32;
+        for step in 0..churn {
+            let addr = Ipv4Addr::from(next_addr);
+            next_addr += 1;
+            tables
+                .frontends
+                .get_mut(&frontend)
+                .context("target frontend")?
+                .backends = vec![backend(addr, TARGET_PORT, false)];
+            let started = Instant::now();
+            one.apply(&tables)?;
+            let mut seen = false;
+            for _ in 0..1000u32 {
+                // Every probe is a flow of its own: 10.240.0.0/12 x 60000 ports.
+                probe_id += 1;
+                probes += 1;
+                let port = 1024 + (probe_id % 60_000) as u16;
+                let src =
+                    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 240, 0, 0)) + probe_id / 60_000);
+                let syn = Packet::tcp((src, port), (vip, SERVICE_PORT), SYN, b"").emit();
+                let (_, out, _) = one.run(Hook::Tc, &syn, 1)?;
+                let parsed = Packet::parse(&out).map_err(|e| anyhow::anyhow!(e))?;
+                if parsed.dst == addr {
+                    seen = true;
+                    break;
+                }
+            }
+            ensure!(seen, "churn step {step}: new backend {addr} never chosen");
+            delays.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        delays.sort_by(f64::total_cmp);
+        let pick = |q: f64| delays[((delays.len() as f64 - 1.0) * q).round() as usize];
+        result("churn_us_p50", "ours", change_size, rep, pick(0.5));
+        result("churn_us_p99", "ours", change_size, rep, pick(0.99));
+        result(
+            "churn_probes_per_change",
+            "ours",
+            change_size,
+            rep,
+            f64::from(probes) / f64::from(churn),
+        );
+    }
+    Ok(())
+}

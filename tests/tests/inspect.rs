@@ -1,0 +1,412 @@
+//! Inspection: `lbctl` and `bpftool` over the pinned maps of the demo's
+//! topology (three echo pods and a client behind `default/echo` from
+//! `examples/manifests`), checked against the manifests and against the
+//! traffic the test itself sends.
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader},
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use lb_tests::cluster::{CLIENT_IP, Cluster};
+use serde_json::Value;
+use xtask::TempDir;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const PODS: [(&str, Ipv4Addr); 3] = [
+    ("echo-a", Ipv4Addr::new(10, 244, 1, 11)),
+    ("echo-b", Ipv4Addr::new(10, 244, 1, 12)),
+    ("echo-c", Ipv4Addr::new(10, 244, 1, 13)),
+];
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `$LBCTL_BIN` or the workspace's debug build of `lbctl`.
+fn lbctl_binary() -> PathBuf {
+    std::env::var_os("LBCTL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| xtask::debug_binary("lbctl"))
+}
+
+/// The demo's cluster: the example manifests copied to a temp dir, the
+/// agent on them, the service answering.
+struct Demo {
+    cluster: Cluster,
+    _manifests: TempDir,
+}
+
+impl Demo {
+    fn start(test: &str) -> Demo {
+        let mut cluster = Cluster::new(test, &PODS);
+        let manifests = TempDir::new("lbt", "manifests").expect("manifest dir");
+        let from = xtask::workspace_root().join("examples/manifests");
+        for entry in std::fs::read_dir(&from).expect("examples/manifests") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                std::fs::copy(
+                    &path,
+                    manifests.path().join(path.file_name().expect("name")),
+                )
+                .expect("copy manifest");
+            }
+        }
+        cluster.start_agent(&["--manifests".into(), manifests.path().display().to_string()]);
+        cluster.wait_until_serving(SocketAddrV4::new(VIP, 80));
+        Demo {
+            cluster,
+            _manifests: manifests,
+        }
+    }
+
+    fn lbctl(&self, args: &[&str]) -> String {
+        let out = Command::new(lbctl_binary())
+            .arg("--bpffs")
+            .arg(self.cluster.pins.path())
+            .args(args)
+            .output()
+            .expect("run lbctl");
+        assert!(
+            out.status.success(),
+            "lbctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    fn lbctl_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let text = self.lbctl(&all);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("lbctl {args:?}: {e}:\n{text}"))
+    }
+
+    /// Sends one datagram from `client_port` (explicit, so each is a new
+    /// flow the datapath has never seen) to the DNS port and waits for the
+    /// answer.
+    fn udp_from_port(&self, client_port: u16) -> String {
+        self.cluster
+            .client()
+            .run(move || -> anyhow::Result<String> {
+                let socket =
+                    UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, client_port))?;
+                socket.connect(SocketAddrV4::new(VIP, 53))?;
+                socket.set_read_timeout(Some(TIMEOUT))?;
+                socket.send(b"query")?;
+                let mut buf = [0u8; 2048];
+                let n = socket.recv(&mut buf)?;
+                Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+            })
+            .expect("run in client")
+            .unwrap_or_else(|e| panic!("UDP request from port {client_port}: {e:#}"))
+    }
+}
+
+/// The counters of `default/echo`'s `port_name` frontend; `null` (all zero)
+/// before its first packet, when the datapath has no entry for it yet.
+fn service_stats(stats: &Value, port_name: &str) -> Value {
+    stats["services"]
+        .as_array()
+        .expect("services array")
+        .iter()
+        .find(|s| s["service"] == "default/echo" && s["port_name"] == port_name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn packets(service: &Value, counter: &str) -> u64 {
+    service[counter]["packets"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn lbctl_services_json_matches_the_example_manifests() {
+    let demo = Demo::start("lbctl_services_json_matches_the_example_manifests");
+    let services = demo.lbctl_json(&["services"]);
+    let rows = services.as_array().expect("array");
+    assert_eq!(
+        rows.len(),
+        2,
+        "two frontends (80/TCP, 53/UDP):\n{services:#}"
+    );
+    for (frontend, port_name, target) in [
+        ("10.96.0.10:80/TCP", "http", 8080),
+        ("10.96.0.10:53/UDP", "dns", 5353),
+    ] {
+        let row = rows
+            .iter()
+            .find(|r| r["frontend"] == frontend)
+            .unwrap_or_else(|| panic!("no frontend {frontend}:\n{services:#}"));
+        assert_eq!(row["type"], "ClusterIP", "{row:#}");
+        assert_eq!(row["scope"], "external", "{row:#}");
+        assert_eq!(row["policy"], "Cluster", "{row:#}");
+        assert_eq!(row["service"], "default/echo", "{row:#}");
+        assert_eq!(row["port_name"], port_name, "{row:#}");
+        assert_eq!(row["affinity_timeout"], 0, "sessionAffinity None: {row:#}");
+        let backends: BTreeSet<String> = row["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .map(|b| {
+                assert_eq!(b["state"], "active", "{b:#}");
+                assert_eq!(b["local"], true, "all pods are on node-1: {b:#}");
+                b["address"].as_str().expect("address").to_owned()
+            })
+            .collect();
+        let want: BTreeSet<String> = PODS
+            .iter()
+            .map(|(_, ip)| format!("{ip}:{target}"))
+            .collect();
+        assert_eq!(backends, want, "{frontend}");
+    }
+
+    // The table view says the same, with the name.
+    let table = demo.lbctl(&["services"]);
+    assert!(table.contains("default/echo (http)"), "{table}");
+    let backends = demo.lbctl_json(&["backends"]);
+    assert_eq!(backends.as_array().map(Vec::len), Some(6), "{backends:#}");
+}
+
+#[test]
+fn lbctl_stats_count_exactly_the_flows_sent() {
+    let demo = Demo::start("lbctl_stats_count_exactly_the_flows_sent");
+    let before = demo.lbctl_json(&["stats"]);
+    let dns_before = service_stats(&before, "dns");
+
+    // UDP from fresh source ports: each datagram is exactly one new flow
+    // and its answer exactly one translated reply; nothing else talks to
+    // the DNS frontend in this topology.
+    const DATAGRAMS: u16 = 12;
+    for i in 0..DATAGRAMS {
+        demo.udp_from_port(41000 + i);
+    }
+    const CONNECTIONS: usize = 5;
+    for _ in 0..CONNECTIONS {
+        xtask::http_get(demo.cluster.client(), SocketAddrV4::new(VIP, 80), TIMEOUT)
+            .expect("TCP request");
+    }
+    let after = demo.lbctl_json(&["stats"]);
+    let dns_after = service_stats(&after, "dns");
+    assert!(
+        !dns_after.is_null(),
+        "no stats for default/echo dns:\n{after:#}"
+    );
+    for (counter, want) in [
+        ("new_flow", DATAGRAMS),
+        ("ct_reply", DATAGRAMS),
+        ("ct_forward", 0),
+    ] {
+        assert_eq!(
+            packets(&dns_after, counter) - packets(&dns_before, counter),
+            u64::from(want),
+            "{counter} of default/echo dns after {DATAGRAMS} datagrams from fresh ports:\n\
+             before {dns_before:#}\nafter {dns_after:#}"
+        );
+    }
+    assert_eq!(packets(&dns_after, "dropped"), 0, "{dns_after:#}");
+
+    // TCP: one new flow per connection (a retransmitted SYN would hit the
+    // conntrack entry, not balance again); its other packets are forward
+    // and reply packets.
+    let http_before = service_stats(&before, "http");
+    let http_after = service_stats(&after, "http");
+    let new_flows = packets(&http_after, "new_flow") - packets(&http_before, "new_flow");
+    assert_eq!(
+        new_flows, CONNECTIONS as u64,
+        "new_flow of default/echo http after {CONNECTIONS} connections"
+    );
+    assert!(
+        packets(&http_after, "ct_forward") - packets(&http_before, "ct_forward")
+            >= 3 * CONNECTIONS as u64,
+        "every connection sends at least ACK, request and FIN: {http_after:#}"
+    );
+
+    // The global per-reason counters include these flows.
+    let reason = |stats: &Value, name: &str| {
+        stats["reasons"]
+            .as_array()
+            .expect("reasons")
+            .iter()
+            .find(|r| r["reason"] == name)
+            .and_then(|r| r["packets"].as_u64())
+            .unwrap_or_else(|| panic!("no reason {name}"))
+    };
+    assert!(
+        reason(&after, "new_flow") - reason(&before, "new_flow")
+            >= u64::from(DATAGRAMS) + CONNECTIONS as u64
+    );
+
+    // Conntrack shows the flows with their service.
+    let flows = demo.lbctl_json(&["conntrack", "--service", "default/echo"]);
+    let udp: Vec<&Value> = flows
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|f| {
+            f["protocol"] == "UDP" && f["client"].as_str().is_some_and(|c| c.contains(":410"))
+        })
+        .collect();
+    assert_eq!(udp.len(), usize::from(DATAGRAMS), "{flows:#}");
+    for flow in udp {
+        assert_eq!(flow["state"], "replied", "{flow:#}");
+        assert_eq!(flow["service"], "default/echo", "{flow:#}");
+        assert!(
+            flow["age_s"]
+                .as_f64()
+                .is_some_and(|a| (0.0..60.0).contains(&a)),
+            "{flow:#}"
+        );
+    }
+}
+
+#[test]
+fn lbctl_trace_shows_each_new_flow_with_its_backend() {
+    let demo = Demo::start("lbctl_trace_shows_each_new_flow_with_its_backend");
+    const FLOWS: u16 = 6;
+    let mut child = Command::new(lbctl_binary())
+        .arg("--bpffs")
+        .arg(demo.cluster.pins.path())
+        .args(["trace", "--service", "default/echo", "--client"])
+        .arg(format!("{CLIENT_IP}/32"))
+        .args([
+            "--count",
+            &FLOWS.to_string(),
+            "--seconds",
+            "30",
+            "-o",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start lbctl trace");
+    // Wait (bounded) until tracing is on: lbctl says so on stderr.
+    let stderr = child.stderr.take().expect("stderr");
+    let (ready_tx, ready_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("tracing") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("lbctl trace never started");
+    let config = lb_agent::datapath::KernelTables::open(demo.cluster.pins.path())
+        .expect("tables")
+        .config()
+        .expect("config");
+    assert_ne!(
+        config.flags & lb_common::config::FLAG_TRACE,
+        0,
+        "tracing is not on in the datapath"
+    );
+
+    let mut answered_by = Vec::new();
+    for i in 0..FLOWS {
+        let answer = demo.udp_from_port(42000 + i);
+        answered_by.push(xtask::pod_of(&answer).expect("pod name").to_owned());
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lbctl trace --count {FLOWS} did not end"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "lbctl trace failed: {status}");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut out)
+        .expect("read trace");
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(events.len(), usize::from(FLOWS), "{out}");
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(event["event"], "new_flow", "{event:#}");
+        assert_eq!(event["service"], "default/echo", "{event:#}");
+        assert_eq!(event["selection"], "random", "{event:#}");
+        assert_eq!(
+            event["client"],
+            format!("{CLIENT_IP}:{}", 42000 + i),
+            "{event:#}"
+        );
+        assert_eq!(event["frontend"], "10.96.0.10:53", "{event:#}");
+        // The backend the trace names is the pod that answered.
+        let pod_ip = PODS
+            .iter()
+            .find(|(name, _)| *name == answered_by[i])
+            .map(|(_, ip)| *ip)
+            .expect("known pod");
+        assert_eq!(event["backend"], format!("{pod_ip}:5353"), "{event:#}");
+    }
+    // Tracing is off again once lbctl is done.
+    let config = lb_agent::datapath::KernelTables::open(demo.cluster.pins.path())
+        .expect("tables")
+        .config()
+        .expect("config");
+    assert_eq!(config.flags & lb_common::config::FLAG_TRACE, 0);
+}
+
+#[test]
+fn bpftool_dumps_of_the_inspection_maps_have_field_names() {
+    let demo = Demo::start("bpftool_dumps_of_the_inspection_maps_have_field_names");
+    demo.udp_from_port(43000);
+    for (map, fields) in [
+        (
+            lb_common::service_name::NAME,
+            &["namespace", "name", "port_name"][..],
+        ),
+        (
+            lb_common::service_stats::NAME,
+            &[
+                "new_flow",
+                "ct_forward",
+                "ct_reply",
+                "dropped",
+                "packets",
+                "bytes",
+            ][..],
+        ),
+        (
+            lb_common::backend::NAME,
+            &["addr", "port", "proto", "flags"][..],
+        ),
+        (
+            lb_common::conntrack::NAME,
+            &[
+                "src_addr",
+                "dst_addr",
+                "service_id",
+                "backend_id",
+                "created_ns",
+            ][..],
+        ),
+    ] {
+        let out = Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(demo.cluster.pins.path().join(map))
+            .output()
+            .expect("run bpftool");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "bpftool {map}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for field in fields {
+            assert!(
+                text.contains(&format!("\"{field}\"")),
+                "{map}: bpftool output lacks field {field}:\n{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,1137 @@
+//! `cargo xtask bench`: this datapath against kube-proxy's iptables and
+//! nftables rulesets and a direct-to-pod baseline, in one run on one
+//! machine, every variant on a fresh namespace topology of its own
+//! (DESIGN.md section 6, docs/benchmarks.md).
+//!
+//! - [`services`]: the generated service population and its manifests;
+//! - [`kubeproxy`]: kube-proxy's rulesets for it (iptables and nftables);
+//! - [`variants`]: the topology with one variant active;
+//! - [`traffic`]: the server and the closed-loop clients;
+//! - [`report`]: min/median/max, per-repetition ratios, the SVG chart.
+//!
+//! The per-packet cost and our programming times come from `lb-bench`
+//! (tests/src/bin/lb-bench.rs), which links the agent's library; this crate
+//! cannot (it builds before the BPF toolchain exists).
+//!
+//! Every measurement is bounded in count and time, and everything that adds
+//! addresses, routes or rules, attaches programs or sends traffic does so
+//! inside namespaces created here. Nothing asserts a timing.
+
+mod kubeproxy;
+mod report;
+mod services;
+mod traffic;
+mod variants;
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use xtask::{BpffsDir, NetNs, TempDir, cargo, cleanup_stale, setup, target_dir, workspace_root};
+
+use report::{BarChart, Record, Results, Spread};
+use services::ServiceSet;
+use variants::{
+    AgentConfig, Bench, PREFIX, Variant, run_timed_in, start_agent, time_load, write_file,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Tiny sizes, one repetition, seconds: proves the benchmark works.
+    Smoke,
+    /// A few minutes, three repetitions.
+    Quick,
+    /// Five repetitions at every size.
+    Full,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Smoke => "smoke",
+            Mode::Quick => "quick",
+            Mode::Full => "full",
+        }
+    }
+}
+
+/// What one mode measures.
+struct Plan {
+    reps: u32,
+    packet_sizes: Vec<u32>,
+    packet_repeat: u32,
+    new_flows: u32,
+    install_sizes: Vec<u32>,
+    change_size: u32,
+    changes: u32,
+    churn: u32,
+    conn_sizes: Vec<u32>,
+    conn_duration: Duration,
+    conn_threads: usize,
+    flow_duration: Duration,
+    agent_sizes: Vec<u32>,
+    agent_reps: u32,
+    load_timeout: Duration,
+}
+
+impl Plan {
+    fn of(mode: Mode) -> Plan {
+        match mode {
+            Mode::Smoke => Plan {
+                reps: 1,
+                packet_sizes: vec![100, 1000],
+                packet_repeat: 10_000,
+                new_flows: 200,
+                install_sizes: vec![100, 1000],
+                change_size: 1000,
+                changes: 3,
+                churn: 20,
+                conn_sizes: vec![100],
+                conn_duration: Duration::from_millis(500),
+                conn_threads: 2,
+                flow_duration: Duration::from_millis(300),
+                agent_sizes: vec![1000],
+                agent_reps: 1,
+                load_timeout: Duration::from_secs(60),
+            },
+            Mode::Quick => Plan {
+                reps: 3,
+                packet_sizes: vec![100, 1000, 10_000, 100_000],
+                packet_repeat: 100_000,
+                new_flows: 3000,
+                install_sizes: vec![1000, 10_000],
+                change_size: 10_000,
+                changes: 10,
+                churn: 200,
+                conn_sizes: vec![1000, 10_000, 30_000],
+                conn_duration: Duration::from_secs(2),
+                conn_threads: 4,
+                flow_duration: Duration::from_secs(2),
+                agent_sizes: vec![10_000, 100_000],
+                agent_reps: 1,
+                load_timeout: Duration::from_secs(300),
+            },
+            Mode::Full => Plan {
+                reps: 5,
+                packet_sizes: vec![100, 1000, 10_000, 100_000],
+                packet_repeat: 1_000_000,
+                new_flows: 20_000,
+                install_sizes: vec![1000, 10_000, 100_000],
+                change_size: 10_000,
+                changes: 20,
+                churn: 1000,
+                conn_sizes: vec![1000, 10_000, 30_000],
+                conn_duration: Duration::from_secs(5),
+                conn_threads: 4,
+                flow_duration: Duration::from_secs(5),
+                agent_sizes: vec![10_000, 100_000],
+                agent_reps: 3,
+                load_timeout: Duration::from_secs(900),
+            },
+        }
+    }
+}
+
+pub struct BenchOptions {
+    pub mode: Mode,
+    /// Where benchmarks.md and the charts go (default: docs/, or
+    /// target/bench-smoke for --smoke).
+    pub out: Option<PathBuf>,
+}
+
+/// Runs the benchmark and writes the report.
+pub fn bench(options: &BenchOptions) -> Result<()> {
+    let started = Instant::now();
+    setup()?;
+    for line in cleanup_stale().lines() {
+        println!("stale leftover: {line}");
+    }
+    let mode = options.mode;
+    let plan = Plan::of(mode);
+    let (profile, build): (&str, Vec<&str>) = match mode {
+        // The smoke run reuses the debug build `cargo xtask test` made.
+        Mode::Smoke => (
+            "debug",
+            vec!["build", "-p", "lb-agent", "-p", "lb-tests", "--bins"],
+        ),
+        _ => (
+            "release",
+            vec![
+                "build",
+                "--release",
+                "-p",
+                "lb-agent",
+                "-p",
+                "lb-tests",
+                "--bins",
+            ],
+        ),
+    };
+    println!("==> bench ({}): cargo {}", mode.name(), build.join(" "));
+    let status = cargo(&build).status().context("starting cargo build")?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", build.join(" "));
+    }
+    let bin_dir = target_dir().join(profile);
+    let lb_bench = bin_dir.join("lb-bench");
+    let agent = AgentConfig {
+        binary: bin_dir.join("lb-agent"),
+    };
+    let mut results = Results::default();
+    let mut notes: Vec<String> = Vec::new();
+
+    println!("==> per-packet cost (BPF_PROG_TEST_RUN)");
+    let list = |sizes: &[u32]| {
+        sizes
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    results.records.extend(run_lb_bench(
+        &lb_bench,
+        &[
+            "packet".into(),
+            format!("sizes={}", list(&plan.packet_sizes)),
+            format!("reps={}", plan.reps),
+            format!("repeat={}", plan.packet_repeat),
+            format!("new_flows={}", plan.new_flows),
+        ],
+    )?);
+
+    println!("==> programming: ours (Programmer into real maps)");
+    results.records.extend(run_lb_bench(
+        &lb_bench,
+        &[
+            "program".into(),
+            format!("sizes={}", list(&plan.install_sizes)),
+            format!("reps={}", plan.reps),
+            format!("change_size={}", plan.change_size),
+            format!("changes={}", plan.changes),
+            format!("churn={}", plan.churn),
+        ],
+    )?);
+
+    println!("==> programming: iptables-restore and nft -f");
+    program_kube_proxy(&plan, &mut results, &mut notes)?;
+
+    println!("==> connections and established flows, one fresh topology per variant");
+    traffic_runs(&plan, &agent, &mut results, &mut notes)?;
+
+    println!("==> agent memory and CPU");
+    agent_runs(&plan, &agent, &mut results, &mut notes)?;
+
+    let out = match &options.out {
+        Some(dir) => dir.clone(),
+        None if mode == Mode::Smoke => target_dir().join("bench-smoke"),
+        None => workspace_root().join("docs"),
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let report = write_report(&out, mode, &plan, &results, &notes, started.elapsed())?;
+    println!("{}", headline(&results, &plan));
+    println!(
+        "==> bench done in {:.0?}: {}",
+        started.elapsed(),
+        report.display()
+    );
+    Ok(())
+}
+
+/// Runs `lb-bench args`, echoing its progress (stderr) and collecting results.
+fn run_lb_bench(binary: &Path, args: &[String]) -> Result<Vec<Record>> {
+    let mut child = Command::new(binary)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let mut records = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            if let Some(record) = Record::parse(&line) {
+                println!(
+                    "  {} {} size={} rep={}: {:.1}",
+                    record.metric, record.variant, record.size, record.rep, record.value
+                );
+                records.push(record);
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{} {args:?} failed ({status})", binary.display());
+    }
+    Ok(records)
+}
+
+fn program_kube_proxy(plan: &Plan, results: &mut Results, notes: &mut Vec<String>) -> Result<()> {
+    let files = TempDir::new(PREFIX, "bench-rules")?;
+    let mut given_up: Vec<(&str, u32)> = Vec::new();
+    for rep in 0..plan.reps {
+        for &size in &plan.install_sizes {
+            let set = ServiceSet::new(size);
+            for (variant, file, text) in [
+                (
+                    "iptables",
+                    "rules.iptables",
+                    kubeproxy::iptables_ruleset(&set),
+                ),
+                ("nftables", "rules.nft", kubeproxy::nft_ruleset(&set)),
+            ] {
+                if given_up.iter().any(|(v, s)| *v == variant && *s <= size) {
+                    continue;
+                }
+                let path = write_file(files.path(), file, &text)?.display().to_string();
+                let (program, args): (&str, Vec<&str>) = match variant {
+                    "iptables" => ("iptables-restore", vec![&path]),
+                    _ => ("nft", vec!["-f", &path]),
+                };
+                match time_load(program, &args, plan.load_timeout) {
+                    Ok(took) => {
+                        println!(
+                            "  install_ms {variant} size={size} rep={rep}: {:.1}",
+                            took.as_secs_f64() * 1e3
+                        );
+                        results.push("install_ms", variant, size, rep, took.as_secs_f64() * 1e3);
+                    }
+                    Err(e) => {
+                        notes.push(format!(
+                            "{variant}: installing {size} services failed: {e:#}"
+                        ));
+                        given_up.push((variant, size));
+                    }
+                }
+            }
+        }
+    }
+
+    // One endpoint change at change_size services, each into a namespace
+    // that holds the whole ruleset.
+    let set = ServiceSet::new(plan.change_size);
+    for rep in 0..plan.reps {
+        for variant in ["iptables", "nftables"] {
+            let ns = NetNs::with_prefix(PREFIX, "bench-change")?;
+            let (program, full) = match variant {
+                "iptables" => ("iptables-restore", kubeproxy::iptables_ruleset(&set)),
+                _ => ("nft", kubeproxy::nft_ruleset(&set)),
+            };
+            let path = write_file(files.path(), "full", &full)?
+                .display()
+                .to_string();
+            let loaded = match variant {
+                "iptables" => run_timed_in(&ns, program, &[&path], plan.load_timeout),
+                _ => run_timed_in(&ns, program, &["-f", &path], plan.load_timeout),
+            };
+            if let Err(e) = loaded {
+                notes.push(format!("{variant}: endpoint change not measured: {e:#}"));
+                continue;
+            }
+            let mut times = Vec::new();
+            for k in 0..plan.changes {
+                // A different service each time, so every delta applies to
+                // the ruleset as generated.
+                let i = (k * 7919 + rep * 613) % plan.change_size;
+                let new = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 1)) + rep * 1000 + k);
+                let (delta, args): (String, Vec<&str>) = match variant {
+                    "iptables" => (
+                        kubeproxy::iptables_endpoint_change(&set, i, new),
+                        vec!["--noflush"],
+                    ),
+                    _ => (kubeproxy::nft_endpoint_change(&set, i, new), vec!["-f"]),
+                };
+                let delta_path = write_file(files.path(), "delta", &delta)?
+                    .display()
+                    .to_string();
+                let mut args = args;
+                args.push(&delta_path);
+                let took = run_timed_in(&ns, program, &args, plan.load_timeout)?;
+                times.push(took.as_secs_f64() * 1e3);
+            }
+            if let Some(spread) = Spread::of(&times) {
+                println!(
+                    "  endpoint_change_ms {variant} rep={rep}: {:.2}",
+                    spread.median
+                );
+                results.push(
+                    "endpoint_change_ms",
+                    variant,
+                    plan.change_size,
+                    rep,
+                    spread.median,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn traffic_runs(
+    plan: &Plan,
+    agent: &AgentConfig,
+    results: &mut Results,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let mut given_up: Vec<(Variant, u32)> = Vec::new();
+    for rep in 0..plan.reps {
+        for &size in &plan.conn_sizes {
+            // Rotate the order so no variant always runs first.
+            let mut order = Variant::ALL.to_vec();
+            let shift = (rep as usize + size as usize) % order.len();
+            order.rotate_left(shift);
+            for variant in order {
+                if given_up.iter().any(|(v, s)| *v == variant && *s <= size) {
+                    continue;
+                }
+                let name = variant.name();
+                let setup_started = Instant::now();
+                let bench = match Bench::start(variant, ServiceSet::new(size), agent) {
+                    Ok(bench) => bench,
+                    Err(e) => {
+                        notes.push(format!("{name} at {size} services: not measured: {e:#}"));
+                        given_up.push((variant, size));
+                        continue;
+                    }
+                };
+                let setup = setup_started.elapsed();
+                for (path, ns, addr) in [
+                    ("cip", bench.client()?, bench.cluster_ip_target()),
+                    ("np", bench.external(), bench.node_port_target()),
+                ] {
+                    let stats =
+                        traffic::connection_rate(ns, addr, plan.conn_threads, plan.conn_duration)?;
+                    println!(
+                        "  conn {path} {name} size={size} rep={rep}: {:.0}/s p50 {:.0} us p99 {:.0} us, {} failed (setup {:.1?})",
+                        stats.rate(),
+                        stats.quantile_us(0.5),
+                        stats.quantile_us(0.99),
+                        stats.failed,
+                        setup
+                    );
+                    results.push(&format!("conn_rate_{path}"), name, size, rep, stats.rate());
+                    results.push(
+                        &format!("conn_p50_us_{path}"),
+                        name,
+                        size,
+                        rep,
+                        stats.quantile_us(0.5),
+                    );
+                    results.push(
+                        &format!("conn_p99_us_{path}"),
+                        name,
+                        size,
+                        rep,
+                        stats.quantile_us(0.99),
+                    );
+                    results.push(
+                        &format!("conn_failed_{path}"),
+                        name,
+                        size,
+                        rep,
+                        stats.failed as f64,
+                    );
+                }
+                if size == plan.conn_sizes[0] {
+                    let client = bench.client()?;
+                    let rr = traffic::request_response_rate(
+                        client,
+                        bench.cluster_ip_target(),
+                        plan.flow_duration,
+                    )?;
+                    let bulk = traffic::bulk_throughput(
+                        client,
+                        bench.cluster_ip_target(),
+                        plan.flow_duration,
+                    )?;
+                    println!(
+                        "  flow {name} rep={rep}: {rr:.0} req/s, {:.2} Gbit/s",
+                        bulk / 1e9
+                    );
+                    results.push("rr_rate", name, size, rep, rr);
+                    results.push("bulk_bps", name, size, rep, bulk);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads (VmRSS in MiB, user+system CPU seconds) of `pid`.
+fn rss_and_cpu(pid: u32) -> Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command: utime is the 14th field overall.
+    let after = stat.rsplit_once(')').context("stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((rss_kib / 1024.0, ticks / hz))
+}
+
+fn agent_runs(
+    plan: &Plan,
+    agent: &AgentConfig,
+    results: &mut Results,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    for rep in 0..plan.agent_reps {
+        for &size in &plan.agent_sizes {
+            let ns = NetNs::with_prefix(PREFIX, "bench-agent")?;
+            let manifests = TempDir::new(PREFIX, "bench-manifests")?;
+            ServiceSet::new(size).write_manifests(manifests.path())?;
+            let pins = BpffsDir::with_prefix(PREFIX)?;
+            match start_agent(
+                agent,
+                &ns,
+                manifests.path(),
+                &pins,
+                size,
+                false,
+                Duration::from_secs(900),
+            ) {
+                Ok((mut process, took)) => {
+                    let (rss, cpu) = rss_and_cpu(process.pid())?;
+                    println!(
+                        "  agent size={size} rep={rep}: {rss:.0} MiB RSS, {cpu:.2} s CPU, programmed after {took:.1?}"
+                    );
+                    results.push("agent_rss_mib", "ours", size, rep, rss);
+                    results.push("agent_cpu_s", "ours", size, rep, cpu);
+                    results.push("agent_ready_s", "ours", size, rep, took.as_secs_f64());
+                    let _ = process.stop();
+                }
+                Err(e) => notes.push(format!("agent at {size} services: {e:#}")),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "{cores} CPUs ({model}), {mem_gib:.1} GiB memory, Linux {}, {}, {}",
+        kernel.trim(),
+        variants::command_output("iptables-restore", &["--version"]),
+        variants::command_output("nft", &["--version"]),
+    )
+}
+
+fn size_label(size: u32) -> String {
+    if size >= 1000 && size.is_multiple_of(1000) {
+        format!("{}k", size / 1000)
+    } else {
+        size.to_string()
+    }
+}
+
+fn show(spread: Option<Spread>, digits: usize) -> String {
+    spread.map_or_else(|| "-".into(), |s| s.show(digits))
+}
+
+/// `median` of a spread, NaN when missing.
+fn median(spread: Option<Spread>) -> f64 {
+    spread.map_or(f64::NAN, |s| s.median)
+}
+
+fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "**met**",
+        Some(false) => "**not met**",
+        None => "not measured",
+    }
+}
+
+/// The goals of issue 7 with their measured ratios.
+fn goals(results: &Results, plan: &Plan) -> Vec<(String, String, Option<bool>)> {
+    let mut goals = Vec::new();
+    let sizes = &plan.packet_sizes;
+    let worst = sizes
+        .iter()
+        .filter_map(|&s| {
+            results.ratio(
+                ("pkt_ns", "xdp_established", s),
+                ("pkt_ns", "xdp_pass_floor", s),
+            )
+        })
+        .map(|s| s.median)
+        .fold(f64::NAN, f64::max);
+    goals.push((
+        "per-packet established path (XDP) within 2.5x of the XDP_PASS floor, at every size".into(),
+        format!("worst median ratio {worst:.2}x"),
+        worst.is_finite().then_some(worst <= 2.5),
+    ));
+    let (small, large) = (1000, *sizes.last().unwrap_or(&1000));
+    let flat = results.ratio(
+        ("pkt_ns", "xdp_established", large),
+        ("pkt_ns", "xdp_established", small),
+    );
+    goals.push((
+        format!(
+            "per-packet established path flat within 10% from 1k to {}",
+            size_label(large)
+        ),
+        format!("t({})/t(1k) = {}", size_label(large), show(flat, 3)),
+        flat.map(|s| s.median <= 1.10),
+    ));
+    let mid = 10_000;
+    let vs_ipt = results.ratio(
+        ("conn_rate_cip", "ours", mid),
+        ("conn_rate_cip", "iptables", mid),
+    );
+    let vs_nft = results.ratio(
+        ("conn_rate_cip", "ours", mid),
+        ("conn_rate_cip", "nftables", mid),
+    );
+    goals.push((
+        "new-connection rate at 10k services >= 2x iptables mode".into(),
+        format!("ours/iptables = {}", show(vs_ipt, 2)),
+        vs_ipt.map(|s| s.median >= 2.0),
+    ));
+    goals.push((
+        "new-connection rate at 10k services >= nftables mode".into(),
+        format!("ours/nftables = {}", show(vs_nft, 2)),
+        vs_nft.map(|s| s.median >= 1.0),
+    ));
+    let top = *plan.conn_sizes.last().unwrap_or(&1000);
+    let lat = results.ratio(
+        ("conn_p50_us_cip", "ours", top),
+        ("conn_p50_us_cip", "ours", 1000),
+    );
+    goals.push((
+        format!(
+            "connection latency (p50, ClusterIP) flat within 10% from 1k to {}",
+            size_label(top)
+        ),
+        format!("p50({})/p50(1k) = {}", size_label(top), show(lat, 3)),
+        lat.map(|s| s.median <= 1.10),
+    ));
+    let install = results.ratio(("install_ms", "iptables", mid), ("install_ms", "ours", mid));
+    goals.push((
+        "install of 10k services x 10 endpoints >= 10x faster than iptables-restore".into(),
+        format!("iptables-restore/ours = {}", show(install, 1)),
+        install.map(|s| s.median >= 10.0),
+    ));
+    let change = results.spread("endpoint_change_ms", "ours", plan.change_size);
+    goals.push((
+        format!(
+            "one endpoint change at {} services under 10 ms",
+            size_label(plan.change_size)
+        ),
+        format!("{} ms", show(change, 3)),
+        change.map(|s| s.median < 10.0),
+    ));
+    goals
+}
+
+fn headline(results: &Results, plan: &Plan) -> String {
+    let mut out = String::from("headline (median of per-repetition ratios):\n");
+    for (goal, measured, met) in goals(results, plan) {
+        let _ = writeln!(
+            out,
+            "  {goal}: {measured} -> {}",
+            verdict(met).trim_matches('*')
+        );
+    }
+    out
+}
+
+fn write_report(
+    dir: &Path,
+    mode: Mode,
+    plan: &Plan,
+    results: &Results,
+    notes: &[String],
+    elapsed: Duration,
+) -> Result<PathBuf> {
+    let variants = ["ours", "iptables", "nftables", "direct"];
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# Benchmarks\n\n\
+         Generated by `cargo xtask bench{}` ({} mode, {} repetitions, {:.0} s). Do not edit by hand:\n\
+         rerun the benchmark.\n\n\
+         **Machine:** {}.\n\n\
+         Absolute figures come from a small shared VM and move from run to run; the\n\
+         result is the **ratios** between variants measured side by side (same\n\
+         repetition, interleaved), shown as median (min-max) over repetitions.{}\n",
+        match mode {
+            Mode::Smoke => " --smoke",
+            Mode::Quick => " --quick",
+            Mode::Full => "",
+        },
+        mode.name(),
+        plan.reps,
+        elapsed.as_secs_f64(),
+        machine(),
+        if mode == Mode::Quick {
+            " Quick mode: 3 repetitions instead of 5, shorter runs, smaller sizes."
+        } else {
+            ""
+        }
+    );
+    md.push_str(METHOD);
+
+    // 1. per packet
+    let _ = writeln!(
+        md,
+        "\n## 1. Per-packet cost in the kernel\n\n\
+         BPF_PROG_TEST_RUN, {} repeats per repeated run, {} single runs per new-flow figure.\n\
+         Ratio to the floor of the same hook (a trivial program `r0 = XDP_PASS/TC_ACT_OK; exit`\n\
+         loaded through bpf(2)); new flows are single runs and are compared with single runs of\n\
+         the trivial XDP program (`xdp_pass_floor_single`). Absolute ns in the last column.\n",
+        plan.packet_repeat, plan.new_flows
+    );
+    let cases: [(&str, &str); 9] = [
+        ("xdp_established", "xdp_pass_floor"),
+        ("xdp_not_service", "xdp_pass_floor"),
+        ("xdp_new_flow", "xdp_pass_floor_single"),
+        ("xdp_arp", "xdp_pass_floor"),
+        ("tc_established", "tc_pass_floor"),
+        ("tc_not_service", "tc_pass_floor"),
+        ("tc_new_flow", "xdp_pass_floor_single"),
+        ("xdp_pass_floor_single", "xdp_pass_floor"),
+        ("tc_pass_floor", "xdp_pass_floor"),
+    ];
+    md.push_str("| case | services | ratio to floor | ns (median) |\n|---|---|---|---|\n");
+    for (case, floor) in cases {
+        for &size in &plan.packet_sizes {
+            let ratio = results.ratio(("pkt_ns", case, size), ("pkt_ns", floor, size));
+            let ns = results.spread("pkt_ns", case, size);
+            let _ = writeln!(
+                md,
+                "| {case} (vs {floor}) | {} | {} | {:.0} |",
+                size_label(size),
+                show(ratio, 2),
+                median(ns)
+            );
+        }
+    }
+    md.push_str("\nFlatness, t(largest)/t(1k) of the same case:\n\n| case | ratio |\n|---|---|\n");
+    let largest = *plan.packet_sizes.last().unwrap_or(&1000);
+    for case in [
+        "xdp_established",
+        "xdp_new_flow",
+        "xdp_not_service",
+        "tc_established",
+        "tc_new_flow",
+    ] {
+        let flat = results.ratio(("pkt_ns", case, largest), ("pkt_ns", case, 1000));
+        let _ = writeln!(
+            md,
+            "| {case} {}/1k | {} |",
+            size_label(largest),
+            show(flat, 3)
+        );
+    }
+
+    // 2. connections
+    let _ = writeln!(
+        md,
+        "\n## 2. New connections\n\n\
+         Closed loop, {} client threads for {:.1} s per run: connect, send a 33-byte HTTP/1.0\n\
+         request, read the answer to EOF, close. `ClusterIP`: from the client pod to the\n\
+         target service's ClusterIP; `NodePort`: from the external client to node-1:30080.\n\
+         The direct baseline connects to the server pod's address instead. Rate ratios are\n\
+         ours / other (above 1: ours faster).\n",
+        plan.conn_threads,
+        plan.conn_duration.as_secs_f64()
+    );
+    for (path, label) in [("cip", "ClusterIP"), ("np", "NodePort")] {
+        let _ = writeln!(
+            md,
+            "\n### {label}\n\n| services | variant | conn/s | p50 us | p99 us | failed | ours/variant (rate) |\n|---|---|---|---|---|---|---|"
+        );
+        for &size in &plan.conn_sizes {
+            for variant in variants {
+                let rate = results.spread(&format!("conn_rate_{path}"), variant, size);
+                if rate.is_none() {
+                    continue;
+                }
+                let ratio = results.ratio(
+                    (&format!("conn_rate_{path}"), "ours", size),
+                    (&format!("conn_rate_{path}"), variant, size),
+                );
+                let _ = writeln!(
+                    md,
+                    "| {} | {variant} | {} | {} | {} | {} | {} |",
+                    size_label(size),
+                    show(rate, 0),
+                    show(
+                        results.spread(&format!("conn_p50_us_{path}"), variant, size),
+                        0
+                    ),
+                    show(
+                        results.spread(&format!("conn_p99_us_{path}"), variant, size),
+                        0
+                    ),
+                    show(
+                        results.spread(&format!("conn_failed_{path}"), variant, size),
+                        0
+                    ),
+                    if variant == "ours" {
+                        "-".into()
+                    } else {
+                        show(ratio, 2)
+                    },
+                );
+            }
+        }
+    }
+    let mut lat_rows = String::new();
+    for &size in &plan.conn_sizes {
+        for variant in ["ours", "iptables", "nftables"] {
+            let r = results.ratio(
+                ("conn_p50_us_cip", variant, size),
+                ("conn_p50_us_cip", variant, 1000),
+            );
+            if r.is_some() {
+                let _ = writeln!(
+                    lat_rows,
+                    "| {variant} | {} | {} |",
+                    size_label(size),
+                    show(r, 3)
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nLatency flatness (ClusterIP p50 at N / p50 at 1k, same variant):\n\n| variant | services | ratio |\n|---|---|---|\n{lat_rows}"
+    );
+
+    // 3. established
+    let first = plan.conn_sizes[0];
+    let _ = writeln!(
+        md,
+        "## 3. Established flows\n\n\
+         One connection from the client pod to the ClusterIP (direct: to the pod), {} services,\n\
+         {:.1} s each: request/response with 64-byte messages, and bulk send (64 KiB writes,\n\
+         the server counts bytes). Ratio: variant / direct.\n\n\
+         | variant | req/s | ratio | Gbit/s | ratio |\n|---|---|---|---|---|",
+        size_label(first),
+        plan.flow_duration.as_secs_f64()
+    );
+    for variant in variants {
+        let rr = results.spread("rr_rate", variant, first);
+        let bulk = results.spread("bulk_bps", variant, first).map(|s| Spread {
+            min: s.min / 1e9,
+            median: s.median / 1e9,
+            max: s.max / 1e9,
+            n: s.n,
+        });
+        let _ = writeln!(
+            md,
+            "| {variant} | {} | {} | {} | {} |",
+            show(rr, 0),
+            show(
+                results.ratio(("rr_rate", variant, first), ("rr_rate", "direct", first)),
+                2
+            ),
+            show(bulk, 2),
+            show(
+                results.ratio(("bulk_bps", variant, first), ("bulk_bps", "direct", first)),
+                2
+            ),
+        );
+    }
+
+    // 4. programming
+    let _ = writeln!(
+        md,
+        "\n## 4. Programming\n\n\
+         Install N services x 10 endpoints into empty tables: ours is `Programmer::apply` of\n\
+         the desired tables into freshly loaded maps (the model, YAML and API are not in\n\
+         the figure); iptables and nftables are `iptables-restore FILE` and `nft -f FILE` of\n\
+         the generated ruleset into a fresh namespace (the text is generated beforehand and\n\
+         not in the figure). Ratio: variant / ours (above 1: ours faster).\n\n\
+         | services | variant | ms | variant/ours |\n|---|---|---|---|"
+    );
+    for &size in &plan.install_sizes {
+        for variant in ["ours", "iptables", "nftables"] {
+            let ms = results.spread("install_ms", variant, size);
+            let ratio = results.ratio(("install_ms", variant, size), ("install_ms", "ours", size));
+            let _ = writeln!(
+                md,
+                "| {} | {variant} | {} | {} |",
+                size_label(size),
+                show(ms, 1),
+                if variant == "ours" {
+                    "-".into()
+                } else {
+                    show(ratio, 1)
+                }
+            );
+        }
+    }
+    let cs = plan.change_size;
+    let _ = writeln!(
+        md,
+        "\nOne endpoint change at {} services (median of {} changes per repetition, each on\n\
+         another service): ours is one `Programmer::apply` of the changed desired tables\n\
+         (new slot set under the next revision, the service entry, the old slots and backend\n\
+         deleted); iptables is what kube-proxy (MinimizeIPTablesRestore) sends with\n\
+         `iptables-restore --noflush`: the top-level chains in full, the changed KUBE-SVC chain,\n\
+         the new KUBE-SEP chain and the deletion of the old one; nftables is kube-proxy's\n\
+         incremental transaction (new endpoint chain, the service chain flushed and rewritten,\n\
+         the old endpoint chain deleted) with `nft -f`.\n\n\
+         | variant | ms | variant/ours |\n|---|---|---|",
+        size_label(cs),
+        plan.changes
+    );
+    for variant in ["ours", "iptables", "nftables"] {
+        let _ = writeln!(
+            md,
+            "| {variant} | {} | {} |",
+            show(results.spread("endpoint_change_ms", variant, cs), 3),
+            if variant == "ours" {
+                "-".into()
+            } else {
+                show(
+                    results.ratio(
+                        ("endpoint_change_ms", variant, cs),
+                        ("endpoint_change_ms", "ours", cs),
+                    ),
+                    0,
+                )
+            }
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nChurn (ours only): {} back-to-back changes of one service's only endpoint at {}\n\
+         services; the delay runs from the start of the map write (`Programmer::apply`) to the\n\
+         first probe, a SYN of a new flow run through `lb_tc_pod` with BPF_PROG_TEST_RUN right\n\
+         after the write, that is rewritten to the new endpoint (probes per change: {}).\n\
+         This is the datapath's side of \"change to first packet\"; the agent's reaction time\n\
+         to a watch event comes on top.\n\n\
+         | p50 us | p99 us |\n|---|---|\n| {} | {} |",
+        plan.churn,
+        size_label(cs),
+        show(results.spread("churn_probes_per_change", "ours", cs), 2),
+        show(results.spread("churn_us_p50", "ours", cs), 1),
+        show(results.spread("churn_us_p99", "ours", cs), 1),
+    );
+
+    // 5. agent
+    let _ = writeln!(
+        md,
+        "\n## 5. Agent memory and CPU\n\n\
+         The agent (`--manifests` on a generated directory, no devices attached) in a namespace\n\
+         of its own, N services x 10 endpoints; VmRSS from /proc/PID/status and user+system\n\
+         CPU seconds from /proc/PID/stat once it logged the services programmed ({} repetitions).\n\n\
+         | services | RSS MiB | CPU s | programmed after s |\n|---|---|---|---|",
+        plan.agent_reps
+    );
+    for &size in &plan.agent_sizes {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            size_label(size),
+            show(results.spread("agent_rss_mib", "ours", size), 0),
+            show(results.spread("agent_cpu_s", "ours", size), 2),
+            show(results.spread("agent_ready_s", "ours", size), 1),
+        );
+    }
+
+    // Goals
+    md.push_str("\n## Goals\n\n| goal | measured | |\n|---|---|---|\n");
+    for (goal, measured, met) in goals(results, plan) {
+        let _ = writeln!(md, "| {goal} | {measured} | {} |", verdict(met));
+    }
+    if !notes.is_empty() {
+        md.push_str("\n## Not measured in this run\n\n");
+        for note in notes {
+            let first_line = note.lines().next().unwrap_or_default();
+            let _ = writeln!(md, "- {first_line}");
+        }
+    }
+
+    // Charts
+    let series: Vec<String> = variants.iter().map(|v| v.to_string()).collect();
+    let conn = BarChart {
+        title: "New connections per second, ClusterIP (median)".into(),
+        y_label: "connections/s".into(),
+        groups: plan
+            .conn_sizes
+            .iter()
+            .map(|&s| format!("{} services", size_label(s)))
+            .collect(),
+        series: series.clone(),
+        values: plan
+            .conn_sizes
+            .iter()
+            .map(|&s| {
+                variants
+                    .iter()
+                    .map(|v| median(results.spread("conn_rate_cip", v, s)))
+                    .collect()
+            })
+            .collect(),
+        log_scale: false,
+    };
+    let install = BarChart {
+        title: "Install N services x 10 endpoints (median, log scale)".into(),
+        y_label: "milliseconds".into(),
+        groups: plan
+            .install_sizes
+            .iter()
+            .map(|&s| format!("{} services", size_label(s)))
+            .collect(),
+        series: vec!["ours".into(), "iptables".into(), "nftables".into()],
+        values: plan
+            .install_sizes
+            .iter()
+            .map(|&s| {
+                ["ours", "iptables", "nftables"]
+                    .iter()
+                    .map(|v| median(results.spread("install_ms", v, s)))
+                    .collect()
+            })
+            .collect(),
+        log_scale: true,
+    };
+    let packet = BarChart {
+        title: "Per-packet cost, ratio to the XDP_PASS floor (median)".into(),
+        y_label: "x floor".into(),
+        groups: plan
+            .packet_sizes
+            .iter()
+            .map(|&s| format!("{} services", size_label(s)))
+            .collect(),
+        series: vec![
+            "xdp established".into(),
+            "xdp new flow".into(),
+            "tc established".into(),
+            "xdp not service".into(),
+        ],
+        values: plan
+            .packet_sizes
+            .iter()
+            .map(|&s| {
+                [
+                    ("xdp_established", "xdp_pass_floor"),
+                    ("xdp_new_flow", "xdp_pass_floor_single"),
+                    ("tc_established", "xdp_pass_floor"),
+                    ("xdp_not_service", "xdp_pass_floor"),
+                ]
+                .iter()
+                .map(|(c, f)| median(results.ratio(("pkt_ns", c, s), ("pkt_ns", f, s))))
+                .collect()
+            })
+            .collect(),
+        log_scale: false,
+    };
+    md.push_str("\n## Charts\n\n");
+    for (file, chart) in [
+        ("benchmarks-connections.svg", conn),
+        ("benchmarks-programming.svg", install),
+        ("benchmarks-packet.svg", packet),
+    ] {
+        write_file(dir, file, &chart.svg())?;
+        let _ = writeln!(md, "![{}]({file})\n", chart.title);
+    }
+
+    // Raw records, for anyone who wants to recompute.
+    let mut csv = String::from("metric,variant,size,rep,value\n");
+    for r in &results.records {
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{}",
+            r.metric, r.variant, r.size, r.rep, r.value
+        );
+    }
+    write_file(dir, "benchmarks.csv", &csv)?;
+    md.push_str("Raw values: [benchmarks.csv](benchmarks.csv).\n");
+    write_file(dir, "benchmarks.md", &md)
+}
+
+/// How it is measured; the fixed part of docs/benchmarks.md.
+const METHOD: &str = r#"
+## How to run
+
+```sh
+cargo xtask bench --quick   # a few minutes, 3 repetitions
+cargo xtask bench           # full: 5 repetitions, larger sizes
+cargo xtask bench --smoke   # seconds, tiny sizes (part of `cargo xtask test`)
+```
+
+Root on a machine with the BPF toolchain (`cargo xtask setup` runs first). The
+release builds of `lb-agent` and `lb-bench` (tests/src/bin/lb-bench.rs) are
+used; the eBPF object is always optimized.
+
+## Setup
+
+Variants: **ours** (the agent on a manifest directory, XDP on the node device,
+TC on pod devices), **iptables** (kube-proxy's iptables-mode ruleset loaded
+with `iptables-restore` inside the node namespace), **nftables** (kube-proxy's
+nftables-mode ruleset loaded with `nft -f` inside the node namespace),
+**direct** (no service translation: the client connects to the pod address).
+Each variant runs on a fresh topology of its own (`xtask::Cluster`: node-1,
+a client pod 10.244.1.2, a server pod holding the ten endpoint addresses
+10.244.1.10-19, an external client 198.51.100.100 on the underlay), so only
+one translation is ever active; variants are interleaved within each
+repetition and their order rotates.
+
+Services: N services, port 80 -> 8080/TCP, ClusterIPs from 10.96.0.1 on, 10
+endpoints each. The filler services' endpoints are addresses no packet
+reaches; the target service is the last one, in every rule order, and is also
+a NodePort (30080) whose endpoints are the server pod's ten addresses.
+
+### kube-proxy's layout
+
+Taken from kubernetes/kubernetes `pkg/proxy/iptables/proxier.go`,
+`pkg/proxy/nftables/proxier.go` and `pkg/proxy/nftables/README.md` (the
+rulesets are generated by `xtask/src/bench/kubeproxy.rs`; chain-name hashes
+are FNV-based instead of SHA-256, same shape):
+
+- iptables, nat table: `PREROUTING`/`OUTPUT -j KUBE-SERVICES`; in
+  `KUBE-SERVICES` one rule per ClusterIP `-d VIP/32 -p tcp --dport 80 -j
+  KUBE-SVC-<hash>`, and last `-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS`;
+  `KUBE-SVC-<hash>`: `! -s 10.244.0.0/16 ... -j KUBE-MARK-MASQ`, then per
+  endpoint `-m statistic --mode random --probability 1/(n-k) -j
+  KUBE-SEP-<hash>` (the last unconditional); `KUBE-SEP-<hash>`: `-s EP -j
+  KUBE-MARK-MASQ`, `-p tcp -j DNAT --to-destination EP:8080`;
+  `KUBE-NODEPORTS -p tcp --dport 30080 -j KUBE-EXT-<hash>` (mark, then the
+  KUBE-SVC chain); `POSTROUTING -j KUBE-POSTROUTING` (masquerade marked
+  packets, `--random-fully`); `KUBE-MARK-MASQ` sets 0x4000. Filter table:
+  `KUBE-FORWARD` (drop INVALID, accept marked and RELATED/ESTABLISHED) and the
+  other kube-proxy chains, empty as for services that all have endpoints.
+  Above 1000 endpoints per-endpoint rules carry no comments (kube-proxy's
+  large-cluster mode).
+- nftables, `table ip kube-proxy`: `nat-prerouting`/`nat-output` jump to
+  `services`: `ip daddr . meta l4proto . th dport vmap @service-ips` and
+  `fib daddr type local ... meta l4proto . th dport vmap @service-nodeports`;
+  `service-<hash>-bench/svc-i/tcp/http`: mark off-cluster sources, then
+  `numgen random mod 10 vmap { 0 : goto endpoint-..., ... }`;
+  `endpoint-<hash>-...__EP/8080`: `ip saddr EP jump mark-for-masquerade`,
+  `meta l4proto tcp dnat to EP:8080`; `nat-postrouting` -> `masquerading`
+  (`masquerade fully-random` for marked packets); `filter-forward` checks
+  `no-endpoint-services` and rejects stray `cluster-ips` traffic.
+
+The kernel's nf_conntrack is loaded by the first NAT rule inside the node
+namespace; our variant's namespace has no netfilter rules.
+"#;

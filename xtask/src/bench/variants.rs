@@ -1,0 +1,331 @@
+//! One fresh topology per variant and repetition, so that exactly one way
+//! of translating services acts on the packets: our agent, kube-proxy's
+//! iptables or nftables ruleset (loaded inside the node namespace), or
+//! nothing (the direct baseline, which talks to the pod address).
+//!
+//! ```text
+//!   client pod 10.244.1.2 --lbv1--+                 +--lbv2-- server pod 10.244.1.10-19
+//!                                 node-1 (198.51.100.11)
+//!   ext 198.51.100.100 ---- underlay br0 ---- eth0
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use xtask::{AgentProcess, BpffsDir, Cluster, NODE_DEVICE, NetNs, TempDir};
+
+use super::kubeproxy;
+use super::services::{
+    CLIENT_POD_IP, ENDPOINTS_PER_SERVICE, NODE_PORT, SERVER_POD_IP, ServiceSet, TARGET_PORT,
+};
+use super::traffic::{BenchServer, wait_until_answering};
+
+/// Name prefix: `cargo xtask clean` removes leftovers.
+pub const PREFIX: &str = "lbd";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Variant {
+    Direct,
+    Ours,
+    Iptables,
+    Nftables,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 4] = [
+        Variant::Direct,
+        Variant::Ours,
+        Variant::Iptables,
+        Variant::Nftables,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct",
+            Variant::Ours => "ours",
+            Variant::Iptables => "iptables",
+            Variant::Nftables => "nftables",
+        }
+    }
+}
+
+/// Runs `program args` inside `ns`, killed after `timeout`; returns how
+/// long it ran, or an error naming what it printed.
+pub fn run_timed_in(
+    ns: &NetNs,
+    program: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<Duration> {
+    let started = Instant::now();
+    let mut child: Child = ns
+        .command(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {program} in {}", ns.name()))?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let took = started.elapsed();
+            if !status.success() {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                let tail: String = stderr.lines().take(5).collect::<Vec<_>>().join("; ");
+                bail!(
+                    "{program} {args:?} in {} failed ({status}): {tail}",
+                    ns.name()
+                );
+            }
+            return Ok(took);
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{program} {args:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Writes `content` to `dir/file` and returns the path.
+pub fn write_file(dir: &Path, file: &str, content: &str) -> Result<PathBuf> {
+    let path = dir.join(file);
+    std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Where the agent binary and its map sizes come from.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub binary: PathBuf,
+}
+
+/// Map-size flags for `services` services x 10 endpoints.
+pub fn agent_size_args(services: u32) -> Vec<String> {
+    let backends = services * ENDPOINTS_PER_SERVICE + 1024;
+    vec![
+        "--max-services".into(),
+        (2 * services + 1024).to_string(),
+        "--max-slots".into(),
+        (2 * backends).to_string(),
+        "--max-backends".into(),
+        backends.to_string(),
+    ]
+}
+
+/// Starts the agent in `ns` on `manifests`; waits until it logged that
+/// `services` frontends (or more) are programmed.
+pub fn start_agent(
+    config: &AgentConfig,
+    ns: &NetNs,
+    manifests: &Path,
+    pins: &BpffsDir,
+    services: u32,
+    devices: bool,
+    timeout: Duration,
+) -> Result<(AgentProcess, Duration)> {
+    let mut args: Vec<String> = vec![
+        "--node-name".into(),
+        "node-1".into(),
+        "--manifests".into(),
+        manifests.display().to_string(),
+        "--bpffs".into(),
+        pins.path().display().to_string(),
+    ];
+    if devices {
+        args.extend(["--pod-devices".into(), "lbv*".into()]);
+        args.extend(["--devices".into(), NODE_DEVICE.into()]);
+    }
+    args.extend(agent_size_args(services));
+    let started = Instant::now();
+    let mut agent = AgentProcess::spawn(ns, &config.binary, &args, &[("RUST_LOG", "info")], None)?;
+    let deadline = started + timeout;
+    loop {
+        let log = agent.log_contents();
+        let programmed = log.lines().any(|line| {
+            line.split("programmed ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n >= services)
+        });
+        if programmed {
+            return Ok((agent, started.elapsed()));
+        }
+        if let Some(status) = agent.exit_status()? {
+            bail!("agent exited ({status}); log tail:\n{}", agent.log_tail(20));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "agent did not program {services} services within {timeout:?}; log tail:\n{}",
+                agent.log_tail(20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A one-node topology with a client pod, a server pod holding the ten
+/// target endpoints, and one variant active.
+pub struct Bench {
+    // Drop order: agent, server, pins and files, then the namespaces.
+    _agent: Option<AgentProcess>,
+    _server: BenchServer,
+    _pins: Option<BpffsDir>,
+    _files: TempDir,
+    cluster: Cluster,
+    variant: Variant,
+    set: ServiceSet,
+}
+
+impl Bench {
+    pub fn start(variant: Variant, set: ServiceSet, agent: &AgentConfig) -> Result<Bench> {
+        let mut cluster = Cluster::with_prefix(PREFIX, 1)?;
+        cluster.add_pod(1, "client", CLIENT_POD_IP)?;
+        let server_if = cluster
+            .add_pod(1, "server", SERVER_POD_IP)?
+            .host_if()
+            .to_owned();
+        let node = cluster.node(1);
+        let server = cluster.pod("server")?;
+        for j in 1..ENDPOINTS_PER_SERVICE {
+            let addr = Ipv4Addr::from(u32::from(SERVER_POD_IP) + j);
+            server
+                .ns()
+                .ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+            node.ns().ip(&[
+                "route",
+                "add",
+                &format!("{addr}/32"),
+                "dev",
+                &server_if,
+                "scope",
+                "link",
+            ])?;
+        }
+        for ns in [cluster.pod("client")?.ns(), cluster.external()] {
+            ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+        }
+        let server = BenchServer::start(server.ns(), TARGET_PORT, 4)?;
+        let files = TempDir::new(PREFIX, "bench")?;
+        let mut agent_process = None;
+        let mut pins = None;
+        let node_ns = cluster.node(1).ns();
+        match variant {
+            Variant::Direct => {
+                // The external client reaches pods through the node, as a
+                // router with a route to the pod network would.
+                cluster.external().ip(&[
+                    "route",
+                    "add",
+                    "10.244.1.0/24",
+                    "via",
+                    &cluster.node_ip(1).to_string(),
+                    "dev",
+                    NODE_DEVICE,
+                ])?;
+            }
+            Variant::Ours => {
+                set.write_manifests(files.path())?;
+                let pin = BpffsDir::with_prefix(PREFIX)?;
+                let (process, _) = start_agent(
+                    agent,
+                    node_ns,
+                    files.path(),
+                    &pin,
+                    set.count,
+                    true,
+                    Duration::from_secs(600),
+                )?;
+                agent_process = Some(process);
+                pins = Some(pin);
+            }
+            Variant::Iptables => {
+                let path = write_file(
+                    files.path(),
+                    "rules.iptables",
+                    &kubeproxy::iptables_ruleset(&set),
+                )?;
+                run_timed_in(
+                    node_ns,
+                    "iptables-restore",
+                    &[&path.display().to_string()],
+                    Duration::from_secs(900),
+                )?;
+            }
+            Variant::Nftables => {
+                let path = write_file(files.path(), "rules.nft", &kubeproxy::nft_ruleset(&set))?;
+                run_timed_in(
+                    node_ns,
+                    "nft",
+                    &["-f", &path.display().to_string()],
+                    Duration::from_secs(900),
+                )?;
+            }
+        }
+        let bench = Bench {
+            _agent: agent_process,
+            _server: server,
+            _pins: pins,
+            _files: files,
+            cluster,
+            variant,
+            set,
+        };
+        let client = bench.client()?;
+        wait_until_answering(client, bench.cluster_ip_target(), Duration::from_secs(30))?;
+        wait_until_answering(
+            bench.cluster.external(),
+            bench.node_port_target(),
+            Duration::from_secs(30),
+        )?;
+        Ok(bench)
+    }
+
+    pub fn client(&self) -> Result<&NetNs> {
+        Ok(self.cluster.pod("client")?.ns())
+    }
+
+    pub fn external(&self) -> &NetNs {
+        self.cluster.external()
+    }
+
+    /// What the client pod connects to: the ClusterIP, or the pod directly.
+    pub fn cluster_ip_target(&self) -> SocketAddrV4 {
+        match self.variant {
+            Variant::Direct => SocketAddrV4::new(SERVER_POD_IP, TARGET_PORT),
+            _ => self.set.target_vip(),
+        }
+    }
+
+    /// What the external client connects to: the NodePort, or the pod.
+    pub fn node_port_target(&self) -> SocketAddrV4 {
+        match self.variant {
+            Variant::Direct => SocketAddrV4::new(SERVER_POD_IP, TARGET_PORT),
+            _ => SocketAddrV4::new(self.cluster.node_ip(1), NODE_PORT),
+        }
+    }
+}
+
+/// Time to load a ruleset with `program args` into a fresh namespace.
+pub fn time_load(program: &str, args: &[&str], timeout: Duration) -> Result<Duration> {
+    let ns = NetNs::with_prefix(PREFIX, "bench-load")?;
+    run_timed_in(&ns, program, args, timeout)
+}
+
+/// For `Command`-less callers: a command's stdout, trimmed, or "".
+pub fn command_output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
