@@ -386,3 +386,11 @@ pub mod objects {
         })
     }
 }
+
+/// Writes a manifest the way a careful tool does: a hidden temp file, then a
+/// rename, so the agent's directory watcher never reads half a file.
+pub fn write_manifest(dir: &std::path::Path, file: &str, content: &str) {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, content).expect("write manifest");
+    std::fs::rename(&tmp, dir.join(file)).expect("rename manifest");
+}
