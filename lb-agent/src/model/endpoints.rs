@@ -432,6 +432,11 @@ pub(super) fn select_backends(
     backends
 }
 
+/// Whether any slice of the service has an endpoint at all.
+pub(super) fn has_endpoints(slices: &[ParsedSlice]) -> bool {
+    slices.iter().any(|slice| !slice.endpoints.is_empty())
+}
+
 /// Ready endpoints of a service on this node (distinct addresses), what a
 /// healthCheckNodePort reports.
 pub(super) fn local_ready_endpoints(slices: &[ParsedSlice]) -> usize {

@@ -297,6 +297,19 @@ pub fn desired_tables(
         let service_slices = slices.parse_for_service(&service.service, node, &mut errors);
         for port in &service.ports {
             let candidates = endpoints::candidates_for_port(&service_slices, port);
+            if candidates.is_empty() && endpoints::has_endpoints(&service_slices) {
+                // The endpoints exist but none publishes this port: a named
+                // targetPort no pod defines. The port answers as a service
+                // without endpoints (connection refused).
+                errors.push(ModelError::new(
+                    &service.object,
+                    format!("{}.targetPort", port.field),
+                    format!(
+                        "no EndpointSlice of the service has a port named {:?} ({}); the port has no endpoints",
+                        port.name, port.protocol
+                    ),
+                ));
+            }
             for (frontend, kind) in service.frontends(port, node) {
                 if let Some(owner) = owners.get(&frontend) {
                     let field = match kind {

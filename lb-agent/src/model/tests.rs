@@ -208,7 +208,8 @@ fn slice_without_the_port_contributes_nothing() {
     ]
     .concat();
     let (tables, errors) = tables(&yaml);
-    assert_eq!(errors, []);
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["spec.ports[0].targetPort"], "{errors:?}");
     // Still a frontend: with no backend the datapath rejects the traffic.
     assert_eq!(spec(&tables, "10.96.0.20", 80, Protocol::Tcp).backends, []);
 }
@@ -411,7 +412,12 @@ fn bad_input_is_reported_and_contained() {
                     "x-bad",
                     "addressType: IPv4\nports: [{port: 70000}]\nendpoints: [{addresses: [10.0.9.1]}]",
                 ),
-            errors: vec![("EndpointSlice default/x-bad-1", "ports[0].port")],
+            // The slice's only port is refused, so the service port is
+            // reported as having no endpoint port either.
+            errors: vec![
+                ("EndpointSlice default/x-bad-1", "ports[0].port"),
+                ("Service default/x-bad", "spec.ports[0].targetPort"),
+            ],
             frontends: vec!["10.96.0.40:80/TCP"],
         },
         BadInputCase {
@@ -924,5 +930,23 @@ fn headless_slices_and_unknown_policies() {
             .is_empty(),
         "a slice labelled headless must not be used"
     );
+    assert_web_programmed(&tables);
+}
+
+#[test]
+fn a_named_port_no_endpoint_defines_is_reported() {
+    let yaml = format!(
+        "{WEB}{}{}",
+        service("named", "  clusterIP: 10.96.0.90\n  ports:\n  - {name: metrics, port: 9090, targetPort: metrics}"),
+        slice("named-1", "named", "addressType: IPv4\nports:\n- {name: http, port: 8080}\nendpoints:\n- addresses: [10.0.4.1]")
+    );
+    let (tables, errors) = tables(&yaml);
+    assert!(
+        errors.iter().any(|e| e.object == "Service default/named"
+            && e.field == "spec.ports[0].targetPort"
+            && e.message.contains("\"metrics\"")),
+        "{errors:?}"
+    );
+    assert!(spec(&tables, "10.96.0.90", 9090, Protocol::Tcp).backends.is_empty());
     assert_web_programmed(&tables);
 }
