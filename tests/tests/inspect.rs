@@ -41,6 +41,11 @@ struct Demo {
 
 impl Demo {
     fn start(test: &str) -> Demo {
+        Self::start_with(test, &[])
+    }
+
+    /// [`Demo::start`] with more agent arguments.
+    fn start_with(test: &str, agent_args: &[&str]) -> Demo {
         let mut cluster = Cluster::new(test, &PODS);
         let manifests = TempDir::new("lbt", "manifests").expect("manifest dir");
         let from = xtask::workspace_root().join("examples/manifests");
@@ -54,7 +59,12 @@ impl Demo {
                 .expect("copy manifest");
             }
         }
-        cluster.start_agent(&["--manifests".into(), manifests.path().display().to_string()]);
+        let mut args = vec![
+            "--manifests".to_owned(),
+            manifests.path().display().to_string(),
+        ];
+        args.extend(agent_args.iter().map(|a| a.to_string()));
+        cluster.start_agent(&args);
         cluster.wait_until_serving(SocketAddrV4::new(VIP, 80));
         Demo {
             cluster,
@@ -409,4 +419,30 @@ fn bpftool_dumps_of_the_inspection_maps_have_field_names() {
             );
         }
     }
+}
+
+#[test]
+fn bpf_log_prints_a_line_per_new_flow_only_with_the_flag() {
+    let mut demo = Demo::start_with(
+        "bpf_log_prints_a_line_per_new_flow_only_with_the_flag",
+        &["--bpf-log"],
+    );
+    demo.udp_from_port(44000);
+    demo.cluster
+        .agent_mut()
+        .wait_for_log(
+            &format!("new flow {CLIENT_IP}:44000 -> {VIP}:53"),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "no aya-log line for the flow: {e:#}\n{}",
+                demo.cluster.agent_log()
+            )
+        });
+    let config = lb_agent::datapath::KernelTables::open(demo.cluster.pins.path())
+        .expect("tables")
+        .config()
+        .expect("config");
+    assert_ne!(config.flags & lb_common::config::FLAG_LOG, 0);
 }

@@ -484,7 +484,7 @@ fn print_trace_line(row: &Value, format: Format) {
                 format!("DROP {}", text(&row["reason"]))
             };
             println!(
-                "{:>16.6} {:<8} {:<4} {:<21} -> {:<21} {:<22} {what}",
+                "{:>16.6} {:<8} {:<5} {:<21} -> {:<21} {:<22} {what}",
                 row["time_ns"].as_u64().unwrap_or(0) as f64 / 1e9,
                 text(&row["event"]),
                 text(&row["protocol"]),
@@ -527,7 +527,7 @@ fn trace(args: &Args, tables: &mut KernelTables, options: &TraceOptions) -> anyh
     );
     if args.output == Format::Table {
         println!(
-            "{:>16} {:<8} {:<4} {:<21}    {:<21} {:<22} RESULT",
+            "{:>16} {:<8} {:<5} {:<21}    {:<21} {:<22} RESULT",
             "TIME", "EVENT", "PROTO", "CLIENT", "FRONTEND", "SERVICE"
         );
     }

@@ -937,8 +937,15 @@ fn headless_slices_and_unknown_policies() {
 fn a_named_port_no_endpoint_defines_is_reported() {
     let yaml = format!(
         "{WEB}{}{}",
-        service("named", "  clusterIP: 10.96.0.90\n  ports:\n  - {name: metrics, port: 9090, targetPort: metrics}"),
-        slice("named-1", "named", "addressType: IPv4\nports:\n- {name: http, port: 8080}\nendpoints:\n- addresses: [10.0.4.1]")
+        service(
+            "named",
+            "  clusterIP: 10.96.0.90\n  ports:\n  - {name: metrics, port: 9090, targetPort: metrics}"
+        ),
+        slice(
+            "named-1",
+            "named",
+            "addressType: IPv4\nports:\n- {name: http, port: 8080}\nendpoints:\n- addresses: [10.0.4.1]"
+        )
     );
     let (tables, errors) = tables(&yaml);
     assert!(
@@ -947,6 +954,10 @@ fn a_named_port_no_endpoint_defines_is_reported() {
             && e.message.contains("\"metrics\"")),
         "{errors:?}"
     );
-    assert!(spec(&tables, "10.96.0.90", 9090, Protocol::Tcp).backends.is_empty());
+    assert!(
+        spec(&tables, "10.96.0.90", 9090, Protocol::Tcp)
+            .backends
+            .is_empty()
+    );
     assert_web_programmed(&tables);
 }
