@@ -1,6 +1,9 @@
 //! A minimal HTTP/1.1 responder for the agent's small endpoints (health
 //! checks, /healthz): one request per connection, no body, `Connection:
-//! close`. A broken or slow client costs only its own connection.
+//! close`. A broken or slow client costs only its own connection: a request
+//! is read up to [`MAX_REQUEST`] bytes, a connection lives at most
+//! [`CONNECTION_TIMEOUT`], and at most [`MAX_CONNECTIONS`] are served at
+//! once (more wait in the listen backlog).
 
 use std::{sync::Arc, time::Duration};
 
@@ -40,9 +43,21 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// Bytes of request line and headers read before answering.
+pub const MAX_REQUEST: usize = 16 * 1024;
+/// Connections served at once per server.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The longest a connection is served.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `listener` with `handler` until the task is dropped.
 pub async fn serve(listener: TcpListener, handler: Handler) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // A free slot first: beyond the limit, connections wait unaccepted.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
@@ -53,10 +68,11 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
         };
         let handler = handler.clone();
         tokio::spawn(async move {
-            let answer = tokio::time::timeout(Duration::from_secs(10), answer(stream, &handler));
+            let answer = tokio::time::timeout(CONNECTION_TIMEOUT, answer(stream, &handler));
             if let Ok(Err(error)) = answer.await {
                 log::debug!("http: connection: {error}");
             }
+            drop(slot);
         });
     }
 }
@@ -65,7 +81,7 @@ async fn answer(mut stream: TcpStream, handler: &Handler) -> std::io::Result<()>
     let mut request = Vec::new();
     let mut chunk = [0u8; 1024];
     // The request line and headers; these endpoints take no body.
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             break;
@@ -116,9 +132,95 @@ pub fn rfc3339(time: std::time::SystemTime) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, UNIX_EPOCH};
 
-    use super::rfc3339;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A server on 127.0.0.1 whose handler counts the requests it answers.
+    async fn counting_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let answered = Arc::new(AtomicUsize::new(0));
+        let count = answered.clone();
+        let handler: Handler = Arc::new(move |_, path| {
+            count.fetch_add(1, Ordering::SeqCst);
+            Response::json(200, format!("{{\"path\": {path:?}}}"))
+        });
+        tokio::spawn(serve(listener, handler));
+        (addr, answered)
+    }
+
+    async fn get(addr: std::net::SocketAddr, request: &[u8]) -> std::io::Result<String> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.write_all(request).await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_wait_and_are_served_later() {
+        let (addr, answered) = counting_server().await;
+        // MAX_CONNECTIONS clients that connect and say nothing.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        let waiting = tokio::spawn(get(addr, b"GET /healthz HTTP/1.0\r\n\r\n"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            answered.load(Ordering::SeqCst),
+            0,
+            "answered past the limit"
+        );
+        assert!(!waiting.is_finished());
+        // One idle client goes: the waiting one is served (bounded wait).
+        drop(idle.pop());
+        let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("served once a slot was free")
+            .expect("task")
+            .expect("answer");
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.ends_with("{\"path\": \"/healthz\"}"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_huge_request_is_cut_at_the_limit_and_answered() {
+        let (addr, answered) = counting_server().await;
+        // 1 MiB of header without an end: the server reads MAX_REQUEST
+        // bytes, answers, and closes; memory stays bounded.
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (mut reader, mut writer) = stream.into_split();
+        let mut request = b"GET /healthz HTTP/1.1\r\nX-Junk: ".to_vec();
+        request.resize(1024 * 1024, b'a');
+        // The server stops reading at the limit and closes: the write
+        // fails part way, which is the point.
+        let sender = tokio::spawn(async move { writer.write_all(&request).await });
+        let mut answer = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(10), reader.read_to_end(&mut answer)).await;
+        assert!(closed.is_ok(), "the connection was not closed");
+        let answer = String::from_utf8_lossy(&answer);
+        // The close may reset the connection before the answer is read.
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 200 OK"),
+            "{answer:?}"
+        );
+        assert_eq!(
+            answered.load(Ordering::SeqCst),
+            1,
+            "answered once, after the limit"
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(10), sender).await;
+        // And the server still serves others.
+        let answer = get(addr, b"GET /x HTTP/1.0\r\n\r\n").await.expect("answer");
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    }
 
     #[test]
     fn formats_rfc3339() {

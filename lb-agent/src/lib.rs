@@ -5,6 +5,7 @@ pub mod bpf_log;
 pub mod datapath;
 pub mod health;
 pub mod http;
+pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod node;

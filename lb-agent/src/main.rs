@@ -59,6 +59,10 @@ struct Args {
     /// NodePort numbers the cluster allows (kube-apiserver's --service-node-port-range).
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     service_node_port_range: std::ops::RangeInclusive<u16>,
+    /// A cgroup v2 directory: sockets of its processes get socket-level
+    /// balancing (connect/sendmsg time). Absent: off.
+    #[arg(long)]
+    socket_lb_cgroup: Option<PathBuf>,
     /// Where `/healthz` is served.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: SocketAddr,
@@ -142,6 +146,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut datapath = Datapath::load(&args.bpffs, sizes)?;
     let mut tables = datapath.take_tables()?;
+    if let Some(cgroup) = &args.socket_lb_cgroup {
+        datapath.attach_socket_lb(cgroup)?;
+        info!("socket-level balancing attached to {}", cgroup.display());
+    }
     lb_agent::bpf_log::set_flag(&mut tables, args.bpf_log)?;
     let bpf_log = if args.bpf_log {
         Some(lb_agent::bpf_log::spawn(&mut datapath)?)
@@ -205,6 +213,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut devices = DeviceTracker::default();
     devices.sync(&mut datapath, &args);
     let mut device_tick = tokio::time::interval(Duration::from_secs(1));
+    // A write that failed (a full map) is retried without waiting for an
+    // unrelated change: room may have come back.
+    let mut retry_tick = tokio::time::interval(APPLY_RETRY);
+    let mut apply_failed = false;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut stale_slots = Some(stale_slots);
@@ -221,6 +233,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let state = states.borrow_and_update().clone();
                 let (report, desired) = program(&state, &node, &mut programmer, &mut tables);
                 metrics.programmed(arrived, report.frontends, report.backends, report.errors.len());
+                apply_failed = !report.errors.is_empty();
+                retry_tick.reset();
+                count_full_maps(&metrics, &mut tables);
                 for e in health_checks.sync(&desired.health_checks).await {
                     error!("{e}");
                 }
@@ -255,6 +270,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     }
                 }
             }
+            _ = retry_tick.tick(), if apply_failed => {
+                if let Some(state) = &last_state {
+                    info!("retrying the writes that failed");
+                    let (report, desired) = program(state, &node, &mut programmer, &mut tables);
+                    apply_failed = !report.errors.is_empty();
+                    count_full_maps(&metrics, &mut tables);
+                    for e in health_checks.sync(&desired.health_checks).await {
+                        error!("{e}");
+                    }
+                }
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -270,6 +296,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     healthz_server.abort();
     info!("stopping; maps stay pinned under {}", args.bpffs.display());
     Ok(())
+}
+
+/// How soon writes that failed are tried again.
+const APPLY_RETRY: Duration = Duration::from_secs(5);
+
+/// Moves the kernel tables' full-map counts into `lb_map_full_total`.
+fn count_full_maps(metrics: &Metrics, tables: &mut KernelTables) {
+    for (map, count) in tables.take_map_full() {
+        metrics.map_full(map, count);
+    }
 }
 
 fn program(

@@ -42,6 +42,8 @@ pub const FILL_REFRESH: Duration = Duration::from_secs(2);
 
 /// Label set of the source metrics: the Kubernetes kind they are about.
 type KindLabel = Vec<(&'static str, String)>;
+/// Label set of the map metrics: the pinned map's name.
+type MapLabel = Vec<(&'static str, String)>;
 
 /// The agent's metrics. Cheap to share (`Arc`); every instrument is
 /// internally synchronised.
@@ -55,6 +57,8 @@ pub struct Metrics {
     source_errors: Family<KindLabel, Counter>,
     source_relists: Family<KindLabel, Counter>,
     source_bad_objects: Family<KindLabel, Counter>,
+    /// Inserts refused by a full map, by map name.
+    map_full: Family<MapLabel, Counter>,
     /// When the oldest change not yet programmed arrived.
     pending_since: Mutex<Option<Instant>>,
 }
@@ -111,6 +115,13 @@ impl Metrics {
             "Objects skipped because they do not match their schema, by kind",
             source_bad_objects.clone(),
         );
+        let map_full = Family::<MapLabel, Counter>::default();
+        registry.register(
+            "map_full",
+            "Map inserts refused because the map was full, by map; the service named in the log \
+             keeps its previous programming and is retried",
+            map_full.clone(),
+        );
         if let Some(collector) = datapath {
             registry.register_collector(Box::new(collector));
         }
@@ -123,6 +134,7 @@ impl Metrics {
             source_errors,
             source_relists,
             source_bad_objects,
+            map_full,
             pending_since: Mutex::new(None),
         }
     }
@@ -164,6 +176,13 @@ impl Metrics {
         self.source_bad_objects
             .get_or_create(&kind_label(kind))
             .inc();
+    }
+
+    /// `count` inserts into `map` were refused: the map is full.
+    pub fn map_full(&self, map: &str, count: u64) {
+        self.map_full
+            .get_or_create(&vec![("map", map.to_owned())])
+            .inc_by(count);
     }
 
     /// The OpenMetrics text of every metric.
@@ -380,6 +399,18 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line:?} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn full_maps_are_counted_by_name() {
+        let metrics = Metrics::new(None);
+        metrics.map_full("LB4_SLOTS_V1", 2);
+        metrics.map_full("LB4_SLOTS_V1", 1);
+        let text = metrics.encode().expect("encode");
+        assert!(
+            text.contains("lb_map_full_total{map=\"LB4_SLOTS_V1\"} 3"),
+            "{text}"
+        );
     }
 
     #[test]

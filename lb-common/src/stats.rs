@@ -62,6 +62,10 @@ pub enum Reason {
     DropNoNodeAddress = 23,
     /// A connection attempt to a ClusterIP on a port no frontend defines.
     DropUnknownPort = 24,
+    /// Socket-level balancing translated a connect() or a datagram.
+    SockTranslated = 8,
+    /// Socket-level balancing refused a connect() (no endpoint).
+    SockRefused = 25,
 }
 
 impl Reason {
@@ -69,7 +73,7 @@ impl Reason {
     pub const FIRST_DROP: u32 = 16;
 
     /// Every reason, for readers that list all counters.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 19] = [
         Reason::PassNotIpv4,
         Reason::PassOtherL4,
         Reason::PassFragment,
@@ -78,6 +82,7 @@ impl Reason {
         Reason::CtForward,
         Reason::CtReply,
         Reason::NewFlowAffinity,
+        Reason::SockTranslated,
         Reason::DropNoBackend,
         Reason::DropMalformed,
         Reason::DropCtFull,
@@ -87,6 +92,7 @@ impl Reason {
         Reason::DropSourceRange,
         Reason::DropNoNodeAddress,
         Reason::DropUnknownPort,
+        Reason::SockRefused,
     ];
 
     /// Stable name for metrics and `lbctl stats`.
@@ -100,6 +106,7 @@ impl Reason {
             Reason::CtForward => "ct_forward",
             Reason::CtReply => "ct_reply",
             Reason::NewFlowAffinity => "new_flow_affinity",
+            Reason::SockTranslated => "sock_translated",
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropMalformed => "drop_malformed",
             Reason::DropCtFull => "drop_ct_full",
@@ -109,6 +116,7 @@ impl Reason {
             Reason::DropSourceRange => "drop_source_range",
             Reason::DropNoNodeAddress => "drop_no_node_address",
             Reason::DropUnknownPort => "drop_unknown_port",
+            Reason::SockRefused => "sock_refused",
         }
     }
 
@@ -118,4 +126,4 @@ impl Reason {
     }
 }
 
-const _: () = assert!((Reason::DropUnknownPort as u32) < MAX_ENTRIES);
+const _: () = assert!((Reason::SockRefused as u32) < MAX_ENTRIES);

@@ -11,6 +11,7 @@ mod parse;
 mod policy;
 mod reject;
 mod service;
+mod sock;
 mod stats;
 mod trace;
 
@@ -18,8 +19,8 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     helpers::bpf_ktime_get_ns,
-    macros::{btf_map, classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{btf_map, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::{
     affinity::{self, Lb4Affinity, Lb4AffinityKey},
@@ -29,6 +30,7 @@ use lb_common::{
     member::{self, Lb4Member, Lb4MemberKey},
     service::{self as svc, Lb4Service, Lb4ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
+    sock::{self as sk, Lb4SockKey, Lb4SockRevnat},
     source_range::{self, Lb4SourceRange, Lb4SourceRangeKey},
     stats::{self as st, Counter, Reason},
 };
@@ -110,6 +112,36 @@ static LB_SERVICE_STATS_V1: LruPerCpuHashMap<
 /// Flow-trace events while `FLAG_TRACE` is set (`lbctl trace`).
 #[btf_map]
 static LB_TRACE_V1: RingBuf<TraceEvent, { tr::RING_BYTES as usize }> = RingBuf::new();
+
+/// Socket-level balancing: (socket cookie, backend) -> the service address.
+#[btf_map]
+static LB4_SOCK_REVNAT_V1: LruHashMap<Lb4SockKey, Lb4SockRevnat, { sk::MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// Socket-level balancing (`--socket-lb-cgroup`): connect() of TCP and
+/// connected UDP sockets to a service address.
+#[cgroup_sock_addr(connect4)]
+pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect4(&ctx)
+}
+
+/// Socket-level balancing: each datagram of an unconnected UDP socket.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg4(&ctx)
+}
+
+/// Socket-level balancing: replies of unconnected UDP show the service.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::recvmsg4(&ctx)
+}
+
+/// Socket-level balancing: getpeername() shows the service.
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::getpeername4(&ctx)
+}
 
 /// Where a packet entered, which decides the service semantics it gets.
 #[derive(Clone, Copy, PartialEq, Eq)]

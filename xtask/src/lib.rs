@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod demo;
 pub mod echo;
+pub mod fuzz;
 pub mod netns;
 pub mod setup;
 pub mod tempdir;

@@ -52,6 +52,12 @@ enum Task {
         #[arg(long, value_name = "DIR")]
         out: Option<std::path::PathBuf>,
     },
+    /// Run every cargo-fuzz target under fuzz/ (pinned nightly) for a while.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Remove namespaces, bpffs directories and temp directories left by
     /// tests and demos (`lbt-*`, `lbd-*`), and agents running inside them.
     Clean,
@@ -76,6 +82,7 @@ fn main() -> ExitCode {
             },
             out,
         }),
+        Task::Fuzz { seconds } => xtask::fuzz::fuzz(seconds),
         Task::Clean => {
             clean();
             Ok(())
@@ -108,7 +115,7 @@ fn test(test_args: &[String]) -> Result<()> {
     let mut cargo_test = vec!["test", "--workspace", "--", "--test-threads=1"];
     cargo_test.extend(test_args.iter().map(String::as_str));
 
-    let steps: [(&str, Vec<&str>); 5] = [
+    let steps: [(&str, Vec<&str>); 6] = [
         ("format", vec!["fmt", "--all", "--", "--check"]),
         (
             "clippy",
@@ -128,6 +135,12 @@ fn test(test_args: &[String]) -> Result<()> {
         (
             "bench smoke",
             vec!["run", "-p", "xtask", "--", "bench", "--smoke"],
+        ),
+        // A few seconds per fuzz target: proves they build and run, and
+        // catches shallow regressions (`cargo xtask fuzz` goes deeper).
+        (
+            "fuzz",
+            vec!["run", "-p", "xtask", "--", "fuzz", "--seconds", "5"],
         ),
     ];
     let mut totals = Tally::default();

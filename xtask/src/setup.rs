@@ -35,6 +35,7 @@ pub fn setup() -> Result<()> {
     install_debian_packages()?;
     install_toolchain()?;
     install_bpf_linker()?;
+    install_cargo_fuzz()?;
     mount_bpffs()?;
     Ok(())
 }
@@ -183,6 +184,31 @@ fn install_bpf_linker() -> Result<()> {
             ]),
     )
     .context("installing bpf-linker")?;
+    Ok(())
+}
+
+/// cargo-fuzz (`cargo xtask fuzz`); built with the stable toolchain, it
+/// drives the pinned nightly. 0.13.2 builds with Rust 1.95.
+fn install_cargo_fuzz() -> Result<()> {
+    let runs = find_program("cargo-fuzz").is_some_and(|fuzz| {
+        Command::new(fuzz)
+            .args(["fuzz", "--version"])
+            .output()
+            .is_ok_and(|output| output.status.success())
+    });
+    if runs {
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz 0.13.2");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run_checked(Command::new(cargo).args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        "0.13.2",
+        "--locked",
+    ]))
+    .context("installing cargo-fuzz")?;
     Ok(())
 }
 

@@ -46,6 +46,9 @@ pub struct KernelTables {
     pub service_names: HashMap<MapData, u32, LbServiceName>,
     /// Per-CPU counters per service id.
     pub service_stats: PerCpuHashMap<MapData, u32, LbServiceStats>,
+    /// Inserts refused because the map was full, by map name, since the
+    /// last [`KernelTables::take_map_full`] (`lb_map_full_total`).
+    full: BTreeMap<&'static str, u64>,
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
@@ -101,7 +104,36 @@ impl KernelTables {
                 .with_context(|| layout(service_name::NAME))?,
             service_stats: PerCpuHashMap::try_from(get(service_stats::NAME)?)
                 .with_context(|| layout(service_stats::NAME))?,
+            full: BTreeMap::new(),
         })
+    }
+
+    /// Inserts refused since the last call because the map was full, by
+    /// map name.
+    pub fn take_map_full(&mut self) -> BTreeMap<&'static str, u64> {
+        std::mem::take(&mut self.full)
+    }
+
+    /// An insert's result; a full map (E2BIG from hash maps, ENOSPC from
+    /// the LPM trie) is counted and named.
+    fn inserted(
+        &mut self,
+        map: &'static str,
+        result: Result<(), aya::maps::MapError>,
+    ) -> anyhow::Result<()> {
+        let Err(error) = result else {
+            return Ok(());
+        };
+        let full = matches!(
+            &error,
+            aya::maps::MapError::SyscallError(e)
+                if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
+        );
+        if full {
+            *self.full.entry(map).or_insert(0) += 1;
+            return Err(anyhow!(error).context(format!("map {map} is full")));
+        }
+        Err(error.into())
     }
 
     /// Every frontend entry.
@@ -203,25 +235,29 @@ impl KernelTables {
 
 impl TableWriter for KernelTables {
     fn put_service(&mut self, key: &Lb4ServiceKey, value: &Lb4Service) -> anyhow::Result<()> {
-        Ok(self.services.insert(key, value, 0)?)
+        let result = self.services.insert(key, value, 0);
+        self.inserted(service::NAME, result)
     }
     fn delete_service(&mut self, key: &Lb4ServiceKey) -> anyhow::Result<()> {
         Ok(self.services.remove(key)?)
     }
     fn put_slot(&mut self, key: &Lb4SlotKey, value: &Lb4Slot) -> anyhow::Result<()> {
-        Ok(self.slots.insert(key, value, 0)?)
+        let result = self.slots.insert(key, value, 0);
+        self.inserted(slot::NAME, result)
     }
     fn delete_slot(&mut self, key: &Lb4SlotKey) -> anyhow::Result<()> {
         Ok(self.slots.remove(key)?)
     }
     fn put_backend(&mut self, id: u32, value: &Lb4Backend) -> anyhow::Result<()> {
-        Ok(self.backends.insert(id, value, 0)?)
+        let result = self.backends.insert(id, value, 0);
+        self.inserted(backend::NAME, result)
     }
     fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
         Ok(self.backends.remove(&id)?)
     }
     fn put_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()> {
-        Ok(self.members.insert(key, Lb4Member { present: 1 }, 0)?)
+        let result = self.members.insert(key, Lb4Member { present: 1 }, 0);
+        self.inserted(member::NAME, result)
     }
     fn delete_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()> {
         Ok(self.members.remove(key)?)
@@ -241,9 +277,10 @@ impl TableWriter for KernelTables {
     }
     fn put_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
         let key = Key::new(SERVICE_ID_BITS + u32::from(range.prefix_len), range.key);
-        Ok(self
+        let result = self
             .source_ranges
-            .insert(&key, Lb4SourceRange { allow: 1 }, 0)?)
+            .insert(&key, Lb4SourceRange { allow: 1 }, 0);
+        self.inserted(source_range::NAME, result)
     }
     fn delete_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
         let key = Key::new(SERVICE_ID_BITS + u32::from(range.prefix_len), range.key);

@@ -16,13 +16,15 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::{XdpLink, XdpMode},
     },
 };
-use lb_common::{affinity, backend, config, conntrack, member, service, slot, source_range, stats};
+use lb_common::{
+    affinity, backend, config, conntrack, member, service, slot, sock, source_range, stats,
+};
 
 pub use devices::{accept_local_sources, glob_match, interface_addresses, list_interfaces};
 pub use maps::{KernelTables, StatsReader};
@@ -37,6 +39,17 @@ pub const TC_POD_PROGRAM: &str = "lb_tc_pod";
 pub const TC_NODE_PROGRAM: &str = "lb_tc_node";
 /// XDP program for node devices (traffic from the network).
 pub const XDP_NODE_PROGRAM: &str = "lb_xdp_node";
+
+/// The socket-level balancing programs (cgroup hooks), by name.
+pub const SOCK_PROGRAMS: [&str; 4] = [
+    "lb_sock_connect4",
+    "lb_sock_sendmsg4",
+    "lb_sock_recvmsg4",
+    "lb_sock_getpeername4",
+];
+
+/// cgroup2's statfs magic number.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// What a device is to the datapath.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,13 +99,14 @@ impl Default for MapSizes {
 }
 
 /// Every map the programs use, with its pinned name.
-pub const MAP_NAMES: [&str; 12] = [
+pub const MAP_NAMES: [&str; 13] = [
     service::NAME,
     slot::NAME,
     backend::NAME,
     conntrack::NAME,
     affinity::NAME,
     member::NAME,
+    sock::NAME,
     source_range::NAME,
     config::NAME,
     stats::NAME,
@@ -117,6 +131,7 @@ impl Datapath {
     pub fn load(bpffs: &Path, sizes: MapSizes) -> anyhow::Result<Self> {
         std::fs::create_dir_all(bpffs)
             .with_context(|| format!("creating the pin directory {}", bpffs.display()))?;
+        restrict_mode(bpffs, 0o700)?;
         let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, bpffs.join(n))).collect();
         let mut loader = EbpfLoader::new();
         loader
@@ -136,8 +151,20 @@ impl Datapath {
                 bpffs.display()
             )
         })?;
+        for (_, path) in &pins {
+            restrict_mode(path, 0o600)?;
+        }
         for name in [TC_POD_PROGRAM, TC_NODE_PROGRAM] {
             let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("verifying program {name}"))?;
+        }
+        for name in SOCK_PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
                 .try_into()?;
@@ -163,6 +190,52 @@ impl Datapath {
     /// Call once.
     pub fn bpf_logger(&mut self) -> anyhow::Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
         aya_log::EbpfLogger::init(&mut self.ebpf).context("starting aya-log for the programs")
+    }
+
+    /// Attaches socket-level balancing to the cgroup v2 directory `cgroup`
+    /// (`--socket-lb-cgroup`): sockets of processes in it are translated at
+    /// connect/sendmsg time. The links are pinned so the hooks stay while no
+    /// agent runs; a new agent attaches its own first (several programs may
+    /// run, a translated address is no service address any more, so nothing
+    /// is translated twice) and then drops the old pins.
+    pub fn attach_socket_lb(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+        let dir = std::fs::File::open(cgroup)
+            .with_context(|| format!("--socket-lb-cgroup {}: cannot open", cgroup.display()))?;
+        // SAFETY: statfs on a path we just opened; the struct is plain data.
+        let is_cgroup2 = unsafe {
+            let mut fs: libc::statfs = std::mem::zeroed();
+            let path = std::ffi::CString::new(cgroup.as_os_str().as_encoded_bytes())
+                .map_err(|_| anyhow!("--socket-lb-cgroup {}: NUL in path", cgroup.display()))?;
+            libc::statfs(path.as_ptr(), &mut fs) == 0 && fs.f_type as i64 == CGROUP2_SUPER_MAGIC
+        };
+        if !is_cgroup2 {
+            anyhow::bail!(
+                "--socket-lb-cgroup {}: not a cgroup v2 directory",
+                cgroup.display()
+            );
+        }
+        for name in SOCK_PROGRAMS {
+            let pin = self.bpffs.join(format!("link_cgroup_{name}"));
+            let old = PinnedLink::from_pin(&pin).ok();
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .try_into()?;
+            let id = program
+                // Links always coexist with other programs on the cgroup; the
+                // flags of the legacy attach modes must stay 0 for them.
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            let link: FdLink = program.take_link(id)?.try_into()?;
+            if let Some(old) = old {
+                // Dropping the pin (and our fd to it) detaches the old one.
+                let _ = old.unpin();
+            }
+            link.pin(&pin)
+                .with_context(|| format!("pinning the {name} link at {}", pin.display()))?;
+        }
+        Ok(())
     }
 
     /// The pin directory.
@@ -332,4 +405,12 @@ impl Datapath {
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
     }
+}
+
+/// Only root reads or writes the pins: the directory 0700, each map 0600
+/// (bpffs honours the mode on open of a pinned object).
+fn restrict_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", path.display()))
 }

@@ -119,6 +119,22 @@ impl Default for Programmer {
     }
 }
 
+/// The map key of an IPv4 frontend (`None` for IPv6, not served yet).
+fn service_key(frontend: &Frontend) -> Option<Lb4ServiceKey> {
+    let IpAddr::V4(addr) = frontend.addr else {
+        return None;
+    };
+    Some(Lb4ServiceKey {
+        addr: addr.octets(),
+        port: frontend.port,
+        proto: frontend.protocol.number(),
+        scope: match frontend.scope {
+            Scope::External => SCOPE_EXTERNAL,
+            Scope::Internal => SCOPE_INTERNAL,
+        },
+    })
+}
+
 fn kind_code(kind: FrontendKind) -> u32 {
     match kind {
         FrontendKind::ClusterIp => KIND_CLUSTER_IP,
@@ -198,7 +214,24 @@ impl Programmer {
     /// Writes what differs between `desired` and the maps.
     pub fn apply(&mut self, desired: &DesiredTables, maps: &mut impl TableWriter) -> ApplyReport {
         let mut report = ApplyReport::default();
-        let mut wanted = BTreeSet::new();
+        // Removals first: a full map then has the room they free for what
+        // this apply adds.
+        let wanted: BTreeSet<Lb4ServiceKey> =
+            desired.frontends.keys().filter_map(service_key).collect();
+        let stale: Vec<Lb4ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
+        for key in stale {
+            if let Err(e) = self.remove_service(&key, maps, &mut report) {
+                report.errors.push(format!(
+                    "removing frontend {:?}:{}/{}: {e:#}",
+                    key.addr, key.port, key.proto
+                ));
+            }
+        }
         for (frontend, spec) in &desired.frontends {
             let IpAddr::V4(addr) = frontend.addr else {
                 report.unsupported += 1;
@@ -213,7 +246,6 @@ impl Programmer {
                     Scope::Internal => SCOPE_INTERNAL,
                 },
             };
-            wanted.insert(key);
             let what = || format!("{} port {} ({frontend})", spec.service, spec.port_name);
             let has_internal = frontend.scope == Scope::External
                 && desired.frontends.contains_key(&Frontend {
@@ -238,31 +270,17 @@ impl Programmer {
             }
         }
 
-        let cluster_ips: BTreeSet<[u8; 4]> = desired
+        // ClusterIP -> its Service, for errors.
+        let cluster_ips: BTreeMap<[u8; 4], String> = desired
             .frontends
             .iter()
             .filter(|(f, spec)| f.scope == Scope::External && spec.kind == FrontendKind::ClusterIp)
-            .filter_map(|(f, _)| match f.addr {
-                IpAddr::V4(addr) => Some(addr.octets()),
+            .filter_map(|(f, spec)| match f.addr {
+                IpAddr::V4(addr) => Some((addr.octets(), spec.service.to_string())),
                 IpAddr::V6(_) => None,
             })
             .collect();
         self.sync_markers(&cluster_ips, maps, &mut report);
-
-        let stale: Vec<Lb4ServiceKey> = self
-            .services
-            .keys()
-            .filter(|k| !wanted.contains(k))
-            .copied()
-            .collect();
-        for key in stale {
-            if let Err(e) = self.remove_service(&key, maps, &mut report) {
-                report.errors.push(format!(
-                    "removing frontend {:?}:{}/{}: {e:#}",
-                    key.addr, key.port, key.proto
-                ));
-            }
-        }
         self.collect_backends(maps, &mut report);
         report.frontends = self.services.len();
         report.backends = self.backends.len();
@@ -522,7 +540,7 @@ impl Programmer {
     /// port defines.
     fn sync_markers(
         &mut self,
-        wanted: &BTreeSet<[u8; 4]>,
+        wanted: &BTreeMap<[u8; 4], String>,
         maps: &mut impl TableWriter,
         report: &mut ApplyReport,
     ) {
@@ -540,23 +558,32 @@ impl Programmer {
             flags: FLAG_ADDRESS,
             affinity_timeout: 0,
         };
-        for addr in wanted.difference(&self.markers.clone()) {
+        let stale: Vec<[u8; 4]> = self
+            .markers
+            .iter()
+            .filter(|addr| !wanted.contains_key(*addr))
+            .copied()
+            .collect();
+        for addr in &stale {
+            if maps.delete_service(&marker_key(*addr)).is_ok() {
+                report.writes += 1;
+            }
+            self.markers.remove(addr);
+        }
+        for (addr, service) in wanted {
+            if self.markers.contains(addr) {
+                continue;
+            }
             match maps.put_service(&marker_key(*addr), &marker) {
                 Ok(()) => {
                     report.writes += 1;
                     self.markers.insert(*addr);
                 }
                 Err(e) => report.errors.push(format!(
-                    "marking {} as a ClusterIP: {e:#}",
+                    "{service}: marking {} as a ClusterIP: {e:#}",
                     std::net::Ipv4Addr::from(*addr)
                 )),
             }
-        }
-        for addr in self.markers.clone().difference(wanted) {
-            if maps.delete_service(&marker_key(*addr)).is_ok() {
-                report.writes += 1;
-            }
-            self.markers.remove(addr);
         }
     }
 

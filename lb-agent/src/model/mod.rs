@@ -385,4 +385,6 @@ pub fn desired_tables(
 }
 
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod tests;

@@ -254,6 +254,37 @@ fn parse_file(
     state: &mut ClusterState,
     errors: &mut Vec<SourceError>,
 ) {
+    // serde_yaml 0.9 panics on some malformed input ("unexpected end of
+    // mapping", found by fuzzing): the file is then an error, not the end
+    // of the agent. Documents before the panic stay loaded, as after a
+    // syntax error.
+    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        parse_documents(path, contents, state, errors)
+    }));
+    if let Err(panic) = parsed {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        errors.push(SourceError {
+            file: path.to_owned(),
+            document: None,
+            item: None,
+            object: None,
+            problem: SourceProblem::Invalid(format!(
+                "the YAML parser gave up on this file: {message}"
+            )),
+        });
+    }
+}
+
+fn parse_documents(
+    path: &Path,
+    contents: &[u8],
+    state: &mut ClusterState,
+    errors: &mut Vec<SourceError>,
+) {
     let mut last_error = None;
     for (index, document) in serde_yaml::Deserializer::from_slice(contents).enumerate() {
         let mut place = Place {
@@ -551,6 +582,20 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, sender: watch::Sender<A
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_yaml_parser_panic_is_an_error_of_the_file() {
+        // Found by the manifest_model fuzz target: serde_yaml panics.
+        let input = include_bytes!("fuzz_regressions/serde_yaml_end_of_mapping.yaml");
+        let mut state = ClusterState::default();
+        let errors = parse_manifest(Path::new("crash.yaml"), input, &mut state);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.to_string().starts_with("crash.yaml")),
+            "{errors:?}"
+        );
+    }
 
     /// A scratch directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);

@@ -153,6 +153,42 @@ impl Loaded {
         Ok(took)
     }
 
+    /// Empties conntrack (earlier rounds' new flows would otherwise pile
+    /// up and, with SNAT, crowd the node address's ports towards one
+    /// backend), then re-establishes the mirror flow of both hooks.
+    fn reset_flows(&mut self) -> Result<()> {
+        let keys: Vec<_> = self.tables.conntrack.keys().collect::<Result<_, _>>()?;
+        for key in keys {
+            let _ = self.tables.conntrack.remove(&key);
+        }
+        for hook in [Hook::Xdp, Hook::Tc] {
+            let syn = established_packet(hook, SYN).emit();
+            let (verdict, _, _) = self.run(hook, &syn, 1)?;
+            ensure!(
+                verdict == hook.pass(),
+                "{}: mirror SYN dropped",
+                hook.name()
+            );
+        }
+        Ok(())
+    }
+
+    /// Every reason's counter, to name what moved in an error message.
+    fn snapshot(&self) -> Vec<(Reason, u64)> {
+        Reason::ALL
+            .iter()
+            .map(|reason| (*reason, self.count(*reason).unwrap_or(0)))
+            .collect()
+    }
+
+    fn moved(&self, before: &[(Reason, u64)]) -> Vec<Reason> {
+        before
+            .iter()
+            .filter(|(reason, count)| self.count(*reason).is_ok_and(|now| now != *count))
+            .map(|(reason, _)| *reason)
+            .collect()
+    }
+
     fn count(&self, reason: Reason) -> Result<u64> {
         Ok(self.tables.stats.get(reason)?.packets)
     }
@@ -402,6 +438,7 @@ fn measure_new_flows(
     let endpoints: Vec<Ipv4Addr> = (0..ENDPOINTS_PER_SERVICE)
         .map(|j| endpoint_addr(services - 1, j))
         .collect();
+    loaded.reset_flows()?;
     let before = loaded.count(Reason::NewFlow)?;
     let mut total_ns = 0u64;
     for k in 0..runs {
@@ -412,11 +449,13 @@ fn measure_new_flows(
         let src = Ipv4Addr::new(a, b, 100 + (index / 50_000) as u8, 3);
         let port = 10_000 + (index % 50_000) as u16;
         let frame = Packet::tcp((src, port), (target, SERVICE_PORT), SYN, b"").emit();
+        let snapshot = loaded.snapshot();
         let (verdict, out, ns) = loaded.run(hook, &frame, 1)?;
         ensure!(
             verdict == hook.pass(),
-            "{}: new flow not passed",
-            hook.name()
+            "{}: new flow {k} of {runs} not passed: {:?}",
+            hook.name(),
+            loaded.moved(&snapshot)
         );
         if k == 0 {
             let parsed = Packet::parse(&out).map_err(|e| anyhow::anyhow!(e))?;

@@ -187,7 +187,12 @@ pub struct Bench {
 }
 
 impl Bench {
-    pub fn start(variant: Variant, set: ServiceSet, agent: &AgentConfig) -> Result<Bench> {
+    pub fn start(
+        variant: Variant,
+        set: ServiceSet,
+        agent: &AgentConfig,
+        load_timeout: Duration,
+    ) -> Result<Bench> {
         let mut cluster = Cluster::with_prefix(PREFIX, 1)?;
         cluster.add_pod(1, "client", CLIENT_POD_IP)?;
         let server_if = cluster
@@ -243,7 +248,7 @@ impl Bench {
                     &pin,
                     set.count,
                     true,
-                    Duration::from_secs(600),
+                    load_timeout,
                 )?;
                 agent_process = Some(process);
                 pins = Some(pin);
@@ -258,7 +263,7 @@ impl Bench {
                     node_ns,
                     "iptables-restore",
                     &[&path.display().to_string()],
-                    Duration::from_secs(900),
+                    load_timeout,
                 )?;
             }
             Variant::Nftables => {
@@ -267,7 +272,7 @@ impl Bench {
                     node_ns,
                     "nft",
                     &["-f", &path.display().to_string()],
-                    Duration::from_secs(900),
+                    load_timeout,
                 )?;
             }
         }
@@ -313,12 +318,6 @@ impl Bench {
             _ => SocketAddrV4::new(self.cluster.node_ip(1), NODE_PORT),
         }
     }
-}
-
-/// Time to load a ruleset with `program args` into a fresh namespace.
-pub fn time_load(program: &str, args: &[&str], timeout: Duration) -> Result<Duration> {
-    let ns = NetNs::with_prefix(PREFIX, "bench-load")?;
-    run_timed_in(&ns, program, args, timeout)
 }
 
 /// For `Command`-less callers: a command's stdout, trimmed, or "".
