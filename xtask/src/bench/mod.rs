@@ -223,6 +223,36 @@ pub fn bench(options: &BenchOptions) -> Result<()> {
     println!("==> agent memory and CPU");
     agent_runs(&plan, &agent, &mut results, &mut notes)?;
 
+    if mode == Mode::Full {
+        // The robustness load in its full form (`cargo xtask test` runs it
+        // with 2000 services for 10 s): 10k services x 10 endpoints, 500
+        // endpoint changes per second for 60 s, traffic to an unchanged
+        // service must lose nothing.
+        println!("==> churn under load: 10k services, 500 changes/s for 60 s");
+        let status = cargo(&[
+            "test",
+            "--release",
+            "-p",
+            "lb-tests",
+            "--test",
+            "faults",
+            "endpoint_churn",
+            "--",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("LB_LOAD_SERVICES", "10000")
+        .env("LB_LOAD_SECONDS", "60")
+        .env("LB_AGENT_BIN", &agent.binary)
+        .status()
+        .context("starting the churn load")?;
+        if !status.success() {
+            notes.push(format!(
+                "churn under load (10k services, 60 s) failed: {status}"
+            ));
+        }
+    }
+
     let out = match &options.out {
         Some(dir) => dir.clone(),
         None if mode == Mode::Smoke => target_dir().join("bench-smoke"),
