@@ -305,6 +305,13 @@ const APPLY_RETRY: Duration = Duration::from_secs(5);
 fn count_full_maps(metrics: &Metrics, tables: &mut KernelTables) {
     for (map, count) in tables.take_map_full() {
         metrics.map_full(map, count);
+        // Also where `lbctl stats` can see it, with no agent to ask.
+        if let Err(e) = tables.stats.add_agent_map_full(count) {
+            warn!(
+                "counting refused inserts in {}: {e:#}",
+                lb_common::stats::NAME
+            );
+        }
     }
 }
 

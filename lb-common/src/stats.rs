@@ -23,6 +23,12 @@ assert_layout!(Counter, size = 16, packets = 0, bytes = 8);
 
 user_pod!(Counter);
 
+/// Not a packet reason: the slot where the agent counts map inserts it
+/// could not make because a map was full, so `lbctl stats` (which reads
+/// only the pinned maps) can report them. Written by user space on CPU 0.
+pub const AGENT_MAP_FULL: u32 = 40;
+const _: () = assert!(AGENT_MAP_FULL < MAX_ENTRIES);
+
 /// Why a packet got its verdict. Values below [`Reason::FIRST_DROP`] pass the
 /// packet on; the rest drop it. The discriminant is the counter's index.
 #[repr(u32)]

@@ -115,6 +115,26 @@ fn a_full_slot_map_refuses_one_service_keeps_the_rest_and_recovers() {
         map_full_count(&cluster, "LB4_SLOTS_V1") > 0,
         "lb_map_full_total not counted"
     );
+    // lbctl, reading only the pinned maps, reports it too.
+    let lbctl = std::env::var_os("LBCTL_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| xtask::debug_binary("lbctl"));
+    let out = std::process::Command::new(&lbctl)
+        .arg("--bpffs")
+        .arg(cluster.pins.path())
+        .args(["stats", "-o", "json"])
+        .output()
+        .expect("run lbctl");
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("lbctl json");
+    assert!(
+        stats["refused_by_full_maps"].as_u64().unwrap_or(0) > 0,
+        "lbctl stats does not report the refusal: {stats}"
+    );
+    let slots = stats["maps"]
+        .as_array()
+        .and_then(|maps| maps.iter().find(|m| m["map"] == "LB4_SLOTS_V1"))
+        .expect("slot map in lbctl stats");
+    assert_eq!(slots["capacity"], 4, "{slots}");
 
     // Room comes back: svc-b goes, svc-c is programmed with no other change.
     std::fs::remove_file(manifests.path().join("b.yaml")).expect("remove b.yaml");

@@ -363,7 +363,35 @@ fn counter_json(c: &Counter) -> Value {
     json!({ "packets": c.packets, "bytes": c.bytes })
 }
 
-fn stats(tables: &KernelTables, names: &Names) -> anyhow::Result<Value> {
+/// Entries and capacity of the maps the agent fills: a map at capacity
+/// refuses new services or backends (the agent logs and counts it, and
+/// keeps what is programmed).
+fn map_fill(tables: &KernelTables, bpffs: &std::path::Path) -> anyhow::Result<Vec<Value>> {
+    let counts = [
+        (lb_common::service::NAME, tables.services.keys().count()),
+        (lb_common::slot::NAME, tables.slots.keys().count()),
+        (lb_common::backend::NAME, tables.backends.keys().count()),
+        (lb_common::member::NAME, tables.members.keys().count()),
+        (lb_common::conntrack::NAME, tables.conntrack.keys().count()),
+        (lb_common::affinity::NAME, tables.affinity.keys().count()),
+    ];
+    counts
+        .iter()
+        .map(|(name, entries)| {
+            let info = aya::maps::MapInfo::from_pin(bpffs.join(name))
+                .with_context(|| format!("reading {name}"))?;
+            let capacity = info.max_entries() as usize;
+            Ok(json!({
+                "map": name,
+                "entries": entries,
+                "capacity": capacity,
+                "full": *entries >= capacity,
+            }))
+        })
+        .collect()
+}
+
+fn stats(tables: &KernelTables, names: &Names, bpffs: &std::path::Path) -> anyhow::Result<Value> {
     let reasons: Vec<Value> = tables
         .stats
         .all()?
@@ -402,6 +430,8 @@ fn stats(tables: &KernelTables, names: &Names) -> anyhow::Result<Value> {
         "verdicts": {"pass": counter_json(&verdicts[0]), "drop": counter_json(&verdicts[1])},
         "reasons": reasons,
         "services": services,
+        "maps": map_fill(tables, bpffs)?,
+        "refused_by_full_maps": tables.stats.agent_map_full()?,
     }))
 }
 
@@ -602,7 +632,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             Value::Array(conntrack(&tables, &names, service.as_deref(), *limit)?)
         }
         Command::Affinity => Value::Array(affinity_rows(&tables, &names)?),
-        Command::Stats => stats(&tables, &names)?,
+        Command::Stats => stats(&tables, &names, &args.bpffs)?,
         Command::Trace {
             service,
             client,
@@ -774,6 +804,30 @@ fn print_table(command: &Command, rows: &Value) {
                     "DROPPED",
                 ],
                 &services,
+            );
+            println!();
+            let maps: Vec<Vec<String>> = rows["maps"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .map(|m| {
+                    let full = if m["full"].as_bool() == Some(true) {
+                        "FULL"
+                    } else {
+                        ""
+                    };
+                    vec![
+                        text(&m["map"]),
+                        text(&m["entries"]),
+                        text(&m["capacity"]),
+                        full.to_string(),
+                    ]
+                })
+                .collect();
+            print_columns(&["MAP", "ENTRIES", "CAPACITY", ""], &maps);
+            println!(
+                "map inserts refused because a map was full: {}",
+                rows["refused_by_full_maps"]
             );
         }
         _ => {

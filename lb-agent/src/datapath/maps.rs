@@ -306,6 +306,24 @@ impl StatsReader {
         }))
     }
 
+    /// Map inserts the agent could not make because a map was full, over
+    /// the datapath's lifetime ([`lb_common::stats::AGENT_MAP_FULL`]).
+    pub fn agent_map_full(&self) -> anyhow::Result<u64> {
+        let per_cpu = self.0.get(&lb_common::stats::AGENT_MAP_FULL, 0)?;
+        Ok(per_cpu.iter().map(|c| c.packets).sum())
+    }
+
+    /// Adds `count` refused inserts to [`Self::agent_map_full`].
+    pub fn add_agent_map_full(&mut self, count: u64) -> anyhow::Result<()> {
+        let index = lb_common::stats::AGENT_MAP_FULL;
+        let mut per_cpu: Vec<Counter> = self.0.get(&index, 0)?.iter().copied().collect();
+        if let Some(first) = per_cpu.first_mut() {
+            first.packets += count;
+        }
+        let values = aya::maps::PerCpuValues::try_from(per_cpu)?;
+        Ok(self.0.set(index, values, 0)?)
+    }
+
     /// Every known reason with its summed counter.
     pub fn all(&self) -> anyhow::Result<Vec<(Reason, Counter)>> {
         Reason::ALL
