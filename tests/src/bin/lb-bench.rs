@@ -107,7 +107,8 @@ fn desired(services: u32) -> DesiredTables {
 fn sizes_for(services: u32) -> MapSizes {
     let backends = services * ENDPOINTS_PER_SERVICE + 1024;
     MapSizes {
-        services: services + 1024,
+        // A frontend and a ClusterIP address marker per service.
+        services: 2 * services + 1024,
         // Room for a second revision of every set during updates.
         slots: 2 * backends,
         backends,
