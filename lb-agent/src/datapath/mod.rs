@@ -139,6 +139,9 @@ impl Datapath {
             .map_max_entries(slot::NAME, sizes.slots)
             .map_max_entries(backend::NAME, sizes.backends)
             .map_max_entries(conntrack::NAME, sizes.conntrack)
+            // One membership per backend of a service: as many as the slots
+            // of one revision, so --max-slots bounds both.
+            .map_max_entries(member::NAME, sizes.slots)
             // One name and one counter entry per frontend.
             .map_max_entries(lb_common::service_name::NAME, sizes.services)
             .map_max_entries(lb_common::service_stats::NAME, sizes.services);
