@@ -429,21 +429,25 @@ impl Programmer {
             .map(|c| c.backend_ids.iter().copied().collect())
             .unwrap_or_default();
         let new_ids: BTreeSet<u32> = ids.iter().copied().collect();
+        // Slots first: they are the larger table, so a full map shows there.
+        if ids_changed && let Err(e) = write_slots(&entry, &ids, maps, &mut report.writes) {
+            undo(&added, maps);
+            return Err(e);
+        }
         for backend_id in new_ids.difference(&old_ids) {
             let member = Lb4MemberKey {
                 service_id,
                 backend_id: *backend_id,
             };
             if let Err(e) = maps.put_member(&member) {
+                if ids_changed {
+                    delete_slot_range(&entry, ids.len() as u32, maps, &mut report.writes);
+                }
                 undo(&added, maps);
                 return Err(e.context("writing a backend membership"));
             }
             added.push(Added::Member(member));
             report.writes += 1;
-        }
-        if ids_changed && let Err(e) = write_slots(&entry, &ids, maps, &mut report.writes) {
-            undo(&added, maps);
-            return Err(e);
         }
         if let Err(e) = maps.put_service(&key, &entry) {
             if ids_changed {
