@@ -4,11 +4,10 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
     time::Duration,
 };
 
-use lb_tests::cluster::{Cluster, spread};
+use lb_tests::cluster::{Cluster, spread, write_manifest};
 use xtask::{EchoServer, HoldConnection, TempDir, http_get, pod_of, udp_request};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -45,13 +44,6 @@ fn endpoint_slice(pods: &[(&str, Ipv4Addr)]) -> String {
         ));
     }
     yaml
-}
-
-/// Writes a manifest the way a careful tool does: a hidden temp file, then a rename.
-fn write_manifest(dir: &Path, file: &str, content: &str) {
-    let tmp = dir.join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, content).expect("write manifest");
-    std::fs::rename(&tmp, dir.join(file)).expect("rename manifest");
 }
 
 /// The shared cluster fed from a manifest directory holding the `echo`

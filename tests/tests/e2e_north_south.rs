@@ -5,11 +5,13 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
     time::{Duration, Instant},
 };
 
-use lb_tests::{cluster::agent_binary, require_root};
+use lb_tests::{
+    cluster::{agent_binary, write_manifest},
+    require_root,
+};
 use xtask::{
     AgentProcess, BpffsDir, Cluster, EchoServer, NODE_DEVICE, NetNs, TempDir, client_of, http_get,
     pod_of,
@@ -104,12 +106,6 @@ fn slices(local_pod: ((&str, Ipv4Addr), &str)) -> String {
         slice("lb-deny", &[(ECHO_A, "node-1")]),
     ]
     .concat()
-}
-
-fn write_manifest(dir: &Path, file: &str, content: &str) {
-    let tmp = dir.join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, content).expect("write manifest");
-    std::fs::rename(&tmp, dir.join(file)).expect("rename manifest");
 }
 
 struct TwoNodes {
