@@ -1,7 +1,7 @@
 //! `--bpf-log`: the programs' aya-log records (one debug line per new flow
 //! and per drop), forwarded to the agent's logger under the target
 //! `lb_ebpf`. Off by default and free when off: the programs log only while
-//! `FLAG_LOG` is set in `LB_CONFIG_V1`, which the agent sets at start with
+//! `FLAG_LOG` is set in `LB_CONFIG_V2`, which the agent sets at start with
 //! the flag and clears when it stops.
 
 use std::os::fd::AsRawFd;

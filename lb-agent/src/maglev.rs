@@ -201,7 +201,7 @@ pub fn build_table(
 /// slot order: what the agent rewrites when it updates a table in place
 /// (Katran's approach). Slots past the end of `old` count as changed; slots
 /// past the end of `new` are not reported (a table size change rewrites the
-/// whole table under a new revision anyway). Compare tables of backend ids,
+/// whole table under a new key anyway). Compare tables of backend ids,
 /// not of [`build_table`] indices: indices into two different backend lists
 /// are not comparable.
 pub fn diff(old: &[u32], new: &[u32]) -> Vec<(u32, u32)> {

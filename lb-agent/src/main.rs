@@ -78,10 +78,42 @@ struct Args {
     /// Capacity of the conntrack map (two entries per flow).
     #[arg(long, default_value_t = MapSizes::default().conntrack)]
     max_conntrack: u32,
+    /// How new flows pick a backend: `random` (kube-proxy's choice) or
+    /// `maglev` (consistent hashing of the 5-tuple: every node picks the
+    /// same backend for a flow, and a backend change moves few flows).
+    #[arg(long, value_enum, default_value_t = Algorithm::Random)]
+    lb_algorithm: Algorithm,
+    /// Slots of each frontend's Maglev table (a prime, larger than any
+    /// service's number of endpoints; ~100x that number for evenness).
+    #[arg(long, default_value_t = lb_common::maglev::DEFAULT_TABLE_SIZE,
+          value_parser = parse_table_size)]
+    maglev_table_size: u32,
+    /// Capacity of the Maglev table map, in chunks of 64 slots (a table
+    /// of M slots takes M/64 of them).
+    #[arg(long, default_value_t = MapSizes::default().maglev_chunks)]
+    max_maglev_chunks: u32,
     /// Forward the programs' aya-log output (a debug line per new flow and
     /// per drop) to this log, target `lb_ebpf`. Off by default: costly.
     #[arg(long)]
     bpf_log: bool,
+}
+
+/// `--lb-algorithm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Algorithm {
+    Random,
+    Maglev,
+}
+
+fn parse_table_size(value: &str) -> Result<u32, String> {
+    let size: u32 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number"))?;
+    // Any service with fewer endpoints than slots fits; the count is
+    // checked per service when its table is built.
+    lb_agent::maglev::validate_table_size(size, 0).map_err(|e| e.to_string())?;
+    Ok(size)
 }
 
 fn parse_cidr_arg(value: &str) -> Result<SourceRange, String> {
@@ -143,7 +175,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         slots: args.max_slots,
         backends: args.max_backends,
         conntrack: args.max_conntrack,
+        maglev_chunks: args.max_maglev_chunks,
     };
+    let maglev_table_size = (args.lb_algorithm == Algorithm::Maglev).then_some(args.maglev_table_size);
     let mut datapath = Datapath::load(&args.bpffs, sizes)?;
     let mut tables = datapath.take_tables()?;
     if let Some(cgroup) = &args.socket_lb_cgroup {
@@ -156,12 +190,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    let (mut programmer, stale_slots) = Programmer::adopt(
+    let (programmer, stale_slots) = Programmer::adopt(
         tables.dump_services()?,
         &tables.dump_slots()?,
         tables.dump_backends()?,
         tables.dump_source_ranges()?,
     );
+    let mut programmer = programmer.with_maglev(maglev_table_size);
+    let stale_chunks = programmer.adopt_maglev(tables.dump_maglev()?);
+    // Before the first apply: tables of another size are never read.
+    let mut config = tables.config()?;
+    config.maglev_table_size = maglev_table_size.unwrap_or(0);
+    tables
+        .set_config(&config)
+        .with_context(|| format!("writing the Maglev table size into {}", lb_common::config::NAME))?;
+    match maglev_table_size {
+        Some(m) => info!("new flows pick backends by Maglev (table size {m})"),
+        None => info!("new flows pick backends at random"),
+    }
     info!(
         "datapath loaded, maps pinned under {} ({} frontends adopted)",
         args.bpffs.display(),
@@ -219,7 +265,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut apply_failed = false;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut stale_slots = Some(stale_slots);
+    let mut stale_slots = Some((stale_slots, stale_chunks));
     let mut last_state: Option<Arc<ClusterState>> = None;
 
     loop {
@@ -254,8 +300,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 // Only after the first full program: slots an interrupted
                 // update of a previous agent left behind.
-                if let Some(stale) = stale_slots.take() {
-                    for e in programmer.delete_slots(&stale, &mut tables) {
+                if let Some((slots, chunks)) = stale_slots.take() {
+                    let mut errors = programmer.delete_slots(&slots, &mut tables);
+                    errors.extend(programmer.delete_maglev_chunks(&chunks, &mut tables));
+                    for e in errors {
                         warn!("cleaning up after the previous agent: {e}");
                     }
                 }
@@ -377,10 +425,11 @@ fn refresh_addresses(
         "node addresses: NodePorts on {:?}, SNAT from {:?}",
         found.nodeport, found.snat4
     );
-    // Read-modify-write: the flags belong to others (`lbctl trace`, --bpf-log).
+    // Read-modify-write: the flags belong to others (`lbctl trace`,
+    // --bpf-log), the Maglev table size was set at start.
     let config = lb_common::config::LbConfig {
         node_addr4: found.snat4.map_or([0; 4], |a| a.octets()),
-        flags: tables.config().map_or(0, |c| c.flags),
+        ..tables.config().unwrap_or_default()
     };
     if let Err(e) = tables.set_config(&config) {
         error!(

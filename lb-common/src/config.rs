@@ -1,4 +1,4 @@
-//! `LB_CONFIG_V1`: node-wide settings the agent writes once and the programs
+//! `LB_CONFIG_V2`: node-wide settings the agent writes once and the programs
 //! read per packet (a one-entry array).
 
 use bytemuck::{Pod, Zeroable};
@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::{assert_layout, user_pod};
 
 /// Pinned name of the config map.
-pub const NAME: &str = "LB_CONFIG_V1";
+pub const NAME: &str = "LB_CONFIG_V2";
 /// One entry, at index 0.
 pub const MAX_ENTRIES: u32 = 1;
 
@@ -29,7 +29,17 @@ pub struct LbConfig {
     pub node_addr4: [u8; 4],
     /// `FLAG_*` bits.
     pub flags: u32,
+    /// M of every Maglev table ([`crate::maglev`]); 0 when the agent runs
+    /// without `--lb-algorithm maglev`. Part of each table's key, so tables
+    /// built for another size are never read.
+    pub maglev_table_size: u32,
 }
-assert_layout!(LbConfig, size = 8, node_addr4 = 0, flags = 4);
+assert_layout!(
+    LbConfig,
+    size = 12,
+    node_addr4 = 0,
+    flags = 4,
+    maglev_table_size = 8
+);
 
 user_pod!(LbConfig);

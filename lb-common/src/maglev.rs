@@ -1,8 +1,8 @@
-//! `LB4_MAGLEV_V1`: Maglev lookup tables, (service id, revision, chunk) ->
+//! `LB4_MAGLEV_V1`: Maglev lookup tables, (service id, table size, chunk) ->
 //! 64 backend ids; and [`flow_hash`], the 5-tuple hash both sides use to
 //! pick a slot.
 //!
-//! A Maglev service (flagged [`FLAG_MAGLEV`]) picks the backend of a new
+//! A Maglev service (flagged [`crate::service::FLAG_MAGLEV`]) picks the backend of a new
 //! flow as `table[flow_hash(5-tuple) % M]`, where the agent builds the table
 //! of M (prime) slots from the backends' addresses and ports only. Every node
 //! builds the same table from the same EndpointSlice and hashes a flow the
@@ -28,7 +28,7 @@
 //!   object's template, and the agent must create, pin and adopt one inner
 //!   map per service;
 //! - **chosen**: a hash map whose value holds [`CHUNK_SLOTS`] consecutive
-//!   slots. It keeps the slot map's revision scheme and its adoption code,
+//!   slots. It keeps the slot map's key shape and its adoption code,
 //!   M stays a run-time setting, a full table is `M / 64` writes, and the
 //!   per-entry overhead is ~25% instead of ~1700% (~80 KB per table at
 //!   M = 16381). The hash-of-maps is the upgrade path if tables ever need
@@ -44,22 +44,27 @@
 //!
 //! # Updating a table
 //!
-//! - **switch** (the slot map's rule): every chunk under `revision + 1`,
-//!   then the service entry, then delete the old revision's chunks. A packet
-//!   sees the old table or the new one; `2 x chunk_count(M)` entries for
-//!   the service while it is in flight.
-//! - **in place** (Katran's): rewrite only the chunks that hold changed
-//!   slots (`lb_agent::maglev::{diff, changed_chunks}`) under the current
-//!   revision, after new backends are written and before removed ones are
-//!   deleted. Each chunk update is atomic (the kernel links a new element
-//!   in place of the old one); a packet may see some chunks new and others
-//!   old, which is harmless here: every slot names a live backend and
-//!   established flows follow conntrack. It needs a revision that does not
-//!   move with the slot map's (`Lb4Service::revision` does today).
+//! Tables are keyed by (service id, M, chunk) and rewritten **in place**
+//! (Katran's approach): when a service's backends change, the agent writes
+//! the new backends, then only the chunks that hold changed slots
+//! (`lb_agent::maglev::{diff, changed_chunks}`), then the service entry,
+//! and deletes removed backends last. Each chunk update is atomic (the
+//! kernel links a new element in place of the old one); a packet may see
+//! some chunks new and others old, which is harmless: every slot names a
+//! live backend and established flows follow conntrack. The slot map keeps
+//! its revision switch, so random selection and the fallback below always
+//! see a consistent set.
+//!
+//! The table size is part of the key and comes from
+//! [`crate::config::LbConfig::maglev_table_size`], so a table built for
+//! another M (an agent restarted with a new `--maglev-table-size`) is never
+//! read with the wrong modulus: the lookup misses and the datapath falls
+//! back to a random slot until the new table is written. A missing chunk, a
+//! zero slot or a backend id that no longer resolves falls back the same
+//! way, so a half-written table never drops a packet.
 //!
 //! Capacity is in chunks: `MAX_ENTRIES` must cover, over all Maglev
-//! services, `chunk_count(M)` per table, twice for services whose switch is
-//! in flight (old and new revision side by side).
+//! services, `chunk_count(M)` per frontend.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -67,10 +72,12 @@ use crate::{assert_layout, conntrack::Lb4CtKey, user_pod};
 
 /// Pinned name of the IPv4 Maglev table map.
 pub const NAME: &str = "LB4_MAGLEV_V1";
-/// Default capacity, in chunks: 4096 tables of M = 16381 (2048 Maglev
-/// services with a switch in flight each). A bound, not an allocation, with
-/// `BPF_F_NO_PREALLOC`: each existing chunk costs ~320 bytes.
-pub const MAX_ENTRIES: u32 = 1 << 20;
+/// Default capacity, in chunks (agent `--max-maglev-chunks`): 1024
+/// frontends' tables at M = 16381. Mostly a bound, not an allocation, with
+/// `BPF_F_NO_PREALLOC`: each existing chunk costs ~320 bytes, and the
+/// kernel allocates only the bucket array up front (16 bytes per entry of
+/// capacity, 4 MiB here).
+pub const MAX_ENTRIES: u32 = 1 << 18;
 
 /// Slots per map entry. A power of two, so the slot within a chunk is a mask
 /// the verifier sees as bounded.
@@ -82,26 +89,20 @@ pub const DEFAULT_TABLE_SIZE: u32 = 16381;
 /// Largest table size the agent accepts (the largest Cilium offers).
 pub const MAX_TABLE_SIZE: u32 = 131_071;
 
-/// Suggested `Lb4Service::flags` bit: pick new flows' backends by Maglev
-/// instead of at random. It belongs in `crate::service` beside the other
-/// `FLAG_*` bits (the next free one); it lives here until it is moved
-/// there.
-pub const FLAG_MAGLEV: u32 = 32;
-
 /// Number of chunks of a table of `table_size` slots.
 pub const fn chunk_count(table_size: u32) -> u32 {
     table_size.div_ceil(CHUNK_SLOTS)
 }
 
-/// Key of one chunk of one service revision's table.
+/// Key of one chunk of one frontend's table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct Lb4MaglevKey {
     /// [`crate::service::Lb4Service::service_id`].
     pub service_id: u32,
-    /// [`crate::service::Lb4Service::revision`]: a new table is written
-    /// beside the old one and the service entry switches to it.
-    pub revision: u32,
+    /// M, the table size the table was built for
+    /// ([`crate::config::LbConfig::maglev_table_size`]).
+    pub table_size: u32,
     /// `slot / CHUNK_SLOTS`, `0..chunk_count(M)`.
     pub chunk: u32,
 }
@@ -109,7 +110,7 @@ assert_layout!(
     Lb4MaglevKey,
     size = 12,
     service_id = 0,
-    revision = 4,
+    table_size = 4,
     chunk = 8
 );
 

@@ -33,6 +33,9 @@ pub const FLAG_ADDRESS: u32 = 8;
 /// Connection attempts to a frontend with no usable backend are answered
 /// with ICMP port unreachable (kube-proxy's REJECT) instead of dropped.
 pub const FLAG_REJECT_EMPTY: u32 = 16;
+/// New flows pick their backend from the frontend's Maglev table
+/// (`LB4_MAGLEV_V1`, [`crate::maglev`]) instead of a random slot.
+pub const FLAG_MAGLEV: u32 = 32;
 
 /// Lookup key of a frontend.
 #[repr(C)]

@@ -28,6 +28,11 @@ user_pod!(Counter);
 /// only the pinned maps) can report them. Written by user space on CPU 0.
 pub const AGENT_MAP_FULL: u32 = 40;
 const _: () = assert!(AGENT_MAP_FULL < MAX_ENTRIES);
+/// Not a packet reason: the slot where the agent counts the sockets it
+/// destroyed because their socket-level backend left the service (UDP
+/// sockets connected to a removed backend). Written by user space on CPU 0.
+pub const AGENT_SOCK_DESTROYED: u32 = 41;
+const _: () = assert!(AGENT_SOCK_DESTROYED < MAX_ENTRIES);
 
 /// Why a packet got its verdict. Values below [`Reason::FIRST_DROP`] pass the
 /// packet on; the rest drop it. The discriminant is the counter's index.
@@ -50,6 +55,8 @@ pub enum Reason {
     CtReply = 6,
     /// First packet of a flow: the client's session-affinity backend.
     NewFlowAffinity = 7,
+    /// First packet of a flow: the backend came from the Maglev table.
+    NewFlowMaglev = 9,
     /// The service has no usable backend.
     DropNoBackend = 16,
     /// A header ended before the packet did.
@@ -79,7 +86,7 @@ impl Reason {
     pub const FIRST_DROP: u32 = 16;
 
     /// Every reason, for readers that list all counters.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::PassNotIpv4,
         Reason::PassOtherL4,
         Reason::PassFragment,
@@ -88,6 +95,7 @@ impl Reason {
         Reason::CtForward,
         Reason::CtReply,
         Reason::NewFlowAffinity,
+        Reason::NewFlowMaglev,
         Reason::SockTranslated,
         Reason::DropNoBackend,
         Reason::DropMalformed,
@@ -112,6 +120,7 @@ impl Reason {
             Reason::CtForward => "ct_forward",
             Reason::CtReply => "ct_reply",
             Reason::NewFlowAffinity => "new_flow_affinity",
+            Reason::NewFlowMaglev => "new_flow_maglev",
             Reason::SockTranslated => "sock_translated",
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropMalformed => "drop_malformed",

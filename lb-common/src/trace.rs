@@ -26,6 +26,8 @@ pub const SELECT_RANDOM: u8 = 1;
 pub const SELECT_AFFINITY: u8 = 2;
 /// Random among node-local backends only (externalTrafficPolicy Local).
 pub const SELECT_LOCAL: u8 = 3;
+/// The service's Maglev table named the backend (`hash(5-tuple) % M`).
+pub const SELECT_MAGLEV: u8 = 4;
 
 /// The packet came from a pod-facing device.
 pub const HOOK_POD: u8 = 1;

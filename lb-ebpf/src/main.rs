@@ -16,7 +16,7 @@ mod stats;
 mod trace;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     helpers::bpf_ktime_get_ns,
     macros::{btf_map, cgroup_sock_addr, classifier, xdp},
@@ -27,6 +27,7 @@ use lb_common::{
     backend::{self, Lb4Backend},
     config::{self, LbConfig},
     conntrack::{self, DIR_FORWARD, Lb4CtEntry, Lb4CtKey},
+    maglev::{self, Lb4MaglevChunk, Lb4MaglevKey},
     member::{self, Lb4Member, Lb4MemberKey},
     service::{self as svc, Lb4Service, Lb4ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
@@ -87,9 +88,21 @@ static LB4_SRC_RANGES_V1: LpmTrie<
     { source_range::MAX_ENTRIES as usize },
 > = LpmTrie::new();
 
+/// Maglev lookup tables: (service id, M, chunk) -> 64 slots' backend ids.
+/// Not preallocated: memory goes only to the chunks that exist, and a
+/// replaced chunk is freed after an RCU grace period, never reused under a
+/// reader (see `lb_common::maglev`).
+#[btf_map]
+static LB4_MAGLEV_V1: HashMap<
+    Lb4MaglevKey,
+    Lb4MaglevChunk,
+    { maglev::MAX_ENTRIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
 /// Node-wide settings (index 0).
 #[btf_map]
-static LB_CONFIG_V1: Array<LbConfig, { config::MAX_ENTRIES as usize }> = Array::new();
+static LB_CONFIG_V2: Array<LbConfig, { config::MAX_ENTRIES as usize }> = Array::new();
 
 /// Per-CPU packet/byte counters indexed by [`Reason`].
 #[btf_map]
@@ -305,10 +318,10 @@ fn balance_new_flow(
         len,
         now,
     )?;
-    let reason = if choice.by_affinity {
-        Reason::NewFlowAffinity
-    } else {
-        Reason::NewFlow
+    let reason = match choice.how {
+        service::Selection::Affinity => Reason::NewFlowAffinity,
+        service::Selection::Maglev => Reason::NewFlowMaglev,
+        service::Selection::Random => Reason::NewFlow,
     };
     Ok((reason, Action::forward(Translation::of(flow, &entry))))
 }

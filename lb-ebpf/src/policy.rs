@@ -10,7 +10,7 @@ use lb_common::{
     stats::Reason,
 };
 
-use crate::{Hook, LB_CONFIG_V1, LB4_SRC_RANGES_V1, ct::Snat};
+use crate::{Hook, LB_CONFIG_V2, LB4_SRC_RANGES_V1, ct::Snat};
 
 /// Drops a new flow whose client is outside the service's
 /// loadBalancerSourceRanges.
@@ -46,7 +46,7 @@ fn needs_snat(service: &Lb4Service, backend: &Lb4Backend, hook: Hook) -> bool {
 /// The node address SNAT uses; a node without one cannot SNAT.
 #[inline(always)]
 fn node_addr() -> Result<[u8; 4], Reason> {
-    match LB_CONFIG_V1.get(0) {
+    match LB_CONFIG_V2.get(0) {
         Some(config) if config.node_addr4 != [0; 4] => Ok(config.node_addr4),
         _ => Err(Reason::DropNoNodeAddress),
     }

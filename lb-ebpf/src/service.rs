@@ -1,14 +1,16 @@
-//! Service lookup and backend selection (random, or the client's session
-//! affinity backend).
+//! Service lookup and backend selection: the client's session affinity
+//! backend, else the frontend's Maglev table (when it has one), else a
+//! random slot.
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_prandom_u32};
 use lb_common::{
     affinity::{Lb4Affinity, Lb4AffinityKey},
     backend::Lb4Backend,
     conntrack::Lb4CtKey,
+    maglev::{CHUNK_SLOTS, Lb4MaglevKey, flow_hash},
     member::Lb4MemberKey,
     service::{
-        FLAG_ADDRESS, FLAG_HAS_INTERNAL, FLAG_LOCAL_ONLY, Lb4Service, Lb4ServiceKey,
+        FLAG_ADDRESS, FLAG_HAS_INTERNAL, FLAG_LOCAL_ONLY, FLAG_MAGLEV, Lb4Service, Lb4ServiceKey,
         SCOPE_EXTERNAL, SCOPE_INTERNAL,
     },
     slot::Lb4SlotKey,
@@ -16,7 +18,8 @@ use lb_common::{
 };
 
 use crate::{
-    Hook, LB4_AFFINITY_V1, LB4_BACKENDS_V1, LB4_MEMBERS_V1, LB4_SERVICES_V1, LB4_SLOTS_V1,
+    Hook, LB_CONFIG_V2, LB4_AFFINITY_V1, LB4_BACKENDS_V1, LB4_MAGLEV_V1, LB4_MEMBERS_V1,
+    LB4_SERVICES_V1, LB4_SLOTS_V1,
 };
 
 /// The service whose frontend is the flow's destination, if any, in the
@@ -53,17 +56,27 @@ pub fn is_service_address(flow: &Lb4CtKey) -> bool {
     unsafe { LB4_SERVICES_V1.get(key) }.is_some_and(|s| s.flags & FLAG_ADDRESS != 0)
 }
 
-/// A chosen backend, and whether session affinity chose it.
+/// How a backend was chosen.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    Random,
+    Affinity,
+    Maglev,
+}
+
+/// A chosen backend, and how it was chosen.
 pub struct Choice {
     pub backend_id: u32,
     pub backend: Lb4Backend,
-    pub by_affinity: bool,
+    pub how: Selection,
 }
 
 /// Picks the backend of a new flow: the client's affinity backend while it
 /// is younger than the service's timeout and still a member of the service,
-/// else one uniformly at random among the slots (then remembered for
-/// affinity).
+/// else (a Maglev frontend) `table[flow_hash(5-tuple) % M]`, else one
+/// uniformly at random among the slots; then remembered for affinity. A
+/// Maglev table that is missing or names a backend that is gone (a table
+/// being rewritten, another M) falls back to the random slot: never a drop.
 #[inline(always)]
 pub fn select_backend(service: &Lb4Service, flow: &Lb4CtKey, now: u64) -> Result<Choice, Reason> {
     if service.backend_count == 0 {
@@ -82,16 +95,18 @@ pub fn select_backend(service: &Lb4Service, flow: &Lb4CtKey, now: u64) -> Result
     {
         return Ok(choice);
     }
-    let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
-    let key = Lb4SlotKey {
-        service_id: service.service_id,
-        revision: service.revision,
-        slot,
+    let maglev = if service.flags & FLAG_MAGLEV != 0 {
+        maglev_backend(service, flow)
+    } else {
+        None
     };
-    let backend_id = unsafe { LB4_SLOTS_V1.get(key) }
-        .ok_or(Reason::DropBackendMissing)?
-        .backend_id;
-    let backend = *unsafe { LB4_BACKENDS_V1.get(backend_id) }.ok_or(Reason::DropBackendMissing)?;
+    let (backend_id, backend, how) = match maglev {
+        Some((id, backend)) => (id, backend, Selection::Maglev),
+        None => {
+            let (id, backend) = random_backend(service)?;
+            (id, backend, Selection::Random)
+        }
+    };
     if service.affinity_timeout != 0 {
         let entry = Lb4Affinity {
             backend_id,
@@ -104,8 +119,48 @@ pub fn select_backend(service: &Lb4Service, flow: &Lb4CtKey, now: u64) -> Result
     Ok(Choice {
         backend_id,
         backend,
-        by_affinity: false,
+        how,
     })
+}
+
+/// One of the service's slots, uniformly at random.
+#[inline(always)]
+fn random_backend(service: &Lb4Service) -> Result<(u32, Lb4Backend), Reason> {
+    let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
+    let key = Lb4SlotKey {
+        service_id: service.service_id,
+        revision: service.revision,
+        slot,
+    };
+    let backend_id = unsafe { LB4_SLOTS_V1.get(key) }
+        .ok_or(Reason::DropBackendMissing)?
+        .backend_id;
+    let backend = *unsafe { LB4_BACKENDS_V1.get(backend_id) }.ok_or(Reason::DropBackendMissing)?;
+    Ok((backend_id, backend))
+}
+
+/// The backend the frontend's Maglev table gives this 5-tuple, the same on
+/// every node that has the same EndpointSlice.
+#[inline(always)]
+fn maglev_backend(service: &Lb4Service, flow: &Lb4CtKey) -> Option<(u32, Lb4Backend)> {
+    let table_size = LB_CONFIG_V2.get(0)?.maglev_table_size;
+    if table_size == 0 {
+        return None;
+    }
+    let slot = flow_hash(flow) % table_size;
+    let key = Lb4MaglevKey {
+        service_id: service.service_id,
+        table_size,
+        chunk: slot / CHUNK_SLOTS,
+    };
+    let chunk = unsafe { LB4_MAGLEV_V1.get(key) }?;
+    // A power-of-two mask: the verifier sees the index in bounds.
+    let backend_id = chunk.backend_ids[(slot & (CHUNK_SLOTS - 1)) as usize];
+    if backend_id == 0 {
+        return None;
+    }
+    let backend = *unsafe { LB4_BACKENDS_V1.get(backend_id) }?;
+    Some((backend_id, backend))
 }
 
 #[inline(always)]
@@ -129,6 +184,6 @@ fn affinity_backend(service: &Lb4Service, key: &Lb4AffinityKey, now: u64) -> Opt
     Some(Choice {
         backend_id,
         backend,
-        by_affinity: true,
+        how: Selection::Affinity,
     })
 }

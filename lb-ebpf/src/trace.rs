@@ -15,11 +15,11 @@ use lb_common::{
     stats::Reason,
     trace::{
         EVENT_DROP, EVENT_NEW_FLOW, HOOK_NETWORK, HOOK_POD, SELECT_AFFINITY, SELECT_LOCAL,
-        SELECT_NONE, SELECT_RANDOM,
+        SELECT_MAGLEV, SELECT_NONE, SELECT_RANDOM,
     },
 };
 
-use crate::{Hook, LB_CONFIG_V1, LB_TRACE_V1};
+use crate::{Hook, LB_CONFIG_V2, LB_TRACE_V1};
 
 /// What processing learned about a packet, for per-service counters and
 /// tracing. Zero ids mean "not known" (ids start at 1).
@@ -62,11 +62,14 @@ impl Observation {
 /// Emits the trace event and log line of a new flow or a drop, if enabled.
 #[inline(always)]
 pub fn record<C: EbpfContext>(ctx: &C, obs: &Observation, reason: Reason, hook: Hook) {
-    let new_flow = matches!(reason, Reason::NewFlow | Reason::NewFlowAffinity);
+    let new_flow = matches!(
+        reason,
+        Reason::NewFlow | Reason::NewFlowAffinity | Reason::NewFlowMaglev
+    );
     if !new_flow && !reason.is_drop() {
         return;
     }
-    let flags = match LB_CONFIG_V1.get(0) {
+    let flags = match LB_CONFIG_V2.get(0) {
         Some(config) => config.flags,
         None => return,
     };
@@ -75,6 +78,7 @@ pub fn record<C: EbpfContext>(ctx: &C, obs: &Observation, reason: Reason, hook: 
     }
     let selection = match reason {
         Reason::NewFlowAffinity => SELECT_AFFINITY,
+        Reason::NewFlowMaglev => SELECT_MAGLEV,
         _ if new_flow => obs.selection,
         _ => SELECT_NONE,
     };

@@ -17,6 +17,7 @@ use lb_common::{
     backend::{self, Lb4Backend},
     config::{self, LbConfig},
     conntrack::{self, Lb4CtEntry, Lb4CtKey},
+    maglev::{self, Lb4MaglevChunk, Lb4MaglevKey},
     member::{self, Lb4Member, Lb4MemberKey},
     service::{self, Lb4Service, Lb4ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
@@ -41,6 +42,8 @@ pub struct KernelTables {
     pub config: Array<MapData, LbConfig>,
     pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
     pub members: HashMap<MapData, Lb4MemberKey, Lb4Member>,
+    /// Maglev tables, (service id, M, chunk) -> 64 slots.
+    pub maglev: HashMap<MapData, Lb4MaglevKey, Lb4MaglevChunk>,
     pub stats: StatsReader,
     /// Service id -> Kubernetes namespace/name/port (written, never read, by the programs' side).
     pub service_names: HashMap<MapData, u32, LbServiceName>,
@@ -97,6 +100,7 @@ impl KernelTables {
             affinity: HashMap::try_from(get(affinity::NAME)?)
                 .with_context(|| layout(affinity::NAME))?,
             members: HashMap::try_from(get(member::NAME)?).with_context(|| layout(member::NAME))?,
+            maglev: HashMap::try_from(get(maglev::NAME)?).with_context(|| layout(maglev::NAME))?,
             stats: StatsReader(
                 PerCpuArray::try_from(get(stats::NAME)?).with_context(|| layout(stats::NAME))?,
             ),
@@ -203,6 +207,33 @@ impl KernelTables {
         Ok(flushed)
     }
 
+    /// Every Maglev table chunk.
+    pub fn dump_maglev(&self) -> anyhow::Result<BTreeMap<Lb4MaglevKey, Lb4MaglevChunk>> {
+        Ok(self.maglev.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// One frontend's Maglev table of `table_size` slots, a backend id per
+    /// slot (0 where a chunk is missing); `None` when it has no chunk.
+    pub fn maglev_table(&self, service_id: u32, table_size: u32) -> Option<Vec<u32>> {
+        let mut table = vec![0u32; table_size as usize];
+        let mut found = false;
+        for chunk in 0..maglev::chunk_count(table_size) {
+            let key = Lb4MaglevKey {
+                service_id,
+                table_size,
+                chunk,
+            };
+            let Ok(value) = self.maglev.get(&key, 0) else {
+                continue;
+            };
+            found = true;
+            let start = (chunk * maglev::CHUNK_SLOTS) as usize;
+            let end = (start + maglev::CHUNK_SLOTS as usize).min(table.len());
+            table[start..end].copy_from_slice(&value.backend_ids[..end - start]);
+        }
+        found.then_some(table)
+    }
+
     /// Every session-affinity entry.
     pub fn dump_affinity(&self) -> anyhow::Result<Vec<(Lb4AffinityKey, Lb4Affinity)>> {
         Ok(self.affinity.iter().collect::<Result<_, _>>()?)
@@ -286,6 +317,17 @@ impl TableWriter for KernelTables {
         let key = Key::new(SERVICE_ID_BITS + u32::from(range.prefix_len), range.key);
         Ok(self.source_ranges.remove(&key)?)
     }
+    fn put_maglev_chunk(
+        &mut self,
+        key: &Lb4MaglevKey,
+        value: &Lb4MaglevChunk,
+    ) -> anyhow::Result<()> {
+        let result = self.maglev.insert(key, value, 0);
+        self.inserted(maglev::NAME, result)
+    }
+    fn delete_maglev_chunk(&mut self, key: &Lb4MaglevKey) -> anyhow::Result<()> {
+        Ok(self.maglev.remove(key)?)
+    }
 }
 
 /// Reads the per-CPU counters, summed over CPUs.
@@ -309,13 +351,31 @@ impl StatsReader {
     /// Map inserts the agent could not make because a map was full, over
     /// the datapath's lifetime ([`lb_common::stats::AGENT_MAP_FULL`]).
     pub fn agent_map_full(&self) -> anyhow::Result<u64> {
-        let per_cpu = self.0.get(&lb_common::stats::AGENT_MAP_FULL, 0)?;
-        Ok(per_cpu.iter().map(|c| c.packets).sum())
+        self.agent_count(lb_common::stats::AGENT_MAP_FULL)
     }
 
     /// Adds `count` refused inserts to [`Self::agent_map_full`].
     pub fn add_agent_map_full(&mut self, count: u64) -> anyhow::Result<()> {
-        let index = lb_common::stats::AGENT_MAP_FULL;
+        self.add_agent_count(lb_common::stats::AGENT_MAP_FULL, count)
+    }
+
+    /// Sockets the agent destroyed because their socket-level backend left
+    /// the service ([`lb_common::stats::AGENT_SOCK_DESTROYED`]).
+    pub fn agent_sock_destroyed(&self) -> anyhow::Result<u64> {
+        self.agent_count(lb_common::stats::AGENT_SOCK_DESTROYED)
+    }
+
+    /// Adds `count` to [`Self::agent_sock_destroyed`].
+    pub fn add_agent_sock_destroyed(&mut self, count: u64) -> anyhow::Result<()> {
+        self.add_agent_count(lb_common::stats::AGENT_SOCK_DESTROYED, count)
+    }
+
+    fn agent_count(&self, index: u32) -> anyhow::Result<u64> {
+        let per_cpu = self.0.get(&index, 0)?;
+        Ok(per_cpu.iter().map(|c| c.packets).sum())
+    }
+
+    fn add_agent_count(&mut self, index: u32, count: u64) -> anyhow::Result<()> {
         let mut per_cpu: Vec<Counter> = self.0.get(&index, 0)?.iter().copied().collect();
         if let Some(first) = per_cpu.first_mut() {
             first.packets += count;

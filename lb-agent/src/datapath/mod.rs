@@ -23,7 +23,7 @@ use aya::{
     },
 };
 use lb_common::{
-    affinity, backend, config, conntrack, member, service, slot, sock, source_range, stats,
+    affinity, backend, config, conntrack, maglev, member, service, slot, sock, source_range, stats,
 };
 
 pub use devices::{accept_local_sources, glob_match, interface_addresses, list_interfaces};
@@ -85,6 +85,8 @@ pub struct MapSizes {
     pub slots: u32,
     pub backends: u32,
     pub conntrack: u32,
+    /// Maglev table chunks (64 slots each).
+    pub maglev_chunks: u32,
 }
 
 impl Default for MapSizes {
@@ -94,18 +96,20 @@ impl Default for MapSizes {
             slots: slot::MAX_ENTRIES,
             backends: backend::MAX_ENTRIES,
             conntrack: conntrack::MAX_ENTRIES,
+            maglev_chunks: maglev::MAX_ENTRIES,
         }
     }
 }
 
 /// Every map the programs use, with its pinned name.
-pub const MAP_NAMES: [&str; 13] = [
+pub const MAP_NAMES: [&str; 14] = [
     service::NAME,
     slot::NAME,
     backend::NAME,
     conntrack::NAME,
     affinity::NAME,
     member::NAME,
+    maglev::NAME,
     sock::NAME,
     source_range::NAME,
     config::NAME,
@@ -139,6 +143,7 @@ impl Datapath {
             .map_max_entries(slot::NAME, sizes.slots)
             .map_max_entries(backend::NAME, sizes.backends)
             .map_max_entries(conntrack::NAME, sizes.conntrack)
+            .map_max_entries(maglev::NAME, sizes.maglev_chunks)
             // One membership per backend of a service: as many as the slots
             // of one revision, so --max-slots bounds both.
             .map_max_entries(member::NAME, sizes.slots)

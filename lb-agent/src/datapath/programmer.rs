@@ -7,6 +7,12 @@
 //! deleted. A packet therefore sees the old set or the new one, never a mix.
 //! Ids are stable: a frontend keeps its service id and a backend (address,
 //! port, protocol) its backend id for as long as they are programmed.
+//!
+//! With Maglev on ([`Programmer::with_maglev`]), each frontend also has a
+//! lookup table of M slots built from its backends' addresses and ports
+//! (`crate::maglev`); it is rewritten in place, only the chunks that hold
+//! changed slots, after new backends are written and before the service
+//! entry (see `lb_common::maglev` for why that order is safe).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,9 +22,11 @@ use std::{
 use lb_common::service_name::LbServiceName;
 use lb_common::{
     backend::{FLAG_LOCAL, FLAG_TERMINATING, Lb4Backend},
+    maglev::{Lb4MaglevChunk, Lb4MaglevKey, chunk_count},
     member::Lb4MemberKey,
     service::{
-        FLAG_ADDRESS, FLAG_HAS_INTERNAL, FLAG_LOCAL_ONLY, FLAG_SOURCE_RANGES, KIND_CLUSTER_IP,
+        FLAG_ADDRESS, FLAG_HAS_INTERNAL, FLAG_LOCAL_ONLY, FLAG_MAGLEV, FLAG_SOURCE_RANGES,
+        KIND_CLUSTER_IP,
         KIND_EXTERNAL_IP, KIND_LOAD_BALANCER, KIND_NODE_PORT, Lb4Service, Lb4ServiceKey,
         SCOPE_EXTERNAL, SCOPE_INTERNAL,
     },
@@ -26,6 +34,7 @@ use lb_common::{
     source_range::Lb4SourceRangeKey,
 };
 
+use crate::maglev::{self, BackendIdentity};
 use crate::model::{DesiredTables, Frontend, FrontendKind, FrontendSpec, Scope};
 
 /// Where the programmer writes; the kernel maps in production, a recording
@@ -43,6 +52,13 @@ pub trait TableWriter {
     /// An allowed client range of a service: (service id, network) / length.
     fn put_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()>;
     fn delete_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()>;
+    /// One chunk of a frontend's Maglev table.
+    fn put_maglev_chunk(
+        &mut self,
+        key: &Lb4MaglevKey,
+        value: &Lb4MaglevChunk,
+    ) -> anyhow::Result<()>;
+    fn delete_maglev_chunk(&mut self, key: &Lb4MaglevKey) -> anyhow::Result<()>;
     // Inspection (issue 6): the Kubernetes name of each service id, read
     // by lbctl only. Defaults do nothing, so fakes need not care.
     /// Records which Service (and port) a service id was programmed from.
@@ -87,6 +103,13 @@ struct ProgrammedService {
     entry: Lb4Service,
     backend_ids: Vec<u32>,
     ranges: Vec<SourceRangeEntry>,
+    /// The Maglev table as the map holds it, a backend id per slot (its
+    /// length is M); empty when the frontend has none.
+    maglev: Vec<u32>,
+    /// Whether `maglev` is known to be the table of `backend_ids`: false
+    /// for a table adopted from a previous agent, which the first apply
+    /// rebuilds (and rewrites where it differs).
+    maglev_checked: bool,
 }
 
 /// Backend identity: what makes two endpoints the same backend.
@@ -104,6 +127,8 @@ pub struct Programmer {
     /// Inspection only: names written to the service-name map, by service
     /// id. Empty after `adopt`, so a restarted agent writes each name once.
     names: BTreeMap<u32, LbServiceName>,
+    /// M of every frontend's Maglev table; `None`: random selection.
+    maglev_table_size: Option<u32>,
 }
 
 impl Default for Programmer {
@@ -115,6 +140,7 @@ impl Default for Programmer {
             next_service_id: 1,
             next_backend_id: 1,
             names: BTreeMap::new(),
+            maglev_table_size: None,
         }
     }
 }
@@ -145,6 +171,70 @@ fn kind_code(kind: FrontendKind) -> u32 {
 }
 
 impl Programmer {
+    /// Gives every frontend a Maglev table of `table_size` slots (a prime,
+    /// checked by the caller with [`maglev::validate_table_size`]); `None`
+    /// keeps random selection. Call before the first apply, after
+    /// [`Self::adopt`] and before [`Self::adopt_maglev`].
+    pub fn with_maglev(mut self, table_size: Option<u32>) -> Self {
+        self.maglev_table_size = table_size;
+        self
+    }
+
+    /// Takes over the Maglev tables a previous agent left pinned: chunks of
+    /// this agent's table size for adopted frontends become their image
+    /// (rebuilt and compared by the first apply, so only differences are
+    /// written). Returns the chunks nobody will use (another table size, a
+    /// frontend that is gone, Maglev now off), to delete with
+    /// [`Self::delete_maglev_chunks`] after the first apply.
+    pub fn adopt_maglev(
+        &mut self,
+        chunks: impl IntoIterator<Item = (Lb4MaglevKey, Lb4MaglevChunk)>,
+    ) -> Vec<Lb4MaglevKey> {
+        let by_id: BTreeMap<u32, Lb4ServiceKey> = self
+            .services
+            .iter()
+            .map(|(key, s)| (s.entry.service_id, *key))
+            .collect();
+        let mut stale = Vec::new();
+        for (key, chunk) in chunks {
+            let service = match self.maglev_table_size {
+                Some(m) if key.table_size == m && key.chunk < chunk_count(m) => by_id
+                    .get(&key.service_id)
+                    .and_then(|k| self.services.get_mut(k)),
+                _ => None,
+            };
+            let Some(service) = service else {
+                stale.push(key);
+                continue;
+            };
+            let m = key.table_size as usize;
+            if service.maglev.len() != m {
+                // Missing chunks read as "no backend": the apply writes them.
+                service.maglev = vec![0; m];
+            }
+            let start = key.chunk as usize * chunk.backend_ids.len();
+            let end = (start + chunk.backend_ids.len()).min(m);
+            service.maglev[start..end].copy_from_slice(&chunk.backend_ids[..end - start]);
+        }
+        stale
+    }
+
+    /// Deletes Maglev chunks no frontend uses (from [`Self::adopt_maglev`]).
+    pub fn delete_maglev_chunks(
+        &self,
+        stale: &[Lb4MaglevKey],
+        maps: &mut impl TableWriter,
+    ) -> Vec<String> {
+        stale
+            .iter()
+            .filter_map(|k| {
+                maps.delete_maglev_chunk(k)
+                    .err()
+                    .map(|e| format!("Maglev chunk {k:?}: {e:#}"))
+            })
+            .collect()
+    }
+
     /// Rebuilds the image from maps a previous agent left pinned, so that the
     /// first apply rewrites only what changed and ids stay the same. Slots
     /// of other revisions (a half-finished update) are deleted by the apply.
@@ -195,6 +285,8 @@ impl Programmer {
                     entry,
                     backend_ids,
                     ranges,
+                    maglev: Vec::new(),
+                    maglev_checked: false,
                 },
             );
         }
@@ -393,6 +485,11 @@ impl Programmer {
             flags |= FLAG_SOURCE_RANGES;
         }
         let ids_changed = current.as_ref().is_none_or(|c| c.backend_ids != ids);
+        let old_table: &[u32] = current.as_ref().map_or(&[], |c| &c.maglev);
+        let table = self.plan_maglev(current.as_ref(), spec, &ids, ids_changed, report);
+        if !matches!(table, TablePlan::None) {
+            flags |= FLAG_MAGLEV;
+        }
         let old_revision = current.as_ref().map_or(0, |c| c.entry.revision);
         let entry = Lb4Service {
             service_id,
@@ -410,7 +507,15 @@ impl Programmer {
             .as_ref()
             .map(|c| c.ranges.clone())
             .unwrap_or_default();
-        if current.as_ref().is_some_and(|c| c.entry == entry) && old_ranges == ranges {
+        let table_unchanged = match &table {
+            TablePlan::Keep => true,
+            TablePlan::None => old_table.is_empty(),
+            TablePlan::Write(_) => false,
+        };
+        if current.as_ref().is_some_and(|c| c.entry == entry)
+            && old_ranges == ranges
+            && table_unchanged
+        {
             return Ok(());
         }
 
@@ -449,14 +554,32 @@ impl Programmer {
             added.push(Added::Member(member));
             report.writes += 1;
         }
-        if let Err(e) = maps.put_service(&key, &entry) {
+        // The table after the backends it names, before the entry that
+        // turns it on.
+        if let TablePlan::Write(new_table) = &table
+            && let Err(e) = write_table(service_id, old_table, new_table, maps, &mut report.writes)
+        {
             if ids_changed {
                 delete_slot_range(&entry, ids.len() as u32, maps, &mut report.writes);
             }
             undo(&added, maps);
             return Err(e);
         }
-        report.writes += 1;
+        let entry_changed = current.as_ref().is_none_or(|c| c.entry != entry);
+        if entry_changed && let Err(e) = maps.put_service(&key, &entry) {
+            if let TablePlan::Write(new_table) = &table {
+                restore_table(service_id, old_table, new_table, maps);
+            }
+            if ids_changed {
+                delete_slot_range(&entry, ids.len() as u32, maps, &mut report.writes);
+            }
+            undo(&added, maps);
+            return Err(e);
+        }
+        report.writes += usize::from(entry_changed);
+        if matches!(table, TablePlan::None) {
+            delete_table(service_id, old_table, maps, &mut report.writes);
+        }
         // Switched: now what only the old entry used can go.
         if ids_changed && let Some(old) = &current {
             delete_slot_range(
@@ -484,15 +607,79 @@ impl Programmer {
         if current.is_none() {
             self.next_service_id += 1;
         }
+        let maglev = match table {
+            TablePlan::Write(new_table) => new_table,
+            TablePlan::Keep => current.map(|c| c.maglev).unwrap_or_default(),
+            TablePlan::None => Vec::new(),
+        };
         self.services.insert(
             key,
             ProgrammedService {
                 entry,
                 backend_ids: ids,
                 ranges,
+                maglev,
+                maglev_checked: true,
             },
         );
         Ok(())
+    }
+
+    /// What a frontend's Maglev table needs: none (Maglev off, no
+    /// backends, or a table that cannot be built, reported as an error and
+    /// served at random), the programmed one as it is, or a new one.
+    fn plan_maglev(
+        &self,
+        current: Option<&ProgrammedService>,
+        spec: &FrontendSpec,
+        ids: &[u32],
+        ids_changed: bool,
+        report: &mut ApplyReport,
+    ) -> TablePlan {
+        let Some(table_size) = self.maglev_table_size else {
+            return TablePlan::None;
+        };
+        if ids.is_empty() {
+            return TablePlan::None;
+        }
+        if let Some(c) = current
+            && !ids_changed
+            && c.maglev_checked
+            && c.maglev.len() == table_size as usize
+        {
+            return TablePlan::Keep;
+        }
+        // The same order as `ids` (`ensure_backends` keeps IPv4 backends).
+        let identities: Vec<BackendIdentity> = spec
+            .backends
+            .iter()
+            .filter(|b| b.addr.is_ipv4())
+            .map(|b| BackendIdentity {
+                addr: b.addr,
+                port: b.port,
+            })
+            .collect();
+        match maglev::build_table(&identities, table_size) {
+            Ok(indices) => {
+                let table: Vec<u32> = indices
+                    .iter()
+                    .map(|&i| ids.get(i as usize).copied().unwrap_or(0))
+                    .collect();
+                // An adopted table that is already right stays as it is.
+                if current.is_some_and(|c| c.maglev == table) {
+                    TablePlan::Keep
+                } else {
+                    TablePlan::Write(table)
+                }
+            }
+            Err(e) => {
+                report.errors.push(format!(
+                    "{} port {}: {e}; its new flows are balanced at random",
+                    spec.service, spec.port_name
+                ));
+                TablePlan::None
+            }
+        }
     }
 
     fn remove_service(
@@ -511,6 +698,7 @@ impl Programmer {
         }
         report.writes += 1;
         let entry = current.entry;
+        delete_table(entry.service_id, &current.maglev, maps, &mut report.writes);
         // Inspection only; a name already gone is what we want.
         self.names.remove(&entry.service_id);
         let _ = maps.delete_service_name(entry.service_id);
@@ -635,6 +823,83 @@ impl Programmer {
     }
 }
 
+/// See [`Programmer::plan_maglev`].
+enum TablePlan {
+    None,
+    Keep,
+    Write(Vec<u32>),
+}
+
+fn chunk_key(service_id: u32, table: &[u32], chunk: u32) -> Lb4MaglevKey {
+    Lb4MaglevKey {
+        service_id,
+        table_size: table.len() as u32,
+        chunk,
+    }
+}
+
+/// Rewrites the chunks of a Maglev table that hold slots where `new`
+/// differs from `old` (all of them for a first table). On a failure the
+/// chunks already written are put back, so the map holds `old` again.
+fn write_table(
+    service_id: u32,
+    old: &[u32],
+    new: &[u32],
+    maps: &mut impl TableWriter,
+    writes: &mut usize,
+) -> anyhow::Result<()> {
+    // A table of another size has other keys: nothing to compare with.
+    let old = if old.len() == new.len() { old } else { &[] };
+    let chunks = maglev::changed_chunks(&maglev::diff(old, new));
+    for (done, chunk) in chunks.iter().enumerate() {
+        let key = chunk_key(service_id, new, *chunk);
+        if let Err(e) = maps.put_maglev_chunk(&key, &maglev::chunk_value(new, *chunk)) {
+            for chunk in &chunks[..done] {
+                restore_chunk(service_id, old, new, *chunk, maps);
+            }
+            return Err(e.context(format!("writing Maglev table chunk {chunk}")));
+        }
+        *writes += 1;
+    }
+    Ok(())
+}
+
+/// Puts `old` back where [`write_table`] wrote `new` (best effort).
+fn restore_table(service_id: u32, old: &[u32], new: &[u32], maps: &mut impl TableWriter) {
+    let old = if old.len() == new.len() { old } else { &[] };
+    for chunk in maglev::changed_chunks(&maglev::diff(old, new)) {
+        restore_chunk(service_id, old, new, chunk, maps);
+    }
+}
+
+fn restore_chunk(
+    service_id: u32,
+    old: &[u32],
+    new: &[u32],
+    chunk: u32,
+    maps: &mut impl TableWriter,
+) {
+    let key = chunk_key(service_id, new, chunk);
+    let _ = if old.is_empty() {
+        maps.delete_maglev_chunk(&key)
+    } else {
+        maps.put_maglev_chunk(&key, &maglev::chunk_value(old, chunk))
+    };
+}
+
+/// Deletes every chunk of a programmed table (nothing for an empty one).
+fn delete_table(service_id: u32, table: &[u32], maps: &mut impl TableWriter, writes: &mut usize) {
+    for chunk in 0..chunk_count(table.len() as u32) {
+        // A chunk already gone is what we want.
+        if maps
+            .delete_maglev_chunk(&chunk_key(service_id, table, chunk))
+            .is_ok()
+        {
+            *writes += 1;
+        }
+    }
+}
+
 /// Something written ahead of a service entry switch.
 enum Added {
     Range(SourceRangeEntry),
@@ -714,6 +979,10 @@ mod tests {
         backends: BTreeMap<u32, Lb4Backend>,
         ranges: BTreeSet<SourceRangeEntry>,
         members: BTreeSet<Lb4MemberKey>,
+        maglev: BTreeMap<Lb4MaglevKey, Lb4MaglevChunk>,
+        /// After this many more chunk writes, one write fails (map full).
+        fail_chunk_write_after: Option<usize>,
+        maglev_writes: usize,
         capacity_slots: usize,
         ops: usize,
     }
@@ -756,6 +1025,22 @@ mod tests {
                         s.backend_id
                     );
                 }
+                // Every slot of a Maglev entry's tables names a live
+                // backend (a missing chunk falls back to random: harmless
+                // while a table of a new size is being written).
+                if svc.flags & FLAG_MAGLEV != 0 {
+                    let dangling = self
+                        .maglev
+                        .iter()
+                        .filter(|(k, _)| k.service_id == svc.service_id)
+                        .flat_map(|(_, chunk)| chunk.backend_ids)
+                        .find(|id| *id != 0 && !self.backends.contains_key(id));
+                    assert_eq!(
+                        dangling, None,
+                        "after op {}: {key:?}'s Maglev table names a missing backend",
+                        self.ops
+                    );
+                }
                 // A restricted service with no allowed range would drop
                 // every client.
                 if svc.flags & FLAG_SOURCE_RANGES != 0 {
@@ -767,6 +1052,24 @@ mod tests {
                     );
                 }
             }
+        }
+        /// The Maglev table of M slots of a service id, empty when a chunk
+        /// is missing.
+        fn table_of(&self, service_id: u32, m: u32) -> Vec<u32> {
+            let mut table = Vec::with_capacity(m as usize);
+            for chunk in 0..chunk_count(m) {
+                let key = Lb4MaglevKey {
+                    service_id,
+                    table_size: m,
+                    chunk,
+                };
+                let Some(value) = self.maglev.get(&key) else {
+                    return Vec::new();
+                };
+                table.extend_from_slice(&value.backend_ids);
+            }
+            table.truncate(m as usize);
+            table
         }
         fn backends_of(&self, key: &Lb4ServiceKey) -> Vec<Lb4Backend> {
             let svc = self.services[key];
@@ -804,6 +1107,31 @@ mod tests {
         }
         fn delete_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
             self.ranges.remove(range);
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+        fn put_maglev_chunk(
+            &mut self,
+            key: &Lb4MaglevKey,
+            value: &Lb4MaglevChunk,
+        ) -> anyhow::Result<()> {
+            match self.fail_chunk_write_after {
+                Some(0) => {
+                    self.fail_chunk_write_after = None;
+                    anyhow::bail!("map LB4_MAGLEV_V1 is full");
+                }
+                Some(n) => self.fail_chunk_write_after = Some(n - 1),
+                None => {}
+            }
+            self.maglev.insert(*key, *value);
+            self.maglev_writes += 1;
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+        fn delete_maglev_chunk(&mut self, key: &Lb4MaglevKey) -> anyhow::Result<()> {
+            self.maglev.remove(key);
             self.ops += 1;
             self.check();
             Ok(())
@@ -1105,5 +1433,231 @@ mod tests {
         };
         assert_eq!(addrs(&maps.backends_of(&internal_key)), vec![11, 12]);
         assert_eq!(addrs(&maps.backends_of(&key(10, 30080))), vec![11]);
+    }
+
+    const M: u32 = 16381;
+
+    /// The programmed table of a frontend as backend addresses' last octet.
+    fn table_addrs(maps: &CheckedMaps, key: &Lb4ServiceKey) -> Vec<u8> {
+        let svc = maps.services[key];
+        let table = maps.table_of(svc.service_id, M);
+        assert_eq!(table.len(), M as usize, "{key:?}: incomplete Maglev table");
+        table.iter().map(|id| maps.backends[id].addr[3]).collect()
+    }
+
+    #[test]
+    fn maglev_tables_are_written_before_the_entry_and_go_with_it() {
+        let mut maps = CheckedMaps::default();
+        let mut prog = Programmer::default().with_maglev(Some(M));
+        let r = prog.apply(
+            &tables(&[(frontend(10, 80), spec("web", &[11, 12, 13]))]),
+            &mut maps,
+        );
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        let svc = maps.services[&key(10, 80)];
+        assert_ne!(svc.flags & FLAG_MAGLEV, 0);
+        assert_eq!(maps.maglev.len(), chunk_count(M) as usize);
+        let table = table_addrs(&maps, &key(10, 80));
+        assert_eq!(table.len(), M as usize);
+        for pod in [11, 12, 13] {
+            let share = table.iter().filter(|&&a| a == pod).count();
+            assert!(share > M as usize / 4, "pod {pod} has {share} of {M} slots");
+        }
+
+        // No endpoints: the flag goes (then the table), random selection
+        // reports the empty service as before.
+        prog.apply(&tables(&[(frontend(10, 80), spec("web", &[]))]), &mut maps);
+        assert_eq!(maps.services[&key(10, 80)].flags & FLAG_MAGLEV, 0);
+        assert!(maps.maglev.is_empty(), "table of an empty service kept");
+
+        prog.apply(
+            &tables(&[(frontend(10, 80), spec("web", &[11, 12]))]),
+            &mut maps,
+        );
+        assert_eq!(maps.maglev.len(), chunk_count(M) as usize);
+        prog.apply(&tables(&[]), &mut maps);
+        assert!(maps.maglev.is_empty(), "table of a removed service kept");
+    }
+
+    #[test]
+    fn maglev_rewrites_only_the_chunks_that_changed() {
+        let pods: Vec<u8> = (11..111).collect();
+        let mut maps = CheckedMaps::default();
+        let mut prog = Programmer::default().with_maglev(Some(M));
+        prog.apply(&tables(&[(frontend(10, 80), spec("web", &pods))]), &mut maps);
+        let before = table_addrs(&maps, &key(10, 80));
+        let writes_before = maps.maglev_writes;
+
+        // One of 100 backends goes.
+        let r = prog.apply(
+            &tables(&[(frontend(10, 80), spec("web", &pods[1..]))]),
+            &mut maps,
+        );
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        let after = table_addrs(&maps, &key(10, 80));
+        let rewritten = maps.maglev_writes - writes_before;
+        let moved: Vec<usize> = (0..M as usize).filter(|&s| before[s] != after[s]).collect();
+        let chunks: BTreeSet<usize> = moved.iter().map(|s| s / 64).collect();
+        assert!(!after.contains(&11), "the removed backend kept slots");
+        assert_eq!(
+            rewritten,
+            chunks.len(),
+            "wrote {rewritten} chunks for {} changed ones",
+            chunks.len()
+        );
+        assert!(rewritten < chunk_count(M) as usize);
+        println!(
+            "{} of {M} slots moved, {rewritten} of {} chunks rewritten",
+            moved.len(),
+            chunk_count(M)
+        );
+        // The table equals one built from scratch for the new set.
+        let mut fresh_maps = CheckedMaps::default();
+        Programmer::default()
+            .with_maglev(Some(M))
+            .apply(&tables(&[(frontend(10, 80), spec("web", &pods[1..]))]), &mut fresh_maps);
+        assert_eq!(table_addrs(&fresh_maps, &key(10, 80)), after);
+    }
+
+    #[test]
+    fn maglev_tables_agree_between_agents_whatever_their_ids() {
+        // Agent one saw another service first, so its backend ids differ,
+        // and its EndpointSlice lists the pods in another order.
+        let mut one = CheckedMaps::default();
+        let mut prog_one = Programmer::default().with_maglev(Some(M));
+        prog_one.apply(
+            &tables(&[
+                (frontend(10, 80), spec("web", &[13, 11, 12, 14])),
+                (frontend(20, 80), spec("other", &[40, 41])),
+            ]),
+            &mut one,
+        );
+        let mut two = CheckedMaps::default();
+        let mut prog_two = Programmer::default().with_maglev(Some(M));
+        prog_two.apply(&tables(&[(frontend(20, 80), spec("other", &[41, 40]))]), &mut two);
+        prog_two.apply(
+            &tables(&[
+                (frontend(20, 80), spec("other", &[41, 40])),
+                (frontend(10, 80), spec("web", &[11, 12, 13, 14])),
+            ]),
+            &mut two,
+        );
+        assert_ne!(
+            one.services[&key(10, 80)].service_id,
+            two.services[&key(10, 80)].service_id,
+            "the test wants different ids on the two agents"
+        );
+        assert_eq!(table_addrs(&one, &key(10, 80)), table_addrs(&two, &key(10, 80)));
+    }
+
+    #[test]
+    fn a_restarted_agent_adopts_maglev_tables_and_drops_other_sizes() {
+        let desired = tables(&[(frontend(10, 80), spec("web", &[11, 12, 13]))]);
+        let mut maps = CheckedMaps::default();
+        Programmer::default().with_maglev(Some(M)).apply(&desired, &mut maps);
+        let adopt = |maps: &CheckedMaps, m: Option<u32>| {
+            let (prog, stale) = Programmer::adopt(
+                maps.services.clone(),
+                &maps.slots.clone(),
+                maps.backends.clone(),
+                maps.ranges.clone(),
+            );
+            assert!(stale.is_empty());
+            let mut prog = prog.with_maglev(m);
+            let stale = prog.adopt_maglev(maps.maglev.clone());
+            (prog, stale)
+        };
+
+        // Same size: nothing to rewrite.
+        let (mut prog, stale) = adopt(&maps, Some(M));
+        assert!(stale.is_empty(), "{stale:?}");
+        let r = prog.apply(&desired, &mut maps);
+        assert_eq!(r.writes, 0, "restart rewrote an unchanged table");
+
+        // A damaged chunk is found and mended by the first apply.
+        let first = Lb4MaglevKey {
+            service_id: maps.services[&key(10, 80)].service_id,
+            table_size: M,
+            chunk: 0,
+        };
+        let good = maps.maglev[&first];
+        maps.maglev.insert(first, Lb4MaglevChunk::default());
+        let (mut prog, _) = adopt(&maps, Some(M));
+        let r = prog.apply(&desired, &mut maps);
+        assert_eq!(r.writes, 1, "expected one chunk rewritten");
+        assert_eq!(maps.maglev[&first], good);
+
+        // Another size: a new table, the old one is stale.
+        let (mut prog, stale) = adopt(&maps, Some(4093));
+        assert_eq!(stale.len(), chunk_count(M) as usize);
+        prog.apply(&desired, &mut maps);
+        assert_eq!(prog.delete_maglev_chunks(&stale, &mut maps), Vec::<String>::new());
+        assert!(maps.maglev.keys().all(|k| k.table_size == 4093));
+        assert_eq!(maps.maglev.len(), chunk_count(4093) as usize);
+
+        // Maglev off: the flag goes, every chunk is stale.
+        let (mut prog, stale) = adopt(&maps, None);
+        assert_eq!(stale.len(), chunk_count(4093) as usize);
+        prog.apply(&desired, &mut maps);
+        assert_eq!(maps.services[&key(10, 80)].flags & FLAG_MAGLEV, 0);
+        prog.delete_maglev_chunks(&stale, &mut maps);
+        assert!(maps.maglev.is_empty());
+    }
+
+    #[test]
+    fn a_failed_maglev_write_fails_the_service_and_keeps_its_old_table() {
+        let mut maps = CheckedMaps {
+            fail_chunk_write_after: Some(chunk_count(M) as usize + 10),
+            ..Default::default()
+        };
+        let mut prog = Programmer::default().with_maglev(Some(M));
+        let r = prog.apply(
+            &tables(&[
+                (frontend(10, 80), spec("a", &[11, 12])),
+                (frontend(20, 80), spec("b", &[13, 14])),
+            ]),
+            &mut maps,
+        );
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        assert!(r.errors[0].contains("default/b"), "{}", r.errors[0]);
+        assert!(r.errors[0].contains("LB4_MAGLEV_V1"), "{}", r.errors[0]);
+        // b is not programmed and left no chunk behind; a is whole.
+        assert!(!maps.services.contains_key(&key(20, 80)));
+        assert_eq!(maps.maglev.len(), chunk_count(M) as usize);
+        let old = table_addrs(&maps, &key(10, 80));
+        let old_entry = maps.services[&key(10, 80)];
+
+        // An in-place update that fails half-way puts the old chunks back
+        // and leaves the entry as it was.
+        maps.fail_chunk_write_after = Some(3);
+        let pods: Vec<u8> = (11..60).collect();
+        let r = prog.apply(&tables(&[(frontend(10, 80), spec("a", &pods))]), &mut maps);
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        assert_eq!(table_addrs(&maps, &key(10, 80)), old);
+        assert_eq!(maps.services[&key(10, 80)], old_entry);
+
+        // The next apply gets it through.
+        let r = prog.apply(&tables(&[(frontend(10, 80), spec("a", &pods))]), &mut maps);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        let new = table_addrs(&maps, &key(10, 80));
+        assert_eq!(new.iter().collect::<BTreeSet<_>>().len(), pods.len());
+    }
+
+    #[test]
+    fn a_service_with_more_backends_than_slots_is_balanced_at_random() {
+        let mut maps = CheckedMaps::default();
+        let mut prog = Programmer::default().with_maglev(Some(7));
+        let r = prog.apply(
+            &tables(&[
+                (frontend(10, 80), spec("big", &(11..21).collect::<Vec<u8>>())),
+                (frontend(20, 80), spec("small", &[11, 12])),
+            ]),
+            &mut maps,
+        );
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        assert!(r.errors[0].contains("default/big"), "{}", r.errors[0]);
+        assert_eq!(maps.services[&key(10, 80)].flags & FLAG_MAGLEV, 0);
+        assert_eq!(maps.services[&key(10, 80)].backend_count, 10);
+        assert_ne!(maps.services[&key(20, 80)].flags & FLAG_MAGLEV, 0);
     }
 }

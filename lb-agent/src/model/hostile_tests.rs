@@ -582,6 +582,16 @@ impl TableWriter for CapacityMaps {
     fn delete_source_range(&mut self, _range: &SourceRangeEntry) -> anyhow::Result<()> {
         Ok(())
     }
+    fn put_maglev_chunk(
+        &mut self,
+        _key: &lb_common::maglev::Lb4MaglevKey,
+        _value: &lb_common::maglev::Lb4MaglevChunk,
+    ) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn delete_maglev_chunk(&mut self, _key: &lb_common::maglev::Lb4MaglevKey) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 #[test]
