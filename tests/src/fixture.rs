@@ -62,20 +62,36 @@ pub struct Fixture {
 impl Fixture {
     /// Loads the programs with small maps and programs `desired`.
     pub fn new(test: &str, desired: &DesiredTables) -> Self {
+        Self::with_algorithm(test, desired, None)
+    }
+
+    /// Loads the programs as an agent with `--lb-algorithm maglev
+    /// --maglev-table-size M` would, and programs `desired`.
+    pub fn with_maglev(test: &str, desired: &DesiredTables, table_size: u32) -> Self {
+        Self::with_algorithm(test, desired, Some(table_size))
+    }
+
+    fn with_algorithm(test: &str, desired: &DesiredTables, maglev: Option<u32>) -> Self {
         require_root(test);
         let pins = BpffsDir::new().expect("bpffs directory");
         let sizes = MapSizes {
             services: 64,
             slots: 256,
             backends: 64,
-            conntrack: 1024,
+            conntrack: 4096,
+            maglev_chunks: 8192,
         };
         let mut datapath = Datapath::load(pins.path(), sizes).expect("load datapath");
-        let tables = datapath.take_tables().expect("tables");
+        let mut tables = datapath.take_tables().expect("tables");
+        let config = LbConfig {
+            maglev_table_size: maglev.unwrap_or(0),
+            ..LbConfig::default()
+        };
+        tables.set_config(&config).expect("write config");
         let mut fixture = Self {
             datapath,
             tables,
-            programmer: Programmer::default(),
+            programmer: Programmer::default().with_maglev(maglev),
             _pins: pins,
         };
         fixture.apply(desired);
@@ -96,7 +112,7 @@ impl Fixture {
     pub fn set_node_address(&mut self, addr: Ipv4Addr) {
         let config = LbConfig {
             node_addr4: addr.octets(),
-            flags: 0,
+            ..self.tables.config().expect("read config")
         };
         self.tables.set_config(&config).expect("write config");
     }

@@ -10,6 +10,7 @@ use lb_common::{
     backend::Lb4Backend,
     config::LbConfig,
     conntrack::{Lb4CtEntry, Lb4CtKey},
+    maglev::{Lb4MaglevChunk, Lb4MaglevKey},
     service::{Lb4Service, Lb4ServiceKey},
     slot::{Lb4Slot, Lb4SlotKey},
     source_range::{Lb4SourceRange, Lb4SourceRangeKey},
@@ -136,7 +137,17 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             addr
         }),
         host_layout!(Lb4SourceRange { allow }),
-        host_layout!(LbConfig { node_addr4, flags }),
+        host_layout!(LbConfig {
+            node_addr4,
+            flags,
+            maglev_table_size
+        }),
+        host_layout!(Lb4MaglevKey {
+            service_id,
+            table_size,
+            chunk
+        }),
+        host_layout!(Lb4MaglevChunk { backend_ids }),
         host_layout!(Counter { packets, bytes }),
         host_layout!(LbServiceName {
             namespace,

@@ -113,6 +113,7 @@ fn sizes_for(services: u32) -> MapSizes {
         slots: 2 * backends,
         backends,
         conntrack: 1 << 20,
+        ..MapSizes::default()
     }
 }
 
@@ -131,7 +132,7 @@ impl Loaded {
         let mut tables = datapath.take_tables()?;
         tables.set_config(&LbConfig {
             node_addr4: NODE_ADDR.octets(),
-            flags: 0,
+            ..LbConfig::default()
         })?;
         Ok(Loaded {
             datapath,
