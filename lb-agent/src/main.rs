@@ -177,7 +177,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         conntrack: args.max_conntrack,
         maglev_chunks: args.max_maglev_chunks,
     };
-    let maglev_table_size = (args.lb_algorithm == Algorithm::Maglev).then_some(args.maglev_table_size);
+    let maglev_table_size =
+        (args.lb_algorithm == Algorithm::Maglev).then_some(args.maglev_table_size);
     let mut datapath = Datapath::load(&args.bpffs, sizes)?;
     let mut tables = datapath.take_tables()?;
     if let Some(cgroup) = &args.socket_lb_cgroup {
@@ -201,9 +202,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Before the first apply: tables of another size are never read.
     let mut config = tables.config()?;
     config.maglev_table_size = maglev_table_size.unwrap_or(0);
-    tables
-        .set_config(&config)
-        .with_context(|| format!("writing the Maglev table size into {}", lb_common::config::NAME))?;
+    tables.set_config(&config).with_context(|| {
+        format!(
+            "writing the Maglev table size into {}",
+            lb_common::config::NAME
+        )
+    })?;
     match maglev_table_size {
         Some(m) => info!("new flows pick backends by Maglev (table size {m})"),
         None => info!("new flows pick backends at random"),

@@ -41,7 +41,9 @@ pub fn count_service(obs: &Observation, reason: Reason, len: u32) {
     // Per-CPU value: no other writer runs concurrently on this CPU.
     unsafe {
         let counter = match reason {
-            Reason::NewFlow | Reason::NewFlowAffinity | Reason::NewFlowMaglev => &mut (*stats).new_flow,
+            Reason::NewFlow | Reason::NewFlowAffinity | Reason::NewFlowMaglev => {
+                &mut (*stats).new_flow
+            }
             Reason::CtForward => &mut (*stats).ct_forward,
             Reason::CtReply => &mut (*stats).ct_reply,
             _ if reason.is_drop() => &mut (*stats).dropped,

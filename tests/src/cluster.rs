@@ -394,3 +394,60 @@ pub fn write_manifest(dir: &std::path::Path, file: &str, content: &str) {
     std::fs::write(&tmp, content).expect("write manifest");
     std::fs::rename(&tmp, dir.join(file)).expect("rename manifest");
 }
+
+/// One agent per node of a multi-node [`xtask::Cluster`], each in its node's
+/// namespace with its own pin directory, all fed from `manifests`, with
+/// `extra` arguments. Field order is drop order: agents stop before their
+/// pins go.
+pub struct NodeAgents {
+    pub agents: Vec<AgentProcess>,
+    pins: Vec<BpffsDir>,
+}
+
+impl NodeAgents {
+    pub fn start(cluster: &xtask::Cluster, manifests: &std::path::Path, extra: &[&str]) -> Self {
+        let mut pins = Vec::new();
+        let mut agents = Vec::new();
+        for k in 1..=cluster.node_count() {
+            let pin = BpffsDir::new().expect("bpffs");
+            let mut args: Vec<String> = vec![
+                "--node-name".into(),
+                format!("node-{k}"),
+                "--manifests".into(),
+                manifests.display().to_string(),
+                "--devices".into(),
+                xtask::NODE_DEVICE.into(),
+                "--pod-devices".into(),
+                xtask::topology::POD_DEVICE_GLOB.into(),
+                "--bpffs".into(),
+                pin.path().display().to_string(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let agent = AgentProcess::spawn(
+                cluster.node(k).ns(),
+                &agent_binary(),
+                &args,
+                &[("RUST_LOG", "info")],
+                None,
+            )
+            .expect("start agent");
+            pins.push(pin);
+            agents.push(agent);
+        }
+        Self { agents, pins }
+    }
+
+    /// The last lines of every agent's log, for assertion messages.
+    pub fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("--- node-{}\n{}\n", i + 1, a.log_tail(30)))
+            .collect()
+    }
+
+    /// The pinned maps of node `k`'s agent (1-based).
+    pub fn tables(&self, k: usize) -> KernelTables {
+        KernelTables::open(self.pins[k - 1].path()).expect("open pinned maps")
+    }
+}

@@ -9,13 +9,10 @@ use std::{
 };
 
 use lb_tests::{
-    cluster::{agent_binary, write_manifest},
+    cluster::{NodeAgents, write_manifest},
     require_root,
 };
-use xtask::{
-    AgentProcess, BpffsDir, Cluster, EchoServer, NODE_DEVICE, NetNs, TempDir, client_of, http_get,
-    pod_of,
-};
+use xtask::{Cluster, EchoServer, NetNs, TempDir, client_of, http_get, pod_of};
 
 const EXT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 100);
 const ECHO_A: (&str, Ipv4Addr) = ("echo-a", Ipv4Addr::new(10, 244, 1, 11));
@@ -111,9 +108,8 @@ fn slices(local_pod: ((&str, Ipv4Addr), &str)) -> String {
 struct TwoNodes {
     cluster: Cluster,
     manifests: TempDir,
-    agents: Vec<AgentProcess>,
+    agents: NodeAgents,
     _servers: Vec<EchoServer>,
-    _pins: Vec<BpffsDir>,
 }
 
 impl TwoNodes {
@@ -136,43 +132,12 @@ impl TwoNodes {
         let manifests = TempDir::new("lbt", "manifests").expect("manifest dir");
         write_manifest(manifests.path(), "services.yaml", &services(30080));
         write_manifest(manifests.path(), "slices.yaml", &slices((ECHO_A, "node-1")));
-        let binary = agent_binary();
-        let mut pins = Vec::new();
-        let mut agents = Vec::new();
-        for k in 1..=2 {
-            let pin = BpffsDir::new().expect("bpffs");
-            let args: Vec<String> = [
-                "--node-name",
-                &format!("node-{k}"),
-                "--manifests",
-                &manifests.path().display().to_string(),
-                "--devices",
-                NODE_DEVICE,
-                "--pod-devices",
-                "lbv*",
-                "--bpffs",
-                &pin.path().display().to_string(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            let agent = AgentProcess::spawn(
-                cluster.node(k).ns(),
-                &binary,
-                &args,
-                &[("RUST_LOG", "info")],
-                None,
-            )
-            .expect("start agent");
-            pins.push(pin);
-            agents.push(agent);
-        }
+        let agents = NodeAgents::start(&cluster, manifests.path(), &[]);
         let me = Self {
             cluster,
             manifests,
             agents,
             _servers: servers,
-            _pins: pins,
         };
         for k in 1..=2 {
             me.wait_until(&format!("node-{k} NodePort answering"), || {
@@ -212,9 +177,8 @@ impl TwoNodes {
         while !done() {
             assert!(
                 Instant::now() < deadline,
-                "{what}: not reached; agent logs:\n--- node-1\n{}\n--- node-2\n{}",
-                self.agents[0].log_tail(30),
-                self.agents[1].log_tail(30)
+                "{what}: not reached; agent logs:\n{}",
+                self.agents.logs()
             );
             std::thread::sleep(Duration::from_millis(200));
         }

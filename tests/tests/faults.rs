@@ -15,8 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::cluster::{ApiCluster, Cluster, POD_TCP_PORT, objects, write_manifest};
-use xtask::{AgentProcess, BpffsDir, NODE_DEVICE, NetNs, TempDir};
+use lb_tests::cluster::{ApiCluster, Cluster, NodeAgents, POD_TCP_PORT, objects, write_manifest};
+use xtask::{NetNs, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// Bounds of every traffic loop, whatever happens.
@@ -286,34 +286,7 @@ fn a_stopped_agent_on_one_node_loses_no_request_on_either_node() {
         );
     }
     write_manifest(manifests.path(), "np.yaml", &yaml);
-    let mut pins = Vec::new();
-    let mut agents = Vec::new();
-    for k in 1..=2 {
-        let pin = BpffsDir::new().expect("bpffs");
-        let args = [
-            "--node-name".to_string(),
-            format!("node-{k}"),
-            "--manifests".into(),
-            manifests.path().display().to_string(),
-            "--devices".into(),
-            NODE_DEVICE.into(),
-            "--pod-devices".into(),
-            "lbv*".into(),
-            "--bpffs".into(),
-            pin.path().display().to_string(),
-        ];
-        agents.push(
-            AgentProcess::spawn(
-                cluster.node(k).ns(),
-                &lb_tests::cluster::agent_binary(),
-                &args,
-                &[],
-                None,
-            )
-            .expect("agent"),
-        );
-        pins.push(pin);
-    }
+    let mut nodes = NodeAgents::start(&cluster, manifests.path(), &[]);
     let targets: Vec<SocketAddrV4> = (1..=2)
         .map(|k| SocketAddrV4::new(cluster.node_ip(k), 30080))
         .collect();
@@ -324,7 +297,7 @@ fn a_stopped_agent_on_one_node_loses_no_request_on_either_node() {
         assert!(
             Instant::now() < deadline,
             "NodePorts never answered: {}",
-            agents[0].log_tail(20)
+            nodes.logs()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -335,7 +308,7 @@ fn a_stopped_agent_on_one_node_loses_no_request_on_either_node() {
     for load in &loads {
         load.wait_for(20);
     }
-    let stopped = agents[0].stop().expect("stop node-1's agent");
+    let stopped = nodes.agents[0].stop().expect("stop node-1's agent");
     assert!(
         stopped.success() || stopped.code().is_some(),
         "agent stop: {stopped}"
@@ -359,8 +332,7 @@ fn a_stopped_agent_on_one_node_loses_no_request_on_either_node() {
             k + 1
         );
     }
-    drop(agents);
-    drop(pins);
+    drop(nodes);
     drop(servers);
 }
 

@@ -26,9 +26,8 @@ use lb_common::{
     member::Lb4MemberKey,
     service::{
         FLAG_ADDRESS, FLAG_HAS_INTERNAL, FLAG_LOCAL_ONLY, FLAG_MAGLEV, FLAG_SOURCE_RANGES,
-        KIND_CLUSTER_IP,
-        KIND_EXTERNAL_IP, KIND_LOAD_BALANCER, KIND_NODE_PORT, Lb4Service, Lb4ServiceKey,
-        SCOPE_EXTERNAL, SCOPE_INTERNAL,
+        KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER, KIND_NODE_PORT, Lb4Service,
+        Lb4ServiceKey, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     },
     slot::{Lb4Slot, Lb4SlotKey},
     source_range::Lb4SourceRangeKey,
@@ -1484,7 +1483,10 @@ mod tests {
         let pods: Vec<u8> = (11..111).collect();
         let mut maps = CheckedMaps::default();
         let mut prog = Programmer::default().with_maglev(Some(M));
-        prog.apply(&tables(&[(frontend(10, 80), spec("web", &pods))]), &mut maps);
+        prog.apply(
+            &tables(&[(frontend(10, 80), spec("web", &pods))]),
+            &mut maps,
+        );
         let before = table_addrs(&maps, &key(10, 80));
         let writes_before = maps.maglev_writes;
 
@@ -1513,9 +1515,10 @@ mod tests {
         );
         // The table equals one built from scratch for the new set.
         let mut fresh_maps = CheckedMaps::default();
-        Programmer::default()
-            .with_maglev(Some(M))
-            .apply(&tables(&[(frontend(10, 80), spec("web", &pods[1..]))]), &mut fresh_maps);
+        Programmer::default().with_maglev(Some(M)).apply(
+            &tables(&[(frontend(10, 80), spec("web", &pods[1..]))]),
+            &mut fresh_maps,
+        );
         assert_eq!(table_addrs(&fresh_maps, &key(10, 80)), after);
     }
 
@@ -1534,7 +1537,10 @@ mod tests {
         );
         let mut two = CheckedMaps::default();
         let mut prog_two = Programmer::default().with_maglev(Some(M));
-        prog_two.apply(&tables(&[(frontend(20, 80), spec("other", &[41, 40]))]), &mut two);
+        prog_two.apply(
+            &tables(&[(frontend(20, 80), spec("other", &[41, 40]))]),
+            &mut two,
+        );
         prog_two.apply(
             &tables(&[
                 (frontend(20, 80), spec("other", &[41, 40])),
@@ -1547,14 +1553,19 @@ mod tests {
             two.services[&key(10, 80)].service_id,
             "the test wants different ids on the two agents"
         );
-        assert_eq!(table_addrs(&one, &key(10, 80)), table_addrs(&two, &key(10, 80)));
+        assert_eq!(
+            table_addrs(&one, &key(10, 80)),
+            table_addrs(&two, &key(10, 80))
+        );
     }
 
     #[test]
     fn a_restarted_agent_adopts_maglev_tables_and_drops_other_sizes() {
         let desired = tables(&[(frontend(10, 80), spec("web", &[11, 12, 13]))]);
         let mut maps = CheckedMaps::default();
-        Programmer::default().with_maglev(Some(M)).apply(&desired, &mut maps);
+        Programmer::default()
+            .with_maglev(Some(M))
+            .apply(&desired, &mut maps);
         let adopt = |maps: &CheckedMaps, m: Option<u32>| {
             let (prog, stale) = Programmer::adopt(
                 maps.services.clone(),
@@ -1591,7 +1602,10 @@ mod tests {
         let (mut prog, stale) = adopt(&maps, Some(4093));
         assert_eq!(stale.len(), chunk_count(M) as usize);
         prog.apply(&desired, &mut maps);
-        assert_eq!(prog.delete_maglev_chunks(&stale, &mut maps), Vec::<String>::new());
+        assert_eq!(
+            prog.delete_maglev_chunks(&stale, &mut maps),
+            Vec::<String>::new()
+        );
         assert!(maps.maglev.keys().all(|k| k.table_size == 4093));
         assert_eq!(maps.maglev.len(), chunk_count(4093) as usize);
 
@@ -1649,7 +1663,10 @@ mod tests {
         let mut prog = Programmer::default().with_maglev(Some(7));
         let r = prog.apply(
             &tables(&[
-                (frontend(10, 80), spec("big", &(11..21).collect::<Vec<u8>>())),
+                (
+                    frontend(10, 80),
+                    spec("big", &(11..21).collect::<Vec<u8>>()),
+                ),
                 (frontend(20, 80), spec("small", &[11, 12])),
             ]),
             &mut maps,

@@ -589,7 +589,10 @@ impl TableWriter for CapacityMaps {
     ) -> anyhow::Result<()> {
         Ok(())
     }
-    fn delete_maglev_chunk(&mut self, _key: &lb_common::maglev::Lb4MaglevKey) -> anyhow::Result<()> {
+    fn delete_maglev_chunk(
+        &mut self,
+        _key: &lb_common::maglev::Lb4MaglevKey,
+    ) -> anyhow::Result<()> {
         Ok(())
     }
 }
