@@ -281,7 +281,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let arrived = metrics.take_pending().unwrap_or_else(std::time::Instant::now);
                 healthz.queued();
                 let state = states.borrow_and_update().clone();
-                let (report, desired) = program(&state, &node, &mut programmer, &mut tables);
+                let (report, desired) = program(&state, &node, &mut programmer, &mut tables, args.socket_lb_cgroup.as_deref());
                 metrics.programmed(arrived, report.frontends, report.backends, report.errors.len());
                 apply_failed = !report.errors.is_empty();
                 retry_tick.reset();
@@ -316,7 +316,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 devices.sync(&mut datapath, &args);
                 let changed = refresh_addresses(&args, &mut addresses, &mut node, &mut tables);
                 if let (true, Some(state)) = (changed, &last_state) {
-                    let (_, desired) = program(state, &node, &mut programmer, &mut tables);
+                    let (_, desired) = program(state, &node, &mut programmer, &mut tables, args.socket_lb_cgroup.as_deref());
                     for e in health_checks.sync(&desired.health_checks).await {
                         error!("{e}");
                     }
@@ -325,7 +325,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = retry_tick.tick(), if apply_failed => {
                 if let Some(state) = &last_state {
                     info!("retrying the writes that failed");
-                    let (report, desired) = program(state, &node, &mut programmer, &mut tables);
+                    let (report, desired) = program(state, &node, &mut programmer, &mut tables, args.socket_lb_cgroup.as_deref());
                     apply_failed = !report.errors.is_empty();
                     count_full_maps(&metrics, &mut tables);
                     for e in health_checks.sync(&desired.health_checks).await {
@@ -372,6 +372,7 @@ fn program(
     node: &NodeIdentity,
     programmer: &mut Programmer,
     tables: &mut KernelTables,
+    socket_lb: Option<&std::path::Path>,
 ) -> (datapath::ApplyReport, DesiredTables) {
     let started = std::time::Instant::now();
     let (desired, errors) = model::desired_tables(state, node);
@@ -389,6 +390,10 @@ fn program(
         Ok(n) => info!("flushed {n} UDP conntrack entries of removed backends"),
         Err(e) => warn!("flushing UDP conntrack of removed backends: {e:#}"),
     }
+    // Their socket-level twin: connected UDP sockets keep their backend.
+    if let Some(cgroup) = socket_lb {
+        destroy_sockets_of_removed(cgroup, &report.removed_udp, tables);
+    }
     if report.unsupported > 0 {
         warn!(
             "{} IPv6 frontends not programmed: this datapath serves IPv4 only",
@@ -403,6 +408,38 @@ fn program(
         started.elapsed().as_millis()
     );
     (report, desired)
+}
+
+/// Destroys the connected UDP sockets of `cgroup`'s processes that
+/// socket-level balancing gave a backend that has now left the service.
+fn destroy_sockets_of_removed(
+    cgroup: &std::path::Path,
+    removed: &[datapath::RemovedUdpBackend],
+    tables: &mut KernelTables,
+) {
+    let keys = tables.sockets_of_removed(removed);
+    if keys.is_empty() {
+        return;
+    }
+    let doomed: BTreeSet<(u64, [u8; 4], u16)> =
+        keys.iter().map(|k| (k.cookie, k.addr, k.port)).collect();
+    let doomed = Arc::new(doomed);
+    match datapath::sockdiag::destroy_udp_sockets(cgroup, move |id| {
+        doomed.contains(&(id.cookie, id.peer.0, id.peer.1))
+    }) {
+        Ok(0) => {}
+        Ok(n) => {
+            info!("destroyed {n} UDP sockets connected to removed backends");
+            if let Err(e) = tables.stats.add_agent_sock_destroyed(n as u64) {
+                warn!("counting destroyed sockets: {e:#}");
+            }
+        }
+        Err(e) => warn!("destroying UDP sockets of removed backends: {e:#}"),
+    }
+    // The sockets are gone (or were already); so are their reverse entries.
+    for key in &keys {
+        let _ = tables.sock_revnat.remove(key);
+    }
 }
 
 /// Re-reads this node's addresses; on a change updates the NodePort

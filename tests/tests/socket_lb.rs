@@ -169,6 +169,55 @@ fn socket_client_role() {
             writeln!(out, "FROM {from}").ok();
             writeln!(out, "REPLY {}", String::from_utf8_lossy(&buf[..n]).trim()).ok();
         }
+        "udp-held" => {
+            // Connected sockets to the ClusterIP until one reaches each pod.
+            let mut held: std::collections::BTreeMap<String, UdpSocket> = Default::default();
+            for _ in 0..64 {
+                let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                socket.connect((VIP, 53)).expect("connect");
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(3)))
+                    .expect("timeout");
+                socket.send(b"query").expect("send");
+                let mut buf = [0u8; 256];
+                let n = socket.recv(&mut buf).expect("recv");
+                let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let pod = pod_of(&reply).expect("pod in reply").to_string();
+                held.entry(pod).or_insert(socket);
+                if held.len() == 2 {
+                    break;
+                }
+            }
+            for pod in held.keys() {
+                writeln!(out, "HELD {pod}").ok();
+            }
+            out.flush().ok();
+            // The test removes a backend, then says go.
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).ok();
+            for (pod, socket) in &held {
+                let mut buf = [0u8; 256];
+                // A destroyed socket reports its error to the next call.
+                socket
+                    .set_read_timeout(Some(Duration::from_millis(300)))
+                    .expect("timeout");
+                let outcome = match socket.recv(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        socket.send(b"again").expect("send");
+                        socket
+                            .set_read_timeout(Some(Duration::from_secs(3)))
+                            .expect("timeout");
+                        match socket.recv(&mut buf) {
+                            Ok(n) => format!("ALIVE {}", String::from_utf8_lossy(&buf[..n]).trim()),
+                            Err(e) => format!("FAILED {e}"),
+                        }
+                    }
+                    Err(e) => format!("ERRNO {}", e.raw_os_error().unwrap_or(0)),
+                    Ok(n) => format!("STRAY {}", String::from_utf8_lossy(&buf[..n]).trim()),
+                };
+                writeln!(out, "AFTER {pod} {outcome}").ok();
+            }
+        }
         "refused" => {
             let started = std::time::Instant::now();
             let error =
@@ -195,13 +244,25 @@ fn socket_client_role() {
 
 fn lines_of(child: &mut std::process::Child, n: usize) -> Vec<String> {
     let stdout = child.stdout.take().expect("stdout");
-    let mut lines = Vec::new();
     let mut reader = BufReader::new(stdout).lines();
+    let lines = read_lines(&mut reader, n);
+    // Keep reading what the client still prints (libtest's summary), so
+    // it never writes into a closed pipe.
+    std::thread::spawn(move || reader.for_each(drop));
+    lines
+}
+
+/// The next `n` marked lines of the client's output.
+fn read_lines(
+    reader: &mut std::io::Lines<BufReader<std::process::ChildStdout>>,
+    n: usize,
+) -> Vec<String> {
+    let mut lines = Vec::new();
     for line in reader.by_ref() {
         let line = line.expect("client output");
         // libtest may print "test socket_client_role ... " before the
         // client's first line, on the same line.
-        let found = ["PEER ", "REPLY ", "FROM ", "ERROR "]
+        let found = ["PEER ", "REPLY ", "FROM ", "ERROR ", "HELD ", "AFTER "]
             .iter()
             .find_map(|marker| line.find(marker));
         if let Some(at) = found {
@@ -211,9 +272,6 @@ fn lines_of(child: &mut std::process::Child, n: usize) -> Vec<String> {
             }
         }
     }
-    // Keep reading what the client still prints (libtest's summary), so
-    // it never writes into a closed pipe.
-    std::thread::spawn(move || reader.for_each(drop));
     lines
 }
 
@@ -343,5 +401,59 @@ fn the_nodes_own_processes_reach_every_endpoint_of_a_local_service() {
     assert!(
         lines[0].contains("pod=echo-b"),
         "the node's own process was not served: {lines:?}"
+    );
+}
+
+#[test]
+fn a_connected_udp_socket_to_a_removed_backend_is_destroyed_and_the_others_live() {
+    let (cluster, dir, cgroup) =
+        start("a_connected_udp_socket_to_a_removed_backend_is_destroyed_and_the_others_live");
+    let tables = || KernelTables::open(cluster.pins.path()).expect("maps");
+    let destroyed_before = tables().stats.agent_sock_destroyed().expect("stats");
+    let mut child = spawn_client(&cgroup.0, cluster.client().path(), "udp-held");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut reader = BufReader::new(stdout).lines();
+    let held = read_lines(&mut reader, 2);
+    assert_eq!(held, ["HELD echo-a", "HELD echo-b"], "one socket per pod");
+
+    // echo-a leaves the service.
+    let without_a = MANIFESTS.replace(
+        "- {addresses: [\"10.244.1.11\"], conditions: {ready: true}, nodeName: node-1}\n",
+        "",
+    );
+    assert_ne!(without_a, MANIFESTS);
+    write_manifest(dir.path(), "all.yaml", &without_a);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while tables().stats.agent_sock_destroyed().expect("stats") == destroyed_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no socket destroyed; agent log:\n{}",
+            cluster.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        tables().stats.agent_sock_destroyed().expect("stats"),
+        destroyed_before + 1,
+        "only the socket of the removed backend goes"
+    );
+
+    child
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("tell the client");
+    let after = read_lines(&mut reader, 2);
+    std::thread::spawn(move || reader.for_each(drop));
+    child.wait().expect("client exit");
+    assert_eq!(
+        after[0],
+        format!("AFTER echo-a ERRNO {}", libc::ECONNABORTED),
+        "the socket to the removed backend was not destroyed: {after:?}"
+    );
+    assert!(
+        after[1].starts_with("AFTER echo-b ALIVE") && after[1].contains("pod=echo-b"),
+        "the socket to the remaining backend broke: {after:?}"
     );
 }

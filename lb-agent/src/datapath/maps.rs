@@ -21,6 +21,7 @@ use lb_common::{
     member::{self, Lb4Member, Lb4MemberKey},
     service::{self, Lb4Service, Lb4ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
+    sock::{self, Lb4SockKey, Lb4SockRevnat},
     source_range::{self, Lb4SourceRange, Lb4SourceRangeKey, SERVICE_ID_BITS},
     stats::{self, Counter, Reason},
 };
@@ -30,7 +31,7 @@ use lb_common::{
     service_stats::{self, LbServiceStats},
 };
 
-use super::programmer::{SourceRangeEntry, TableWriter};
+use super::programmer::{RemovedUdpBackend, SourceRangeEntry, TableWriter};
 
 /// The service, slot, backend and conntrack maps, plus the stats.
 pub struct KernelTables {
@@ -42,6 +43,8 @@ pub struct KernelTables {
     pub config: Array<MapData, LbConfig>,
     pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
     pub members: HashMap<MapData, Lb4MemberKey, Lb4Member>,
+    /// Socket-level balancing: (cookie, backend) -> service address.
+    pub sock_revnat: HashMap<MapData, Lb4SockKey, Lb4SockRevnat>,
     /// Maglev tables, (service id, M, chunk) -> 64 slots.
     pub maglev: HashMap<MapData, Lb4MaglevKey, Lb4MaglevChunk>,
     pub stats: StatsReader,
@@ -101,6 +104,7 @@ impl KernelTables {
                 .with_context(|| layout(affinity::NAME))?,
             members: HashMap::try_from(get(member::NAME)?).with_context(|| layout(member::NAME))?,
             maglev: HashMap::try_from(get(maglev::NAME)?).with_context(|| layout(maglev::NAME))?,
+            sock_revnat: HashMap::try_from(get(sock::NAME)?).with_context(|| layout(sock::NAME))?,
             stats: StatsReader(
                 PerCpuArray::try_from(get(stats::NAME)?).with_context(|| layout(stats::NAME))?,
             ),
@@ -232,6 +236,25 @@ impl KernelTables {
             table[start..end].copy_from_slice(&value.backend_ids[..end - start]);
         }
         found.then_some(table)
+    }
+
+    /// The sockets socket-level balancing connected to a UDP backend that
+    /// has left the frontend they asked for, as reverse-map keys (socket
+    /// cookie, backend address and port).
+    pub fn sockets_of_removed(&self, removed: &[RemovedUdpBackend]) -> Vec<Lb4SockKey> {
+        if removed.is_empty() {
+            return Vec::new();
+        }
+        self.sock_revnat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| {
+                removed.iter().any(|r| {
+                    r.backend == (key.addr, key.port) && r.frontend == (value.addr, value.port)
+                })
+            })
+            .map(|(key, _)| key)
+            .collect()
     }
 
     /// Every session-affinity entry.

@@ -5,6 +5,7 @@
 mod devices;
 mod maps;
 mod programmer;
+pub mod sockdiag;
 
 use std::{
     collections::BTreeMap,
@@ -28,7 +29,7 @@ use lb_common::{
 
 pub use devices::{accept_local_sources, glob_match, interface_addresses, list_interfaces};
 pub use maps::{KernelTables, StatsReader};
-pub use programmer::{ApplyReport, Programmer, SourceRangeEntry, TableWriter};
+pub use programmer::{ApplyReport, Programmer, RemovedUdpBackend, SourceRangeEntry, TableWriter};
 
 /// The kernel programs, built by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

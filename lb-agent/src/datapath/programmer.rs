@@ -95,6 +95,18 @@ pub struct ApplyReport {
     /// (service id, backend id) pairs that stopped being members: their
     /// UDP conntrack entries are to be flushed.
     pub removed_members: Vec<(u32, u32)>,
+    /// UDP backends that left a frontend: sockets socket-level balancing
+    /// connected to them are to be destroyed.
+    pub removed_udp: Vec<RemovedUdpBackend>,
+}
+
+/// A UDP backend that stopped serving a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemovedUdpBackend {
+    /// Frontend address (network order) and port.
+    pub frontend: ([u8; 4], u16),
+    /// Backend address (network order) and port.
+    pub backend: ([u8; 4], u16),
 }
 
 #[derive(Clone, Debug)]
@@ -597,6 +609,7 @@ impl Programmer {
                 report.writes += 1;
             }
             report.removed_members.push((service_id, *backend_id));
+            self.note_removed_udp(&key, *backend_id, report);
         }
         for range in old_ranges.iter().filter(|r| !ranges.contains(r)) {
             if maps.delete_source_range(range).is_ok() {
@@ -717,6 +730,7 @@ impl Programmer {
                 report.writes += 1;
             }
             report.removed_members.push((entry.service_id, backend_id));
+            self.note_removed_udp(key, backend_id, report);
         }
         for range in &current.ranges {
             if maps.delete_source_range(range).is_ok() {
@@ -724,6 +738,20 @@ impl Programmer {
             }
         }
         Ok(())
+    }
+
+    /// Records a UDP backend leaving a frontend (the backend is still in
+    /// the image: unreferenced backends are collected at the end).
+    fn note_removed_udp(&self, key: &Lb4ServiceKey, backend_id: u32, report: &mut ApplyReport) {
+        if key.proto != lb_common::PROTO_UDP {
+            return;
+        }
+        if let Some((_, backend)) = self.backends.values().find(|(id, _)| *id == backend_id) {
+            report.removed_udp.push(RemovedUdpBackend {
+                frontend: (key.addr, key.port),
+                backend: (backend.addr, backend.port),
+            });
+        }
     }
 
     /// Keeps one marker entry (port 0, protocol 0) per ClusterIP address,
