@@ -448,6 +448,11 @@ impl NodeAgents {
 
     /// The pinned maps of node `k`'s agent (1-based).
     pub fn tables(&self, k: usize) -> KernelTables {
-        KernelTables::open(self.pins[k - 1].path()).expect("open pinned maps")
+        KernelTables::open(self.pins_of(k)).expect("open pinned maps")
+    }
+
+    /// The pin directory of node `k`'s agent (1-based).
+    pub fn pins_of(&self, k: usize) -> &std::path::Path {
+        self.pins[k - 1].path()
     }
 }

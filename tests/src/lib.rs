@@ -18,3 +18,32 @@ pub fn require_root(test: &str) {
         );
     }
 }
+
+/// `$LBCTL_BIN` or the workspace's debug build of `lbctl`.
+pub fn lbctl_binary() -> std::path::PathBuf {
+    std::env::var_os("LBCTL_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| xtask::debug_binary("lbctl"))
+}
+
+/// `lbctl --bpffs PINS ARGS -o json`, parsed; panics with lbctl's error.
+pub fn lbctl_json(pins: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(lbctl_binary())
+        .arg("--bpffs")
+        .arg(pins)
+        .args(args)
+        .args(["-o", "json"])
+        .output()
+        .expect("run lbctl");
+    assert!(
+        out.status.success(),
+        "lbctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "lbctl {args:?}: {e}:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}

@@ -185,6 +185,33 @@ fn a_flow_reaches_the_same_pod_through_either_node_and_keeps_it_when_another_pod
         );
     }
 
+    // lbctl shows the algorithm and each backend's share of the table.
+    let services = lb_tests::lbctl_json(agents.pins_of(1), &["services"]);
+    let lb = services
+        .as_array()
+        .and_then(|rows| {
+            rows.iter()
+                .find(|r| r["address"] == LB_IP.to_string() && r["protocol"] == "UDP")
+        })
+        .unwrap_or_else(|| panic!("no {LB_IP}/udp in lbctl services: {services}"));
+    assert_eq!(lb["algorithm"], "maglev", "{lb}");
+    assert_eq!(lb["maglev_table_size"], DEFAULT_TABLE_SIZE, "{lb}");
+    let backends = lb["backends"].as_array().expect("backends");
+    assert_eq!(backends.len(), PODS.len(), "{lb}");
+    let slots: u64 = backends
+        .iter()
+        .filter_map(|b| b["maglev_slots"].as_u64())
+        .sum();
+    assert_eq!(
+        slots,
+        u64::from(DEFAULT_TABLE_SIZE),
+        "shares do not cover the table: {lb}"
+    );
+    for b in backends {
+        let share = b["maglev_share"].as_f64().expect("share");
+        assert!((share - 1.0 / 6.0).abs() < 0.01, "uneven share {b}");
+    }
+
     // Fresh flows through node 2 while all six pods serve ...
     let before = ask_all(external, 42000..42000 + FLOWS);
     // ... then one pod goes; the same flows arrive at node 1, which never

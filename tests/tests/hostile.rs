@@ -116,16 +116,7 @@ fn a_full_slot_map_refuses_one_service_keeps_the_rest_and_recovers() {
         "lb_map_full_total not counted"
     );
     // lbctl, reading only the pinned maps, reports it too.
-    let lbctl = std::env::var_os("LBCTL_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| xtask::debug_binary("lbctl"));
-    let out = std::process::Command::new(&lbctl)
-        .arg("--bpffs")
-        .arg(cluster.pins.path())
-        .args(["stats", "-o", "json"])
-        .output()
-        .expect("run lbctl");
-    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("lbctl json");
+    let stats = lb_tests::lbctl_json(cluster.pins.path(), &["stats"]);
     assert!(
         stats["refused_by_full_maps"].as_u64().unwrap_or(0) > 0,
         "lbctl stats does not report the refusal: {stats}"

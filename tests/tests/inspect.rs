@@ -7,7 +7,6 @@ use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader},
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    path::PathBuf,
     process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -26,12 +25,6 @@ const PODS: [(&str, Ipv4Addr); 3] = [
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `$LBCTL_BIN` or the workspace's debug build of `lbctl`.
-fn lbctl_binary() -> PathBuf {
-    std::env::var_os("LBCTL_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| xtask::debug_binary("lbctl"))
-}
-
 /// The demo's cluster: the example manifests copied to a temp dir, the
 /// agent on them, the service answering.
 struct Demo {
@@ -73,7 +66,7 @@ impl Demo {
     }
 
     fn lbctl(&self, args: &[&str]) -> String {
-        let out = Command::new(lbctl_binary())
+        let out = Command::new(lb_tests::lbctl_binary())
             .arg("--bpffs")
             .arg(self.cluster.pins.path())
             .args(args)
@@ -275,7 +268,7 @@ fn lbctl_stats_count_exactly_the_flows_sent() {
 fn lbctl_trace_shows_each_new_flow_with_its_backend() {
     let demo = Demo::start("lbctl_trace_shows_each_new_flow_with_its_backend");
     const FLOWS: u16 = 6;
-    let mut child = Command::new(lbctl_binary())
+    let mut child = Command::new(lb_tests::lbctl_binary())
         .arg("--bpffs")
         .arg(demo.cluster.pins.path())
         .args(["trace", "--service", "default/echo", "--client"])

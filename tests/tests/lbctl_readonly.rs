@@ -8,7 +8,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    path::{Path, PathBuf},
+    path::Path,
     time::Duration,
 };
 
@@ -18,12 +18,6 @@ use xtask::{TempDir, http_get};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 80);
 const ECHO_A: (&str, Ipv4Addr) = ("echo-a", Ipv4Addr::new(10, 244, 1, 11));
-
-fn lbctl_binary() -> PathBuf {
-    std::env::var_os("LBCTL_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| xtask::debug_binary("lbctl"))
-}
 
 /// Every map's content, as sorted debug lines.
 /// The snapshot without the packet counters: the programs keep counting
@@ -176,7 +170,7 @@ fn lbctl_changes_no_map() {
     ];
     for output in ["table", "json"] {
         for args in subcommands {
-            let result = std::process::Command::new(lbctl_binary())
+            let result = std::process::Command::new(lb_tests::lbctl_binary())
                 .args(["--bpffs", &pins, "-o", output])
                 .args(args)
                 .output()

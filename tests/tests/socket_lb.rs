@@ -456,4 +456,9 @@ fn a_connected_udp_socket_to_a_removed_backend_is_destroyed_and_the_others_live(
         after[1].starts_with("AFTER echo-b ALIVE") && after[1].contains("pod=echo-b"),
         "the socket to the remaining backend broke: {after:?}"
     );
+    // lbctl, from the pinned maps alone, counts both kinds of events.
+    let stats = lb_tests::lbctl_json(cluster.pins.path(), &["stats"]);
+    let sock = &stats["socket_lb"];
+    assert_eq!(sock["sockets_destroyed"], destroyed_before + 1, "{sock}");
+    assert!(sock["translated"].as_u64() >= Some(2), "{sock}");
 }

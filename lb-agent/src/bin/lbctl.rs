@@ -22,15 +22,15 @@ use lb_common::{
     config::FLAG_TRACE,
     conntrack::{DIR_FORWARD, Lb4CtEntry, Lb4CtKey, REWRITE_SRC, TCP_FIN, TCP_RST},
     service::{
-        FLAG_ADDRESS, FLAG_LOCAL_ONLY, KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER,
-        KIND_NODE_PORT, SCOPE_INTERNAL,
+        FLAG_ADDRESS, FLAG_LOCAL_ONLY, FLAG_MAGLEV, KIND_CLUSTER_IP, KIND_EXTERNAL_IP,
+        KIND_LOAD_BALANCER, KIND_NODE_PORT, SCOPE_INTERNAL,
     },
     service_name::LbServiceName,
     slot::Lb4SlotKey,
     stats::{Counter, Reason},
     trace::{
         self, EVENT_DROP, EVENT_NEW_FLOW, HOOK_NETWORK, HOOK_POD, SELECT_AFFINITY, SELECT_LOCAL,
-        SELECT_RANDOM, TraceEvent,
+        SELECT_MAGLEV, SELECT_RANDOM, TraceEvent,
     },
 };
 use serde_json::{Value, json};
@@ -161,6 +161,7 @@ fn backend_json(id: u32, b: &Lb4Backend) -> Value {
 }
 
 fn services(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> {
+    let table_size = tables.config()?.maglev_table_size;
     let slots = tables.dump_slots()?;
     let backends = tables.dump_backends()?;
     let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
@@ -181,6 +182,14 @@ fn services(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> 
         // Address markers (port 0) say "this is a ClusterIP"; not frontends.
         .filter(|(_, svc)| svc.flags & FLAG_ADDRESS == 0)
         .map(|(key, svc)| {
+            // Slots per backend of the Maglev table the programs read.
+            let maglev = (svc.flags & FLAG_MAGLEV != 0 && table_size != 0)
+                .then(|| tables.maglev_table(svc.service_id, table_size))
+                .flatten();
+            let mut shares: BTreeMap<u32, u64> = BTreeMap::new();
+            for id in maglev.iter().flatten() {
+                *shares.entry(*id).or_default() += 1;
+            }
             let members: Vec<Value> = (0..svc.backend_count)
                 .map(|slot| {
                     let slot_key = Lb4SlotKey {
@@ -192,7 +201,16 @@ fn services(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> 
                         .get(&slot_key)
                         .and_then(|s| backends.get(&s.backend_id).map(|b| (s.backend_id, b)))
                     {
-                        Some((id, b)) => backend_json(id, b),
+                        Some((id, b)) => {
+                            let mut row = backend_json(id, b);
+                            if maglev.is_some() {
+                                let share = shares.get(&id).copied().unwrap_or(0);
+                                row["maglev_slots"] = json!(share);
+                                row["maglev_share"] =
+                                    json!(share as f64 / f64::from(table_size.max(1)));
+                            }
+                            row
+                        }
                         None => json!({ "slot": slot, "state": "missing" }),
                     }
                 })
@@ -210,6 +228,8 @@ fn services(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> 
                 "service_id": svc.service_id,
                 "revision": svc.revision,
                 "affinity_timeout": svc.affinity_timeout,
+                "algorithm": if maglev.is_some() { "maglev" } else { "random" },
+                "maglev_table_size": maglev.as_ref().map(|t| t.len()),
                 "source_ranges": ranges.get(&svc.service_id).cloned().unwrap_or_default(),
                 "backends": members,
             })
@@ -374,6 +394,8 @@ fn map_fill(tables: &KernelTables, bpffs: &std::path::Path) -> anyhow::Result<Ve
         (lb_common::member::NAME, tables.members.keys().count()),
         (lb_common::conntrack::NAME, tables.conntrack.keys().count()),
         (lb_common::affinity::NAME, tables.affinity.keys().count()),
+        (lb_common::maglev::NAME, tables.maglev.keys().count()),
+        (lb_common::sock::NAME, tables.sock_revnat.keys().count()),
     ];
     counts
         .iter()
@@ -432,6 +454,11 @@ fn stats(tables: &KernelTables, names: &Names, bpffs: &std::path::Path) -> anyho
         "services": services,
         "maps": map_fill(tables, bpffs)?,
         "refused_by_full_maps": tables.stats.agent_map_full()?,
+        "socket_lb": {
+            "translated": tables.stats.get(Reason::SockTranslated)?.packets,
+            "refused": tables.stats.get(Reason::SockRefused)?.packets,
+            "sockets_destroyed": tables.stats.agent_sock_destroyed()?,
+        },
     }))
 }
 
@@ -476,6 +503,7 @@ fn trace_json(event: &TraceEvent, names: &Names) -> Value {
         SELECT_RANDOM => Some("random"),
         SELECT_AFFINITY => Some("affinity"),
         SELECT_LOCAL => Some("local"),
+        SELECT_MAGLEV => Some("maglev"),
         _ => None,
     };
     let reason = Reason::ALL
@@ -711,8 +739,12 @@ fn print_table(command: &Command, rows: &Value) {
                     .iter()
                     .map(|b| {
                         let local = if b["local"] == true { ", local" } else { "" };
+                        let share = match b["maglev_share"].as_f64() {
+                            Some(share) => format!(", {:.1}% of table", 100.0 * share),
+                            None => String::new(),
+                        };
                         format!(
-                            "{} => {} ({}{local})",
+                            "{} => {} ({}{local}{share})",
                             text(&b["id"]),
                             text(&b["address"]),
                             text(&b["state"])
@@ -730,6 +762,7 @@ fn print_table(command: &Command, rows: &Value) {
                     text(&row["type"]),
                     text(&row["scope"]),
                     text(&row["policy"]),
+                    text(&row["algorithm"]),
                     affinity,
                     text(&row["source_ranges"]),
                 ];
@@ -737,7 +770,7 @@ fn print_table(command: &Command, rows: &Value) {
                 first.push(backends.next().unwrap_or_else(|| "(none)".into()));
                 cells.push(first);
                 for more in backends {
-                    let mut line = vec![String::new(); 8];
+                    let mut line = vec![String::new(); 9];
                     line.push(more);
                     cells.push(line);
                 }
@@ -750,6 +783,7 @@ fn print_table(command: &Command, rows: &Value) {
                     "TYPE",
                     "SCOPE",
                     "POLICY",
+                    "ALGORITHM",
                     "AFFINITY",
                     "SOURCE RANGES",
                     "BACKENDS",
@@ -828,6 +862,11 @@ fn print_table(command: &Command, rows: &Value) {
             println!(
                 "map inserts refused because a map was full: {}",
                 rows["refused_by_full_maps"]
+            );
+            let sock = &rows["socket_lb"];
+            println!(
+                "socket-level balancing: {} translated, {} refused, {} sockets destroyed",
+                sock["translated"], sock["refused"], sock["sockets_destroyed"]
             );
         }
         _ => {
