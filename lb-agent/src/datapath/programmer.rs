@@ -140,6 +140,21 @@ pub struct Programmer {
     names: BTreeMap<u32, LbServiceName>,
     /// M of every frontend's Maglev table; `None`: random selection.
     maglev_table_size: Option<u32>,
+    /// The specs of the last apply, to find what the next one changes.
+    applied: BTreeMap<Frontend, FrontendSpec>,
+    /// Frontends whose last programming failed: tried again each apply.
+    retry: BTreeSet<Frontend>,
+    /// Compare the next apply with the maps' image, not with `applied`
+    /// (the first apply, and the first after [`Self::adopt`]).
+    full_sync: bool,
+    /// A ClusterIP marker write failed: sync the markers again.
+    markers_retry: bool,
+    /// Programmed frontends per backend id; a backend with none is deleted.
+    backend_refs: BTreeMap<u32, u32>,
+    /// Backend ids that may have lost their last frontend in this apply.
+    maybe_unused: BTreeSet<u32>,
+    /// Backend id -> its key in `backends`.
+    backend_keys: BTreeMap<u32, BackendKey>,
 }
 
 impl Default for Programmer {
@@ -152,6 +167,13 @@ impl Default for Programmer {
             next_backend_id: 1,
             names: BTreeMap::new(),
             maglev_table_size: None,
+            applied: BTreeMap::new(),
+            retry: BTreeSet::new(),
+            full_sync: true,
+            markers_retry: false,
+            backend_refs: BTreeMap::new(),
+            maybe_unused: BTreeSet::new(),
+            backend_keys: BTreeMap::new(),
         }
     }
 }
@@ -265,8 +287,9 @@ impl Programmer {
         let mut me = Self::default();
         for (id, backend) in backends {
             me.next_backend_id = me.next_backend_id.max(id.saturating_add(1));
-            me.backends
-                .insert((backend.addr, backend.port, backend.proto), (id, backend));
+            let identity = (backend.addr, backend.port, backend.proto);
+            me.backends.insert(identity, (id, backend));
+            me.backend_keys.insert(id, identity);
         }
         let mut live_slots = BTreeSet::new();
         for (key, entry) in services {
@@ -290,6 +313,7 @@ impl Programmer {
             let ranges = ranges_by_service
                 .remove(&entry.service_id)
                 .unwrap_or_default();
+            me.count_refs(&[], &backend_ids);
             me.services.insert(
                 key,
                 ProgrammedService {
@@ -301,6 +325,13 @@ impl Programmer {
                 },
             );
         }
+        // Backends no adopted frontend uses go with the first apply.
+        me.maybe_unused = me
+            .backend_keys
+            .keys()
+            .filter(|id| !me.backend_refs.contains_key(id))
+            .copied()
+            .collect();
         let stale = slots
             .keys()
             .filter(|k| !live_slots.contains(k))
@@ -317,77 +348,193 @@ impl Programmer {
     /// Writes what differs between `desired` and the maps.
     pub fn apply(&mut self, desired: &DesiredTables, maps: &mut impl TableWriter) -> ApplyReport {
         let mut report = ApplyReport::default();
+        let changes = self.changes(desired);
         // Removals first: a full map then has the room they free for what
         // this apply adds.
-        let wanted: BTreeSet<Lb4ServiceKey> =
-            desired.frontends.keys().filter_map(service_key).collect();
-        let stale: Vec<Lb4ServiceKey> = self
-            .services
-            .keys()
-            .filter(|k| !wanted.contains(k))
-            .copied()
-            .collect();
-        for key in stale {
-            if let Err(e) = self.remove_service(&key, maps, &mut report) {
+        for key in &changes.removed {
+            if let Err(e) = self.remove_service(key, maps, &mut report) {
                 report.errors.push(format!(
                     "removing frontend {:?}:{}/{}: {e:#}",
                     key.addr, key.port, key.proto
                 ));
             }
         }
-        for (frontend, spec) in &desired.frontends {
-            let IpAddr::V4(addr) = frontend.addr else {
-                report.unsupported += 1;
-                continue;
-            };
-            let key = Lb4ServiceKey {
-                addr: addr.octets(),
-                port: frontend.port,
-                proto: frontend.protocol.number(),
-                scope: match frontend.scope {
-                    Scope::External => SCOPE_EXTERNAL,
-                    Scope::Internal => SCOPE_INTERNAL,
-                },
-            };
-            let what = || format!("{} port {} ({frontend})", spec.service, spec.port_name);
-            let has_internal = frontend.scope == Scope::External
-                && desired.frontends.contains_key(&Frontend {
-                    scope: Scope::Internal,
-                    ..frontend.clone()
-                });
-            let ids = match self.ensure_backends(&key, spec, maps, &mut report.writes) {
-                Ok(ids) => ids,
-                Err(e) => {
-                    report.errors.push(format!("{}: {e:#}", what()));
-                    continue;
-                }
-            };
-            if let Err(e) = self.program_service(key, spec, has_internal, ids, maps, &mut report) {
-                report.errors.push(format!("{}: {e:#}", what()));
+        for frontend in &changes.gone {
+            self.applied.remove(frontend);
+            self.retry.remove(frontend);
+        }
+        for (frontend, spec) in changes.programmed {
+            let errors_before = report.errors.len();
+            self.program_frontend(desired, frontend, spec, maps, &mut report);
+            if report.errors.len() == errors_before {
+                self.retry.remove(frontend);
+            } else {
+                self.retry.insert(frontend.clone());
             }
-            // Inspection only (lbctl): not counted as a datapath write.
-            if let Err(e) = self.sync_service_name(&key, spec, maps) {
-                report
-                    .errors
-                    .push(format!("{}: writing its name: {e:#}", what()));
+            if self.applied.get(frontend) != Some(spec) {
+                self.applied.insert(frontend.clone(), spec.clone());
             }
         }
-
-        // ClusterIP -> its Service, for errors.
-        let cluster_ips: BTreeMap<[u8; 4], String> = desired
-            .frontends
-            .iter()
-            .filter(|(f, spec)| f.scope == Scope::External && spec.kind == FrontendKind::ClusterIp)
-            .filter_map(|(f, spec)| match f.addr {
-                IpAddr::V4(addr) => Some((addr.octets(), spec.service.to_string())),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        self.sync_markers(&cluster_ips, maps, &mut report);
+        if changes.cluster_ips || self.markers_retry {
+            // ClusterIP -> its Service, for errors.
+            let cluster_ips: BTreeMap<[u8; 4], String> = desired
+                .frontends
+                .iter()
+                .filter(|(f, spec)| {
+                    f.scope == Scope::External && spec.kind == FrontendKind::ClusterIp
+                })
+                .filter_map(|(f, spec)| match f.addr {
+                    IpAddr::V4(addr) => Some((addr.octets(), spec.service.to_string())),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+            let errors_before = report.errors.len();
+            self.sync_markers(&cluster_ips, maps, &mut report);
+            self.markers_retry = report.errors.len() != errors_before;
+        }
         self.collect_backends(maps, &mut report);
+        self.full_sync = false;
+        report.unsupported = changes.unsupported;
         report.frontends = self.services.len();
         report.backends = self.backends.len();
         report
+    }
+
+    /// What `desired` changes against the last apply: a merge of the two
+    /// sorted frontend maps, so an apply that changes one endpoint costs a
+    /// walk of the frontends plus the writes of that one (no map lookups,
+    /// no copies of unchanged specs). The first apply (and the first after
+    /// [`Self::adopt`]) compares against the maps' image instead.
+    fn changes<'a>(&self, desired: &'a DesiredTables) -> Changes<'a> {
+        let mut changes = Changes::default();
+        let mut dirty: BTreeSet<&'a Frontend> = BTreeSet::new();
+        if self.full_sync {
+            let wanted: BTreeSet<Lb4ServiceKey> =
+                desired.frontends.keys().filter_map(service_key).collect();
+            changes.removed = self
+                .services
+                .keys()
+                .filter(|k| !wanted.contains(k))
+                .copied()
+                .collect();
+            changes.gone = self
+                .applied
+                .keys()
+                .filter(|f| !desired.frontends.contains_key(*f))
+                .cloned()
+                .collect();
+            dirty.extend(desired.frontends.keys());
+            changes.cluster_ips = true;
+        } else {
+            let mut twins: Vec<Frontend> = Vec::new();
+            let mut old = self.applied.iter().peekable();
+            let mut new = desired.frontends.iter().peekable();
+            loop {
+                let order = match (old.peek(), new.peek()) {
+                    (None, None) => break,
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (Some((a, _)), Some((b, _))) => a.cmp(b),
+                };
+                match order {
+                    std::cmp::Ordering::Less => {
+                        let Some((frontend, spec)) = old.next() else {
+                            break;
+                        };
+                        changes.removed.extend(service_key(frontend));
+                        changes.gone.push(frontend.clone());
+                        changes.cluster_ips |= spec.kind == FrontendKind::ClusterIp;
+                        if frontend.scope == Scope::Internal {
+                            twins.push(frontend.clone());
+                        }
+                    }
+                    std::cmp::Ordering::Greater => {
+                        let Some((frontend, spec)) = new.next() else {
+                            break;
+                        };
+                        dirty.insert(frontend);
+                        changes.cluster_ips |= spec.kind == FrontendKind::ClusterIp;
+                        if frontend.scope == Scope::Internal {
+                            twins.push(frontend.clone());
+                        }
+                    }
+                    std::cmp::Ordering::Equal => {
+                        let (Some((_, was)), Some((frontend, spec))) = (old.next(), new.next())
+                        else {
+                            break;
+                        };
+                        if was != spec {
+                            dirty.insert(frontend);
+                            changes.cluster_ips |= was.kind != spec.kind;
+                        }
+                    }
+                }
+            }
+            // An internal entry appearing or going changes its external
+            // twin's flags.
+            for twin in twins {
+                let external = Frontend {
+                    scope: Scope::External,
+                    ..twin
+                };
+                if let Some((frontend, _)) = desired.frontends.get_key_value(&external) {
+                    dirty.insert(frontend);
+                }
+            }
+            for frontend in &self.retry {
+                if let Some((frontend, _)) = desired.frontends.get_key_value(frontend) {
+                    dirty.insert(frontend);
+                }
+            }
+        }
+        for frontend in dirty {
+            // IPv6 frontends pass too: remembered as applied, not programmed.
+            if let Some(spec) = desired.frontends.get(frontend) {
+                changes.programmed.push((frontend, spec));
+            }
+        }
+        changes.unsupported = desired
+            .frontends
+            .keys()
+            .filter(|f| f.addr.is_ipv6())
+            .count();
+        changes
+    }
+
+    /// Programs one (new or changed) frontend; errors go to the report.
+    fn program_frontend(
+        &mut self,
+        desired: &DesiredTables,
+        frontend: &Frontend,
+        spec: &FrontendSpec,
+        maps: &mut impl TableWriter,
+        report: &mut ApplyReport,
+    ) {
+        let Some(key) = service_key(frontend) else {
+            return;
+        };
+        let what = || format!("{} port {} ({frontend})", spec.service, spec.port_name);
+        let has_internal = frontend.scope == Scope::External
+            && desired.frontends.contains_key(&Frontend {
+                scope: Scope::Internal,
+                ..frontend.clone()
+            });
+        let ids = match self.ensure_backends(&key, spec, maps, &mut report.writes) {
+            Ok(ids) => ids,
+            Err(e) => {
+                report.errors.push(format!("{}: {e:#}", what()));
+                return;
+            }
+        };
+        if let Err(e) = self.program_service(key, spec, has_internal, ids, maps, report) {
+            report.errors.push(format!("{}: {e:#}", what()));
+        }
+        // Inspection only (lbctl): not counted as a datapath write.
+        if let Err(e) = self.sync_service_name(&key, spec, maps) {
+            report
+                .errors
+                .push(format!("{}: writing its name: {e:#}", what()));
+        }
     }
 
     /// Deletes slots left by an interrupted update (from [`Self::adopt`]).
@@ -445,6 +592,9 @@ impl Programmer {
                     *writes += 1;
                     self.next_backend_id += 1;
                     self.backends.insert(identity, (id, value));
+                    self.backend_keys.insert(id, identity);
+                    // Unreferenced until a frontend programs it.
+                    self.maybe_unused.insert(id);
                     id
                 }
             };
@@ -619,6 +769,11 @@ impl Programmer {
         if current.is_none() {
             self.next_service_id += 1;
         }
+        let old_ids = current
+            .as_ref()
+            .map(|c| c.backend_ids.clone())
+            .unwrap_or_default();
+        self.count_refs(&old_ids, &ids);
         let maglev = match table {
             TablePlan::Write(new_table) => new_table,
             TablePlan::Keep => current.map(|c| c.maglev).unwrap_or_default(),
@@ -710,6 +865,7 @@ impl Programmer {
         }
         report.writes += 1;
         let entry = current.entry;
+        self.count_refs(&current.backend_ids, &[]);
         delete_table(entry.service_id, &current.maglev, maps, &mut report.writes);
         // Inspection only; a name already gone is what we want.
         self.names.remove(&entry.service_id);
@@ -746,7 +902,11 @@ impl Programmer {
         if key.proto != lb_common::PROTO_UDP {
             return;
         }
-        if let Some((_, backend)) = self.backends.values().find(|(id, _)| *id == backend_id) {
+        let backend = self
+            .backend_keys
+            .get(&backend_id)
+            .and_then(|k| self.backends.get(k));
+        if let Some((_, backend)) = backend {
             report.removed_udp.push(RemovedUdpBackend {
                 frontend: (key.addr, key.port),
                 backend: (backend.addr, backend.port),
@@ -825,29 +985,63 @@ impl Programmer {
         Ok(())
     }
 
-    /// Deletes backends no programmed service refers to any more.
+    /// Moves a frontend's references from the backends of `old` to those
+    /// of `new` (each backend counted once per frontend).
+    fn count_refs(&mut self, old: &[u32], new: &[u32]) {
+        let old: BTreeSet<u32> = old.iter().copied().collect();
+        let new: BTreeSet<u32> = new.iter().copied().collect();
+        for id in new.difference(&old) {
+            *self.backend_refs.entry(*id).or_default() += 1;
+        }
+        for id in old.difference(&new) {
+            if let Some(count) = self.backend_refs.get_mut(id) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.backend_refs.remove(id);
+                    self.maybe_unused.insert(*id);
+                }
+            }
+        }
+    }
+
+    /// Deletes backends no programmed frontend refers to any more (only
+    /// those that lost a reference or were written in this apply).
     fn collect_backends(&mut self, maps: &mut impl TableWriter, report: &mut ApplyReport) {
-        let used: BTreeSet<u32> = self
-            .services
-            .values()
-            .flat_map(|s| s.backend_ids.iter().copied())
-            .collect();
-        let unused: Vec<(BackendKey, u32)> = self
-            .backends
-            .iter()
-            .filter(|(_, (id, _))| !used.contains(id))
-            .map(|(k, (id, _))| (*k, *id))
+        let candidates = std::mem::take(&mut self.maybe_unused);
+        let unused: Vec<(BackendKey, u32)> = candidates
+            .into_iter()
+            .filter(|id| !self.backend_refs.contains_key(id))
+            .filter_map(|id| self.backend_keys.get(&id).map(|k| (*k, id)))
             .collect();
         for (identity, id) in unused {
             match maps.delete_backend(id) {
                 Ok(()) => {
                     report.writes += 1;
                     self.backends.remove(&identity);
+                    self.backend_keys.remove(&id);
                 }
-                Err(e) => report.errors.push(format!("removing backend {id}: {e:#}")),
+                Err(e) => {
+                    report.errors.push(format!("removing backend {id}: {e:#}"));
+                    self.maybe_unused.insert(id);
+                }
             }
         }
     }
+}
+
+/// See [`Programmer::changes`].
+#[derive(Default)]
+struct Changes<'a> {
+    /// Programmed frontends to remove.
+    removed: Vec<Lb4ServiceKey>,
+    /// Frontends of the last apply that `desired` no longer has.
+    gone: Vec<Frontend>,
+    /// New or changed frontends, in order.
+    programmed: Vec<(&'a Frontend, &'a FrontendSpec)>,
+    /// Whether the set of ClusterIP addresses may have changed.
+    cluster_ips: bool,
+    /// IPv6 frontends in `desired` (not served yet).
+    unsupported: usize,
 }
 
 /// See [`Programmer::plan_maglev`].
@@ -1704,5 +1898,168 @@ mod tests {
         assert_eq!(maps.services[&key(10, 80)].flags & FLAG_MAGLEV, 0);
         assert_eq!(maps.services[&key(10, 80)].backend_count, 10);
         assert_ne!(maps.services[&key(20, 80)].flags & FLAG_MAGLEV, 0);
+    }
+
+    /// What a packet can observe of the maps: per frontend its flags and
+    /// backends, the address markers, the backend set.
+    fn observable(maps: &CheckedMaps) -> Vec<String> {
+        let mut out: Vec<String> = maps
+            .services
+            .iter()
+            .map(|(key, svc)| {
+                let mut backends: Vec<Lb4Backend> = if svc.flags & FLAG_ADDRESS != 0 {
+                    Vec::new()
+                } else {
+                    maps.backends_of(key)
+                };
+                backends.sort_by_key(|b| (b.addr, b.port));
+                format!(
+                    "{key:?} flags={} kind={} affinity={} {:?}",
+                    svc.flags, svc.kind, svc.affinity_timeout, backends
+                )
+            })
+            .collect();
+        let mut backends: Vec<String> = maps.backends.values().map(|b| format!("{b:?}")).collect();
+        backends.sort();
+        out.extend(backends);
+        out
+    }
+
+    #[test]
+    fn incremental_applies_end_where_a_fresh_apply_of_the_same_tables_ends() {
+        // A deterministic walk through adds, removals, endpoint changes,
+        // internal twins appearing and going, and kind changes.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut desired = DesiredTables::default();
+        let mut maps = CheckedMaps::default();
+        let mut prog = Programmer::default();
+        for step in 0..300 {
+            let last = 10 + next(20) as u8;
+            let port = 80 + next(2) as u16;
+            let external = frontend(last, port);
+            match next(6) {
+                0 => {
+                    desired.frontends.remove(&external);
+                }
+                1 => {
+                    let internal = Frontend {
+                        scope: Scope::Internal,
+                        ..external.clone()
+                    };
+                    if desired.frontends.remove(&internal).is_none() {
+                        let mut all = spec("twin", &[11, 12, 13]);
+                        all.kind = FrontendKind::NodePort;
+                        desired.frontends.insert(internal, all);
+                    }
+                }
+                2 => {
+                    if let Some(s) = desired.frontends.get_mut(&external) {
+                        s.kind = if s.kind == FrontendKind::ClusterIp {
+                            FrontendKind::NodePort
+                        } else {
+                            FrontendKind::ClusterIp
+                        };
+                    }
+                }
+                _ => {
+                    let pods: Vec<u8> = (0..next(4)).map(|_| 11 + next(8) as u8).collect();
+                    desired
+                        .frontends
+                        .insert(external, spec(&format!("s{last}"), &pods));
+                }
+            }
+            let r = prog.apply(&desired, &mut maps);
+            assert!(r.errors.is_empty(), "step {step}: {:?}", r.errors);
+            let mut fresh = CheckedMaps::default();
+            Programmer::default().apply(&desired, &mut fresh);
+            assert_eq!(observable(&maps), observable(&fresh), "step {step}");
+        }
+    }
+
+    #[test]
+    fn one_endpoint_change_among_many_writes_only_that_frontend() {
+        let mut desired = DesiredTables::default();
+        for i in 0..200u16 {
+            desired.frontends.insert(
+                frontend((i % 250) as u8, 1000 + i),
+                spec(&format!("s{i}"), &[11, 12, 13]),
+            );
+        }
+        let mut maps = CheckedMaps::default();
+        let mut prog = Programmer::default();
+        prog.apply(&desired, &mut maps);
+        let ops = maps.ops;
+        if let Some(s) = desired.frontends.get_mut(&frontend(7, 1007)) {
+            s.backends[0].addr = IpAddr::V4(Ipv4Addr::new(10, 244, 1, 99));
+        }
+        let r = prog.apply(&desired, &mut maps);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        // New backend, its membership, 3 slots of the new revision, the
+        // entry, 3 old slots, the old membership: 10 writes.
+        assert_eq!(r.writes, 10, "one change rewrote more than its frontend");
+        assert_eq!(maps.ops - ops, 10);
+    }
+
+    #[test]
+    fn a_frontend_that_failed_is_retried_and_removed_like_any_other() {
+        let mut maps = CheckedMaps {
+            capacity_slots: 3,
+            ..Default::default()
+        };
+        let mut prog = Programmer::default();
+        let both = tables(&[
+            (frontend(10, 80), spec("a", &[11, 12])),
+            (frontend(20, 80), spec("b", &[13, 14])),
+        ]);
+        assert_eq!(prog.apply(&both, &mut maps).errors.len(), 1);
+        // Same tables, still no room: still an error (retried, not skipped).
+        assert_eq!(prog.apply(&both, &mut maps).errors.len(), 1);
+        // Room: the unchanged frontend is programmed now.
+        maps.capacity_slots = 0;
+        assert!(prog.apply(&both, &mut maps).errors.is_empty());
+        assert_eq!(addrs(&maps.backends_of(&key(20, 80))), vec![13, 14]);
+        // Gone from the tables: gone from the maps.
+        prog.apply(
+            &tables(&[(frontend(10, 80), spec("a", &[11, 12]))]),
+            &mut maps,
+        );
+        assert!(!maps.services.contains_key(&key(20, 80)));
+        assert_eq!(maps.backends.len(), 2, "{:?}", maps.backends);
+    }
+
+    #[test]
+    fn a_restarted_agent_removes_what_vanished_while_it_was_down() {
+        let mut maps = CheckedMaps::default();
+        Programmer::default().apply(
+            &tables(&[
+                (frontend(10, 80), spec("a", &[11])),
+                (frontend(20, 80), spec("b", &[12])),
+            ]),
+            &mut maps,
+        );
+        let (mut adopted, _) = Programmer::adopt(
+            maps.services.clone(),
+            &maps.slots.clone(),
+            maps.backends.clone(),
+            maps.ranges.clone(),
+        );
+        adopted.apply(&tables(&[(frontend(10, 80), spec("a", &[11]))]), &mut maps);
+        assert!(!maps.services.contains_key(&key(20, 80)));
+        assert_eq!(maps.backends.len(), 1, "{:?}", maps.backends);
+        let marker = Lb4ServiceKey {
+            port: 0,
+            proto: 0,
+            ..key(20, 80)
+        };
+        assert!(
+            !maps.services.contains_key(&marker),
+            "stale ClusterIP marker"
+        );
     }
 }
