@@ -186,6 +186,13 @@ fn a_flow_reaches_the_same_pod_through_either_node_and_keeps_it_when_another_pod
     }
 
     // lbctl shows the algorithm and each backend's share of the table.
+    let table = std::process::Command::new(lb_tests::lbctl_binary())
+        .arg("--bpffs")
+        .arg(agents.pins_of(1))
+        .arg("services")
+        .output()
+        .expect("lbctl");
+    println!("{}", String::from_utf8_lossy(&table.stdout));
     let services = lb_tests::lbctl_json(agents.pins_of(1), &["services"]);
     let lb = services
         .as_array()

@@ -739,9 +739,11 @@ fn print_table(command: &Command, rows: &Value) {
                     .iter()
                     .map(|b| {
                         let local = if b["local"] == true { ", local" } else { "" };
-                        let share = match b["maglev_share"].as_f64() {
-                            Some(share) => format!(", {:.1}% of table", 100.0 * share),
-                            None => String::new(),
+                        let share = match (b["maglev_slots"].as_u64(), b["maglev_share"].as_f64()) {
+                            (Some(slots), Some(share)) => {
+                                format!(", {slots} slots = {:.2}%", 100.0 * share)
+                            }
+                            _ => String::new(),
                         };
                         format!(
                             "{} => {} ({}{local}{share})",
