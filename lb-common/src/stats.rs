@@ -57,6 +57,9 @@ pub enum Reason {
     NewFlowAffinity = 7,
     /// First packet of a flow: the backend came from the Maglev table.
     NewFlowMaglev = 9,
+    /// An ICMP error about a tracked flow, translated like the flow's
+    /// packets (outer and quoted headers).
+    IcmpErrorTranslated = 10,
     /// The service has no usable backend.
     DropNoBackend = 16,
     /// A header ended before the packet did.
@@ -86,7 +89,7 @@ impl Reason {
     pub const FIRST_DROP: u32 = 16;
 
     /// Every reason, for readers that list all counters.
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 21] = [
         Reason::PassNotIpv4,
         Reason::PassOtherL4,
         Reason::PassFragment,
@@ -96,6 +99,7 @@ impl Reason {
         Reason::CtReply,
         Reason::NewFlowAffinity,
         Reason::NewFlowMaglev,
+        Reason::IcmpErrorTranslated,
         Reason::SockTranslated,
         Reason::DropNoBackend,
         Reason::DropMalformed,
@@ -121,6 +125,7 @@ impl Reason {
             Reason::CtReply => "ct_reply",
             Reason::NewFlowAffinity => "new_flow_affinity",
             Reason::NewFlowMaglev => "new_flow_maglev",
+            Reason::IcmpErrorTranslated => "icmp_error_translated",
             Reason::SockTranslated => "sock_translated",
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropMalformed => "drop_malformed",

@@ -6,6 +6,7 @@
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
 mod ct;
+mod icmp;
 mod nat;
 mod parse;
 mod policy;
@@ -248,6 +249,7 @@ fn process_packet<C: PacketBuf>(
         Packet::NotIpv4 => return untouched(Reason::PassNotIpv4),
         Packet::OtherL4 => return untouched(Reason::PassOtherL4),
         Packet::Fragment => return untouched(Reason::PassFragment),
+        Packet::Icmp(icmp_off) => return untouched(icmp::translate(ctx, icmp_off, obs)?),
     };
     obs.src_addr = flow.key.src_addr;
     obs.dst_addr = flow.key.dst_addr;

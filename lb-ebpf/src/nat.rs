@@ -229,13 +229,13 @@ fn fold(mut sum: u32) -> u16 {
 
 /// HC' = ~(~HC + ~m + m') for one 16-bit word (RFC 1624, eqn. 3).
 #[inline(always)]
-fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
+pub fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
     !fold(!check as u32 + !old as u32 + new as u32)
 }
 
 /// The same for a 32-bit field, as two 16-bit words.
 #[inline(always)]
-fn csum_replace4(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+pub fn csum_replace4(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     let sum = !check as u32
         + !u16::from_be_bytes([old[0], old[1]]) as u32
         + !u16::from_be_bytes([old[2], old[3]]) as u32

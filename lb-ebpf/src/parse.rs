@@ -2,7 +2,7 @@
 //! [`ptr_at`], the one bounds-checked accessor.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use lb_common::{PROTO_TCP, PROTO_UDP, conntrack::Lb4CtKey, stats::Reason};
+use lb_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, conntrack::Lb4CtKey, stats::Reason};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -18,8 +18,9 @@ pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
-/// Longest header run we ever read: Ethernet + IPv4 with options + TCP.
-const MAX_HEADERS: u32 = (ETH_HLEN + 60 + 20) as u32;
+/// Longest header run we ever read: Ethernet + IPv4 with options + ICMP +
+/// a quoted IPv4 header with options + TCP.
+const MAX_HEADERS: u32 = (ETH_HLEN + 60 + 8 + 60 + 20) as u32;
 
 #[repr(C)]
 struct EthHdr {
@@ -29,24 +30,24 @@ struct EthHdr {
 }
 
 #[repr(C)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    tot_len: [u8; 2],
-    id: [u8; 2],
-    frag_off: [u8; 2],
-    ttl: u8,
-    proto: u8,
-    check: [u8; 2],
-    saddr: [u8; 4],
-    daddr: [u8; 4],
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
 }
 
 /// The first four bytes of both TCP and UDP.
 #[repr(C)]
-struct L4Ports {
-    src: [u8; 2],
-    dst: [u8; 2],
+pub struct L4Ports {
+    pub src: [u8; 2],
+    pub dst: [u8; 2],
 }
 
 /// A TCP or UDP packet with what the later stages need.
@@ -80,6 +81,8 @@ pub enum Packet {
     OtherL4,
     Fragment,
     Flow(Flow),
+    /// ICMP, with the offset of its header (`crate::icmp` reads on).
+    Icmp(usize),
 }
 
 /// What parsing needs from a program context: the packet's bounds.
@@ -132,6 +135,45 @@ impl PacketBuf for XdpContext {
     }
 }
 
+/// What the stages read of an IPv4 header.
+pub struct Ipv4Fields {
+    /// Header length in bytes, 20..=60 (the mask bounds it for the verifier).
+    pub ihl: usize,
+    pub proto: u8,
+    /// A non-first fragment (no L4 header).
+    pub fragment: bool,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+
+/// The IPv4 header at `off`; `None` if it is not a valid IPv4 header,
+/// `DropMalformed` if the packet ends first.
+#[inline(always)]
+pub fn ipv4_at<C: PacketBuf>(ctx: &C, off: usize) -> Result<Option<Ipv4Fields>, Reason> {
+    let ip = ptr_at::<C, Ipv4Hdr>(ctx, off)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let (version_ihl, proto, frag_off, saddr, daddr) = unsafe {
+        (
+            (*ip).version_ihl,
+            (*ip).proto,
+            (*ip).frag_off,
+            (*ip).saddr,
+            (*ip).daddr,
+        )
+    };
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || ihl < 20 {
+        return Ok(None);
+    }
+    Ok(Some(Ipv4Fields {
+        ihl,
+        proto,
+        fragment: u16::from_be_bytes(frag_off) & 0x1fff != 0,
+        saddr,
+        daddr,
+    }))
+}
+
 /// Returns a pointer to a `T` at `off`, or `DropMalformed` if the packet is
 /// shorter.
 #[inline(always)]
@@ -152,30 +194,32 @@ pub fn parse_packet<C: PacketBuf>(ctx: &C) -> Result<Packet, Reason> {
     if u16::from_be_bytes(unsafe { (*eth).ether_type }) != ETH_P_IP {
         return Ok(Packet::NotIpv4);
     }
-    let ip = ptr_at::<C, Ipv4Hdr>(ctx, ETH_HLEN)?;
-    let (version_ihl, proto, frag_off, saddr, daddr) = unsafe {
-        (
-            (*ip).version_ihl,
-            (*ip).proto,
-            (*ip).frag_off,
-            (*ip).saddr,
-            (*ip).daddr,
-        )
-    };
-    // The mask bounds the header length to 60 for the verifier.
-    let ihl = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || ihl < 20 {
+    let Some(Ipv4Fields {
+        ihl,
+        proto,
+        fragment,
+        saddr,
+        daddr,
+    }) = ipv4_at(ctx, ETH_HLEN)?
+    else {
         return Err(Reason::DropMalformed);
+    };
+    // A non-first fragment carries no L4 header; reading one there would
+    // misread payload as ports.
+    if fragment {
+        return Ok(if proto == PROTO_TCP || proto == PROTO_UDP {
+            Packet::Fragment
+        } else {
+            Packet::OtherL4
+        });
+    }
+    let l4_off = ETH_HLEN + ihl;
+    if proto == PROTO_ICMP {
+        return Ok(Packet::Icmp(l4_off));
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Ok(Packet::OtherL4);
     }
-    // A non-first fragment carries no L4 header; reading one there would
-    // misread payload as ports.
-    if u16::from_be_bytes(frag_off) & 0x1fff != 0 {
-        return Ok(Packet::Fragment);
-    }
-    let l4_off = ETH_HLEN + ihl;
     let ports = ptr_at::<C, L4Ports>(ctx, l4_off)?;
     let (src, dst) = unsafe { ((*ports).src, (*ports).dst) };
     let (csum_off, tcp_flags) = if proto == PROTO_TCP {

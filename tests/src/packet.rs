@@ -311,3 +311,97 @@ mod tests {
         assert_eq!(!fold(sum_words(&header)), 0xb861);
     }
 }
+
+/// An ICMP error (`kind`, `code`, the 4 bytes after the checksum) from
+/// `src` to `dst` quoting the first `quote` bytes of `inner`'s IP packet
+/// (`usize::MAX`: all of it), with a correct ICMP checksum.
+pub fn icmp_error(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    kind: u8,
+    code: u8,
+    rest: [u8; 4],
+    inner: &Packet,
+    quote: usize,
+) -> Packet {
+    let frame = inner.emit();
+    let ip = &frame[ETH_HLEN..];
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(&ip[..quote.min(ip.len())]);
+    let sum = !fold(sum_words(&icmp));
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    Packet {
+        src,
+        dst,
+        ttl: 64,
+        transport: Transport::Other { protocol: 1 },
+        payload: icmp,
+        udp_zero_checksum: false,
+    }
+}
+
+/// What an ICMP error carries, its checksum verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IcmpError {
+    pub kind: u8,
+    pub code: u8,
+    pub rest: [u8; 4],
+    /// The quoted IP packet (or its first bytes).
+    pub quoted: Vec<u8>,
+}
+
+impl IcmpError {
+    /// Reads an ICMP error out of a parsed packet; the error says what is
+    /// wrong (not ICMP, bad checksum).
+    pub fn of(packet: &Packet) -> Result<IcmpError, String> {
+        if packet.transport != (Transport::Other { protocol: 1 }) {
+            return Err(format!("not ICMP: {:?}", packet.transport));
+        }
+        let icmp = &packet.payload;
+        if icmp.len() < 8 {
+            return Err("ICMP header truncated".into());
+        }
+        if fold(sum_words(icmp)) != 0xffff {
+            return Err("ICMP checksum is wrong".into());
+        }
+        Ok(IcmpError {
+            kind: icmp[0],
+            code: icmp[1],
+            rest: [icmp[4], icmp[5], icmp[6], icmp[7]],
+            quoted: icmp[8..].to_vec(),
+        })
+    }
+
+    /// The quoted header's (source, destination, protocol, source port,
+    /// destination port), its IPv4 checksum verified.
+    pub fn quoted_tuple(&self) -> Result<(Ipv4Addr, Ipv4Addr, u8, u16, u16), String> {
+        let ip = &self.quoted;
+        if ip.len() < IPV4_HLEN + 4 {
+            return Err("quote too short".into());
+        }
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        if ip.len() < ihl + 4 {
+            return Err("quote too short for the ports".into());
+        }
+        if fold(sum_words(&ip[..ihl])) != 0xffff {
+            return Err("quoted IPv4 header checksum is wrong".into());
+        }
+        Ok((
+            Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+            Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+            ip[9],
+            u16::from_be_bytes([ip[ihl], ip[ihl + 1]]),
+            u16::from_be_bytes([ip[ihl + 2], ip[ihl + 3]]),
+        ))
+    }
+
+    /// The whole quoted packet parsed, every checksum verified (for quotes
+    /// of a complete packet).
+    pub fn quoted_packet(&self) -> Result<Packet, String> {
+        let mut frame = vec![0u8; ETH_HLEN];
+        frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        frame.extend_from_slice(&self.quoted);
+        Packet::parse(&frame)
+    }
+}
