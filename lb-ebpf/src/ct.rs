@@ -42,6 +42,49 @@ pub fn lookup(key: &Lb4CtKey) -> Option<Lb4CtEntry> {
     unsafe { LB4_CT_V2.get(key) }.copied()
 }
 
+/// A new TCP connection that is not to a service, whose reverse tuple is
+/// the reply entry of an earlier balanced flow (the client reuses its
+/// source port, now talking to the pod address directly, say through
+/// socket-level balancing): that flow is over, and its reply entry would
+/// rewrite this connection's replies to the old service address. Both of
+/// its entries go.
+#[inline(always)]
+pub fn forget_stale_reply(flow: &Flow) {
+    let k = &flow.key;
+    let reverse = Lb4CtKey {
+        src_addr: k.dst_addr,
+        dst_addr: k.src_addr,
+        src_port: k.dst_port,
+        dst_port: k.src_port,
+        proto: k.proto,
+        _pad: [0; 3],
+    };
+    let Some(entry) = lookup(&reverse) else {
+        return;
+    };
+    if entry.direction != DIR_REPLY {
+        return;
+    }
+    // The forward entry: from the client (the reply's destination, or what
+    // the reply rewrote it back to) to the frontend (what the reply's
+    // source became).
+    let (client, client_port) = if entry.rewrite & REWRITE_DST != 0 {
+        (entry.dst_addr, entry.dst_port)
+    } else {
+        (k.src_addr, k.src_port)
+    };
+    let forward = Lb4CtKey {
+        src_addr: client,
+        dst_addr: entry.src_addr,
+        src_port: client_port,
+        dst_port: entry.src_port,
+        proto: k.proto,
+        _pad: [0; 3],
+    };
+    let _ = LB4_CT_V2.remove(&reverse);
+    let _ = LB4_CT_V2.remove(&forward);
+}
+
 /// Whether the backend a forward entry points at is still programmed at the
 /// same address (a removed backend must not get new connections).
 #[inline(always)]

@@ -296,6 +296,9 @@ fn balance_new_flow(
         if flow.is_connection_attempt() && service::is_service_address(&flow.key) {
             return Ok((Reason::DropUnknownPort, Action::reject()));
         }
+        if flow.is_syn() {
+            ct::forget_stale_reply(flow);
+        }
         return Ok((Reason::PassNotService, Action::forward(Translation::none())));
     };
     obs.service(&service);

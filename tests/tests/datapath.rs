@@ -240,3 +240,33 @@ fn removed_backend_gets_no_new_flows_but_established_ones_continue() {
         POD_A
     );
 }
+
+#[test]
+fn a_direct_connection_reusing_a_balanced_flows_port_gets_its_replies_untranslated() {
+    let mut fx =
+        fixture("a_direct_connection_reusing_a_balanced_flows_port_gets_its_replies_untranslated");
+    let out = fx.pass(POD, &Packet::tcp((CLIENT, 45000), (VIP, 80), SYN, b""));
+    let backend = out.dst;
+    // Later the client talks to that pod directly from the same port (a
+    // socket-level translated connection, or a plain one).
+    let direct = Packet::tcp((CLIENT, 45000), (backend, 8080), SYN, b"");
+    let out = fx.pass(POD, &direct);
+    assert_eq!(out, direct, "a connection to a pod address was translated");
+    let reply = Packet::tcp((backend, 8080), (CLIENT, 45000), SYN | ACK, b"");
+    let out = fx.pass(POD, &reply);
+    assert_eq!(
+        out.src, backend,
+        "the reply took the old flow's reverse translation"
+    );
+    // And the old flow's forward entry went with it: a new SYN to the
+    // ClusterIP from that port is balanced afresh, with a reply entry.
+    let out = fx.pass(POD, &Packet::tcp((CLIENT, 45000), (VIP, 80), SYN, b""));
+    let again = fx.pass(
+        POD,
+        &Packet::tcp((out.dst, 8080), (CLIENT, 45000), SYN | ACK, b""),
+    );
+    assert_eq!(
+        again.src, VIP,
+        "the new flow's reply is not reverse-translated"
+    );
+}
