@@ -81,8 +81,8 @@ pub fn forget_stale_reply(flow: &Flow) {
         proto: k.proto,
         _pad: [0; 3],
     };
-    let _ = LB4_CT_V2.remove(&reverse);
-    let _ = LB4_CT_V2.remove(&forward);
+    let _ = LB4_CT_V2.remove(reverse);
+    let _ = LB4_CT_V2.remove(forward);
 }
 
 /// Whether the backend a forward entry points at is still programmed at the
