@@ -1163,14 +1163,17 @@ const METHOD: &str = r#"
 ## How to run
 
 ```sh
-cargo xtask bench --quick   # a few minutes, 3 repetitions
+cargo xtask bench --quick   # ~20 minutes on 2 vCPUs, 3 repetitions
 cargo xtask bench           # full: 5 repetitions, larger sizes
 cargo xtask bench --smoke   # seconds, tiny sizes (part of `cargo xtask test`)
 ```
 
-Root on a machine with the BPF toolchain (`cargo xtask setup` runs first). The
-release builds of `lb-agent` and `lb-bench` (tests/src/bin/lb-bench.rs) are
-used; the eBPF object is always optimized.
+Root on a machine with the BPF toolchain (`cargo xtask setup` runs first) and
+cgroup v2 mounted (`/sys/fs/cgroup/unified` or `/sys/fs/cgroup`) for the
+socket-level comparison. The release builds of `lb-agent`, `lbctl` and
+`lb-bench` (tests/src/bin/lb-bench.rs) are used; the eBPF object is always
+optimized. The traffic clients and servers are xtask's own code (its dev build,
+the same for every variant).
 
 ## Setup
 
@@ -1178,8 +1181,9 @@ Variants: **ours** (the agent on a manifest directory, XDP on the node device,
 TC on pod devices), **iptables** (kube-proxy's iptables-mode ruleset loaded
 with `iptables-restore` inside the node namespace), **nftables** (kube-proxy's
 nftables-mode ruleset loaded with `nft -f` inside the node namespace),
-**direct** (no service translation: the client connects to the pod address).
-Each variant runs on a fresh topology of its own (`xtask::Cluster`: node-1,
+**direct** (no service translation: the client connects to the pod address),
+and, for the socket-level comparison only, **socketlb** (the same agent with
+`--socket-lb-cgroup` on the client pod's cgroup). Each variant runs on a fresh topology of its own (`xtask::Cluster`: node-1,
 a client pod 10.244.1.2, a server pod holding the ten endpoint addresses
 10.244.1.10-19, an external client 198.51.100.100 on the underlay), so only
 one translation is ever active; variants are interleaved within each
