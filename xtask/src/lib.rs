@@ -1,13 +1,15 @@
 //! Developer tasks (`cargo xtask setup|demo|test|clean`) and the
 //! network-namespace toolkit the integration tests and the demo share:
-//! namespaces and bpffs directories as RAII guards ([`netns`]), CNI-like
-//! topologies ([`topology`]), echo servers and clients ([`echo`]) and the
-//! agent as a child process inside a namespace ([`agent`]).
+//! namespaces and bpffs directories as RAII guards ([`netns`]), cgroup v2
+//! directories ([`cgroup`]), CNI-like topologies ([`topology`]), echo
+//! servers and clients ([`echo`]) and the agent as a child process inside a
+//! namespace ([`agent`]).
 //!
 //! Nothing here depends on lb-agent or on the BPF toolchain: `setup` must
 //! run before either exists.
 
 pub mod agent;
+pub mod cgroup;
 pub mod demo;
 pub mod echo;
 pub mod fuzz;
@@ -20,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub use agent::AgentProcess;
+pub use cgroup::Cgroup;
 pub use echo::{EchoServer, HoldConnection, client_of, http_get, pod_of, udp_request};
 pub use netns::{BpffsDir, CleanupReport, NetNs, cleanup_leftovers, cleanup_stale};
 pub use setup::setup;

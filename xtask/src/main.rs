@@ -58,9 +58,16 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
-    /// Remove namespaces, bpffs directories and temp directories left by
-    /// tests and demos (`lbt-*`, `lbd-*`), and agents running inside them.
+    /// Remove namespaces, bpffs directories, cgroups and temp directories
+    /// left by tests and demos (`lbt-*`, `lbd-*`), and agents running inside
+    /// them.
     Clean,
+    /// The benchmark's connection client as a process of its own (cgroup
+    /// membership is per process): joins the cgroup, runs the closed loop in
+    /// the namespace it was started in, prints one summary line. Started by
+    /// `bench`.
+    #[command(hide = true)]
+    BenchClient(bench::ClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +90,7 @@ fn main() -> ExitCode {
             out,
         }),
         Task::Fuzz { seconds } => xtask::fuzz::fuzz(seconds),
+        Task::BenchClient(args) => bench::client(&args),
         Task::Clean => {
             clean();
             Ok(())

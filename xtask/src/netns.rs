@@ -316,6 +316,7 @@ pub struct CleanupReport {
     pub namespaces: Vec<String>,
     pub bpffs_dirs: Vec<PathBuf>,
     pub temp_dirs: Vec<PathBuf>,
+    pub cgroups: Vec<PathBuf>,
 }
 
 impl CleanupReport {
@@ -324,6 +325,7 @@ impl CleanupReport {
             && self.namespaces.is_empty()
             && self.bpffs_dirs.is_empty()
             && self.temp_dirs.is_empty()
+            && self.cgroups.is_empty()
     }
 
     /// One line per removed thing.
@@ -343,14 +345,16 @@ impl CleanupReport {
             self.bpffs_dirs
                 .iter()
                 .chain(&self.temp_dirs)
+                .chain(&self.cgroups)
                 .map(|path| format!("removed {}", path.display())),
         );
         lines
     }
 }
 
-/// Removes every namespace, bpffs directory and temp directory with one of
-/// our prefixes, killing `lb-agent` processes left inside those namespaces.
+/// Removes every namespace, bpffs directory, temp directory and cgroup with
+/// one of our prefixes (a cgroup's processes are moved to its parent first),
+/// killing `lb-agent` processes left inside those namespaces.
 /// For `cargo xtask clean`: it also removes what a running test owns.
 pub fn cleanup_leftovers() -> CleanupReport {
     cleanup_matching(|_| true)
@@ -414,6 +418,13 @@ fn cleanup_matching(is_removable: impl Fn(u32) -> bool) -> CleanupReport {
     for (_, path) in matching_entries(&std::env::temp_dir(), &is_removable) {
         if path.is_dir() && std::fs::remove_dir_all(&path).is_ok() {
             report.temp_dirs.push(path);
+        }
+    }
+    if let Some(root) = crate::cgroup::cgroup2_root() {
+        for (_, path) in matching_entries(&root, &is_removable) {
+            if path.is_dir() && crate::cgroup::remove(&path).is_ok() {
+                report.cgroups.push(path);
+            }
         }
     }
     report

@@ -6,7 +6,9 @@
 //!   several service counts;
 //! - `program`: time to install N services x 10 endpoints through the real
 //!   `Programmer` into real maps, one endpoint change, and the delay from a
-//!   change being written to the first packet that picks the new backend.
+//!   change being written to the first packet that picks the new backend;
+//! - `maglev`: time to build a Maglev lookup table (`maglev::build_table`,
+//!   pure user-space code) for N backends at table size M.
 //!
 //! Results are printed one per line as `RESULT metric=.. variant=.. size=..
 //! rep=.. value=..`; xtask parses them. Each case's verdict and output are
@@ -14,10 +16,10 @@
 //! a figure always belongs to the path it is named after. Nothing here
 //! asserts a timing.
 //!
-//! Usage: `lb-bench packet|program key=value...` (see [`Options`]).
+//! Usage: `lb-bench packet|program|maglev key=value...` (see [`Options`]).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
@@ -26,6 +28,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
     datapath::{Datapath, KernelTables, MapSizes, Programmer, TC_POD_PROGRAM},
+    maglev::{BackendIdentity, build_table},
     model::{Backend, DesiredTables, Frontend, FrontendKind, FrontendSpec, Protocol, ServiceRef},
 };
 use lb_common::{config::LbConfig, stats::Reason};
@@ -359,6 +362,23 @@ impl Options {
             None => Ok(default.to_vec()),
         }
     }
+    /// `a:b,c:d` as pairs.
+    fn pairs(&self, key: &str, default: &[(u32, u32)]) -> Result<Vec<(u32, u32)>> {
+        let Some(v) = self.0.get(key) else {
+            return Ok(default.to_vec());
+        };
+        v.split(',')
+            .map(|pair| {
+                let (a, b) = pair
+                    .split_once(':')
+                    .with_context(|| format!("{key}={v}: {pair:?} is not a:b"))?;
+                Ok((
+                    a.parse().with_context(|| format!("{key}={v}"))?,
+                    b.parse().with_context(|| format!("{key}={v}"))?,
+                ))
+            })
+            .collect()
+    }
 }
 
 fn result(metric: &str, variant: &str, size: u32, rep: u32, value: f64) {
@@ -370,8 +390,9 @@ fn main() -> std::process::ExitCode {
     let outcome = match args.split_first() {
         Some((mode, rest)) if mode == "packet" => Options::parse(rest).and_then(|o| packet(&o)),
         Some((mode, rest)) if mode == "program" => Options::parse(rest).and_then(|o| program(&o)),
+        Some((mode, rest)) if mode == "maglev" => Options::parse(rest).and_then(|o| maglev(&o)),
         _ => Err(anyhow::anyhow!(
-            "usage: lb-bench packet|program key=value... (run by `cargo xtask bench`)"
+            "usage: lb-bench packet|program|maglev key=value... (run by `cargo xtask bench`)"
         )),
     };
     match outcome {
@@ -698,6 +719,51 @@ fn program(options: &Options) -> Result<()> {
             rep,
             f64::from(probes) / f64::from(churn),
         );
+    }
+    Ok(())
+}
+
+/// Maglev table builds. Options: cases (`backends:M,...`), reps, builds
+/// (per case and repetition; their median is the repetition's value).
+fn maglev(options: &Options) -> Result<()> {
+    let cases = options.pairs("cases", &[(100, 16_381), (1000, 65_521)])?;
+    let reps = options.u32("reps", 5)?;
+    let builds = options.u32("builds", 50)?.max(1);
+    for rep in 0..reps {
+        for &(backends, table_size) in &cases {
+            // Distinct addresses from 10.128.0.0 on, one port: what a
+            // service's EndpointSlices give the builder.
+            let identities: Vec<BackendIdentity> = (0..backends)
+                .map(|j| BackendIdentity {
+                    addr: IpAddr::V4(endpoint_addr(0, j)),
+                    port: TARGET_PORT,
+                })
+                .collect();
+            let mut times = Vec::with_capacity(builds as usize);
+            for build in 0..builds {
+                let started = Instant::now();
+                let table = build_table(std::hint::black_box(&identities), table_size)
+                    .with_context(|| format!("{backends} backends, M = {table_size}"))?;
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+                if rep == 0 && build == 0 {
+                    let used: BTreeSet<u32> = table.iter().copied().collect();
+                    ensure!(
+                        table.len() == table_size as usize && used.len() == backends as usize,
+                        "{backends} backends, M = {table_size}: {} slots, {} backends used",
+                        table.len(),
+                        used.len()
+                    );
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            result(
+                "maglev_build_ms",
+                &format!("m{table_size}"),
+                backends,
+                rep,
+                times[times.len() / 2],
+            );
+        }
     }
     Ok(())
 }

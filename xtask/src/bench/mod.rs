@@ -7,9 +7,12 @@
 //! - [`kubeproxy`]: kube-proxy's rulesets for it (iptables and nftables);
 //! - [`variants`]: the topology with one variant active;
 //! - [`traffic`]: the server and the closed-loop clients;
+//! - [`socket_lb`]: socket-level balancing against direct and the packet
+//!   path, its client run as a process in the client pod's cgroup;
 //! - [`report`]: min/median/max, per-repetition ratios, the SVG chart.
 //!
-//! The per-packet cost and our programming times come from `lb-bench`
+//! The per-packet cost, our programming times and the Maglev table build
+//! times come from `lb-bench`
 //! (tests/src/bin/lb-bench.rs), which links the agent's library; this crate
 //! cannot (it builds before the BPF toolchain exists).
 //!
@@ -20,6 +23,7 @@
 mod kubeproxy;
 mod report;
 mod services;
+mod socket_lb;
 mod traffic;
 mod variants;
 
@@ -35,7 +39,10 @@ use xtask::{BpffsDir, NetNs, TempDir, cargo, cleanup_stale, setup, target_dir, w
 
 use report::{BarChart, Record, Results, Spread};
 use services::ServiceSet;
-use variants::{AgentConfig, Bench, PREFIX, Variant, run_timed_in, start_agent, write_file};
+pub use socket_lb::{ClientArgs, client};
+use variants::{
+    AgentConfig, Attach, Bench, PREFIX, Variant, run_timed_in, start_agent, write_file,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -57,6 +64,10 @@ impl Mode {
     }
 }
 
+/// Maglev tables of the quick and full runs: the default M with 100
+/// backends, and 1000 backends at the largest prime below 2^16.
+const MAGLEV_CASES: [(u32, u32); 2] = [(100, 16381), (1000, 65521)];
+
 /// What one mode measures.
 struct Plan {
     reps: u32,
@@ -74,6 +85,10 @@ struct Plan {
     agent_sizes: Vec<u32>,
     agent_reps: u32,
     load_timeout: Duration,
+    /// Maglev tables built: (backends, table size M).
+    maglev_cases: Vec<(u32, u32)>,
+    /// Builds per case and repetition (the median is the repetition's value).
+    maglev_builds: u32,
 }
 
 impl Plan {
@@ -95,6 +110,8 @@ impl Plan {
                 agent_sizes: vec![1000],
                 agent_reps: 1,
                 load_timeout: Duration::from_secs(60),
+                maglev_cases: vec![(10, 1021), (100, 16381)],
+                maglev_builds: 3,
             },
             Mode::Quick => Plan {
                 reps: 3,
@@ -112,6 +129,8 @@ impl Plan {
                 agent_sizes: vec![10_000, 100_000],
                 agent_reps: 1,
                 load_timeout: Duration::from_secs(180),
+                maglev_cases: MAGLEV_CASES.to_vec(),
+                maglev_builds: 20,
             },
             Mode::Full => Plan {
                 reps: 5,
@@ -129,6 +148,8 @@ impl Plan {
                 agent_sizes: vec![10_000, 100_000],
                 agent_reps: 3,
                 load_timeout: Duration::from_secs(300),
+                maglev_cases: MAGLEV_CASES.to_vec(),
+                maglev_builds: 50,
             },
         }
     }
@@ -178,6 +199,7 @@ pub fn bench(options: &BenchOptions) -> Result<()> {
     let lb_bench = bin_dir.join("lb-bench");
     let agent = AgentConfig {
         binary: bin_dir.join("lb-agent"),
+        lbctl: bin_dir.join("lbctl"),
     };
     let mut results = Results::default();
     let mut notes: Vec<String> = Vec::new();
@@ -214,11 +236,32 @@ pub fn bench(options: &BenchOptions) -> Result<()> {
         ],
     )?);
 
+    println!("==> Maglev table build (lb_agent::maglev::build_table)");
+    let cases: Vec<String> = plan
+        .maglev_cases
+        .iter()
+        .map(|(backends, m)| format!("{backends}:{m}"))
+        .collect();
+    results.records.extend(run_lb_bench(
+        &lb_bench,
+        &[
+            "maglev".into(),
+            format!("cases={}", cases.join(",")),
+            format!("reps={}", plan.reps),
+            format!("builds={}", plan.maglev_builds),
+        ],
+    )?);
+
     println!("==> programming: iptables-restore and nft -f");
     program_kube_proxy(&plan, &mut results, &mut notes)?;
 
     println!("==> connections and established flows, one fresh topology per variant");
     traffic_runs(&plan, &agent, &mut results, &mut notes)?;
+
+    println!(
+        "==> socket-level balancing: direct, packet path, socket-level, one fresh topology each"
+    );
+    socket_lb::socket_lb_runs(&plan, &agent, &mut results, &mut notes)?;
 
     println!("==> agent memory and CPU");
     agent_runs(&plan, &agent, &mut results, &mut notes)?;
@@ -424,38 +467,18 @@ fn traffic_runs(
                     ("cip", bench.client()?, bench.cluster_ip_target()),
                     ("np", bench.external(), bench.node_port_target()),
                 ] {
-                    let stats =
-                        traffic::connection_rate(ns, addr, plan.conn_threads, plan.conn_duration)?;
+                    let stats = traffic::connection_rate(
+                        Some(ns),
+                        addr,
+                        plan.conn_threads,
+                        plan.conn_duration,
+                    )?;
+                    let label = format!("{path} {name} size={size} rep={rep}");
                     println!(
-                        "  conn {path} {name} size={size} rep={rep}: {:.0}/s p50 {:.0} us p99 {:.0} us, {} failed (setup {:.1?})",
-                        stats.rate(),
-                        stats.quantile_us(0.5),
-                        stats.quantile_us(0.99),
-                        stats.failed,
-                        setup
+                        "  conn {} (setup {setup:.1?})",
+                        stats.summary().show(&label)
                     );
-                    results.push(&format!("conn_rate_{path}"), name, size, rep, stats.rate());
-                    results.push(
-                        &format!("conn_p50_us_{path}"),
-                        name,
-                        size,
-                        rep,
-                        stats.quantile_us(0.5),
-                    );
-                    results.push(
-                        &format!("conn_p99_us_{path}"),
-                        name,
-                        size,
-                        rep,
-                        stats.quantile_us(0.99),
-                    );
-                    results.push(
-                        &format!("conn_failed_{path}"),
-                        name,
-                        size,
-                        rep,
-                        stats.failed as f64,
-                    );
+                    record_connections(results, path, name, size, rep, &stats.summary());
                 }
                 if size == plan.conn_sizes[0] {
                     let client = bench.client()?;
@@ -480,6 +503,25 @@ fn traffic_runs(
         }
     }
     Ok(())
+}
+
+/// Records a connection run as `conn_{rate,p50_us,p99_us,failed}_<path>`.
+fn record_connections(
+    results: &mut Results,
+    path: &str,
+    variant: &str,
+    size: u32,
+    rep: u32,
+    summary: &traffic::ConnSummary,
+) {
+    for (metric, value) in [
+        ("rate", summary.rate),
+        ("p50_us", summary.p50_us),
+        ("p99_us", summary.p99_us),
+        ("failed", summary.failed as f64),
+    ] {
+        results.push(&format!("conn_{metric}_{path}"), variant, size, rep, value);
+    }
 }
 
 /// Reads (VmRSS in MiB, user+system CPU seconds) of `pid`.
@@ -519,7 +561,7 @@ fn agent_runs(
                 manifests.path(),
                 &pins,
                 size,
-                false,
+                Attach::Nothing,
                 Duration::from_secs(900),
             ) {
                 Ok((mut process, took)) => {
@@ -588,7 +630,7 @@ fn verdict(met: Option<bool>) -> &'static str {
     }
 }
 
-/// The goals of issue 7 with their measured ratios.
+/// The goals of issues 7 and 11 with their measured ratios.
 fn goals(results: &Results, plan: &Plan) -> Vec<(String, String, Option<bool>)> {
     let mut goals = Vec::new();
     let sizes = &plan.packet_sizes;
@@ -667,6 +709,7 @@ fn goals(results: &Results, plan: &Plan) -> Vec<(String, String, Option<bool>)> 
         format!("{} ms", show(change, 3)),
         change.map(|s| s.median < 10.0),
     ));
+    goals.push(socket_lb::goal(results, plan));
     goals
 }
 
@@ -848,6 +891,7 @@ fn write_report(
         md,
         "\nLatency flatness (ClusterIP p50 at N / p50 at 1k, same variant):\n\n| variant | services | ratio |\n|---|---|---|\n{lat_rows}"
     );
+    let socket_chart = socket_lb::report(&mut md, results, plan);
 
     // 3. established
     let first = plan.conn_sizes[0];
@@ -863,12 +907,9 @@ fn write_report(
     );
     for variant in variants {
         let rr = results.spread("rr_rate", variant, first);
-        let bulk = results.spread("bulk_bps", variant, first).map(|s| Spread {
-            min: s.min / 1e9,
-            median: s.median / 1e9,
-            max: s.max / 1e9,
-            n: s.n,
-        });
+        let bulk = results
+            .spread("bulk_bps", variant, first)
+            .map(|s| s.scaled(1e-9));
         let _ = writeln!(
             md,
             "| {variant} | {} | {} | {} | {} |",
@@ -961,6 +1002,27 @@ fn write_report(
         show(results.spread("churn_us_p50", "ours", cs), 1),
         show(results.spread("churn_us_p99", "ours", cs), 1),
     );
+    let _ = writeln!(
+        md,
+        "\nMaglev lookup tables (`lb_agent::maglev::build_table`, the pure user-space builder\n\
+         of Maglev consistent hashing, one thread, run by `lb-bench maglev`):\n\
+         N backends (distinct addresses, one port) into a table of M slots; a repetition's\n\
+         value is the median of {} builds. Each table is checked once: M slots, every backend\n\
+         holds at least one. Per slot: ms / M.\n\n\
+         | backends | M | ms | ns per slot |\n|---|---|---|---|",
+        plan.maglev_builds
+    );
+    for &(backends, m) in &plan.maglev_cases {
+        let ms = results.spread("maglev_build_ms", &format!("m{m}"), backends);
+        let per_slot = ms.map(|s| s.scaled(1e6 / f64::from(m)));
+        let _ = writeln!(
+            md,
+            "| {} | {m} | {} | {} |",
+            size_label(backends),
+            show(ms, 2),
+            show(per_slot, 1)
+        );
+    }
 
     // 5. agent
     let _ = writeln!(
@@ -1076,6 +1138,7 @@ fn write_report(
         ("benchmarks-connections.svg", conn),
         ("benchmarks-programming.svg", install),
         ("benchmarks-packet.svg", packet),
+        ("benchmarks-socket-lb.svg", socket_chart),
     ] {
         write_file(dir, file, &chart.svg())?;
         let _ = writeln!(md, "![{}]({file})\n", chart.title);
@@ -1100,14 +1163,17 @@ const METHOD: &str = r#"
 ## How to run
 
 ```sh
-cargo xtask bench --quick   # a few minutes, 3 repetitions
+cargo xtask bench --quick   # ~20 minutes on 2 vCPUs, 3 repetitions
 cargo xtask bench           # full: 5 repetitions, larger sizes
 cargo xtask bench --smoke   # seconds, tiny sizes (part of `cargo xtask test`)
 ```
 
-Root on a machine with the BPF toolchain (`cargo xtask setup` runs first). The
-release builds of `lb-agent` and `lb-bench` (tests/src/bin/lb-bench.rs) are
-used; the eBPF object is always optimized.
+Root on a machine with the BPF toolchain (`cargo xtask setup` runs first) and
+cgroup v2 mounted (`/sys/fs/cgroup/unified` or `/sys/fs/cgroup`) for the
+socket-level comparison. The release builds of `lb-agent`, `lbctl` and
+`lb-bench` (tests/src/bin/lb-bench.rs) are used; the eBPF object is always
+optimized. The traffic clients and servers are xtask's own code (its dev build,
+the same for every variant).
 
 ## Setup
 
@@ -1115,8 +1181,9 @@ Variants: **ours** (the agent on a manifest directory, XDP on the node device,
 TC on pod devices), **iptables** (kube-proxy's iptables-mode ruleset loaded
 with `iptables-restore` inside the node namespace), **nftables** (kube-proxy's
 nftables-mode ruleset loaded with `nft -f` inside the node namespace),
-**direct** (no service translation: the client connects to the pod address).
-Each variant runs on a fresh topology of its own (`xtask::Cluster`: node-1,
+**direct** (no service translation: the client connects to the pod address),
+and, for the socket-level comparison only, **socketlb** (the same agent with
+`--socket-lb-cgroup` on the client pod's cgroup). Each variant runs on a fresh topology of its own (`xtask::Cluster`: node-1,
 a client pod 10.244.1.2, a server pod holding the ten endpoint addresses
 10.244.1.10-19, an external client 198.51.100.100 on the underlay), so only
 one translation is ever active; variants are interleaved within each

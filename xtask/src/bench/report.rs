@@ -63,6 +63,16 @@ impl Spread {
         })
     }
 
+    /// Every figure multiplied by `factor` (a change of unit).
+    pub fn scaled(&self, factor: f64) -> Spread {
+        Spread {
+            min: self.min * factor,
+            median: self.median * factor,
+            max: self.max * factor,
+            n: self.n,
+        }
+    }
+
     /// `median (min-max)` with `digits` decimals.
     pub fn show(&self, digits: usize) -> String {
         if self.n == 1 {

@@ -192,6 +192,67 @@ impl ConnStats {
         let index = ((self.latencies_us.len() - 1) as f64 * q).round() as usize;
         f64::from(self.latencies_us[index])
     }
+
+    pub fn summary(&self) -> ConnSummary {
+        ConnSummary {
+            completed: self.completed,
+            failed: self.failed,
+            rate: self.rate(),
+            p50_us: self.quantile_us(0.5),
+            p99_us: self.quantile_us(0.99),
+        }
+    }
+}
+
+/// What is reported of a connection run, in the one line a client process
+/// prints (`CONNS completed=.. failed=.. rate=.. p50_us=.. p99_us=..`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConnSummary {
+    pub completed: u64,
+    pub failed: u64,
+    pub rate: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+impl ConnSummary {
+    const MARKER: &str = "CONNS ";
+
+    pub fn line(&self) -> String {
+        format!(
+            "{}completed={} failed={} rate={:.3} p50_us={:.1} p99_us={:.1}",
+            Self::MARKER,
+            self.completed,
+            self.failed,
+            self.rate,
+            self.p50_us,
+            self.p99_us
+        )
+    }
+
+    /// `label: N/s p50 N us p99 N us, N failed`, for progress output.
+    pub fn show(&self, label: &str) -> String {
+        format!(
+            "{label}: {:.0}/s p50 {:.0} us p99 {:.0} us, {} failed",
+            self.rate, self.p50_us, self.p99_us, self.failed
+        )
+    }
+
+    /// The summary in `text` (a client's whole output), if there is one.
+    pub fn find(text: &str) -> Option<ConnSummary> {
+        let line = text.lines().find_map(|l| l.strip_prefix(Self::MARKER))?;
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|part| part.strip_prefix(key)?.strip_prefix('='))
+        };
+        Some(ConnSummary {
+            completed: field("completed")?.parse().ok()?,
+            failed: field("failed")?.parse().ok()?,
+            rate: field("rate")?.parse().ok()?,
+            p50_us: field("p50_us")?.parse().ok()?,
+            p99_us: field("p99_us")?.parse().ok()?,
+        })
+    }
 }
 
 /// One connection: connect, request, read the answer to EOF, close.
@@ -209,10 +270,11 @@ fn one_connection(addr: SocketAddrV4) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `threads` closed-loop clients inside `ns`, each opening connection after
-/// connection to `addr` until `duration` is over.
+/// `threads` closed-loop clients inside `ns` (`None`: this process's own
+/// namespace), each opening connection after connection to `addr` until
+/// `duration` is over.
 pub fn connection_rate(
-    ns: &NetNs,
+    ns: Option<&NetNs>,
     addr: SocketAddrV4,
     threads: usize,
     duration: Duration,
@@ -221,7 +283,7 @@ pub fn connection_rate(
     let deadline = started + duration;
     let mut handles = Vec::new();
     for _ in 0..threads {
-        handles.push(ns.spawn_thread("bench-client", move || {
+        let client = move || {
             let mut stats = ConnStats::default();
             while Instant::now() < deadline {
                 let begun = Instant::now();
@@ -235,7 +297,13 @@ pub fn connection_rate(
                 }
             }
             stats
-        })?);
+        };
+        handles.push(match ns {
+            Some(ns) => ns.spawn_thread("bench-client", client)?,
+            None => std::thread::Builder::new()
+                .name("bench-client".into())
+                .spawn(client)?,
+        });
     }
     let mut total = ConnStats::default();
     for handle in handles {
@@ -317,5 +385,24 @@ pub fn wait_until_answering(ns: &NetNs, addr: SocketAddrV4, timeout: Duration) -
             );
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_line_parses_back() {
+        let summary = ConnSummary {
+            completed: 41,
+            failed: 2,
+            rate: 20.5,
+            p50_us: 81.0,
+            p99_us: 300.5,
+        };
+        let output = format!("noise\n{}\n", summary.line());
+        assert_eq!(ConnSummary::find(&output), Some(summary));
+        assert_eq!(ConnSummary::find("CONNS completed=x"), None);
     }
 }

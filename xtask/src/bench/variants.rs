@@ -1,5 +1,6 @@
 //! One fresh topology per variant and repetition, so that exactly one way
-//! of translating services acts on the packets: our agent, kube-proxy's
+//! of translating services acts on the packets: our agent (packet path, or
+//! with socket-level balancing for the client pod's cgroup), kube-proxy's
 //! iptables or nftables ruleset (loaded inside the node namespace), or
 //! nothing (the direct baseline, which talks to the pod address).
 //!
@@ -15,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use xtask::{AgentProcess, BpffsDir, Cluster, NODE_DEVICE, NetNs, TempDir};
+use xtask::{AgentProcess, BpffsDir, Cgroup, Cluster, NODE_DEVICE, NetNs, TempDir};
 
 use super::kubeproxy;
 use super::services::{
@@ -32,9 +33,13 @@ pub enum Variant {
     Ours,
     Iptables,
     Nftables,
+    /// Our agent with `--socket-lb-cgroup` on the client pod's cgroup:
+    /// the client's connect() is translated at the socket.
+    SocketLb,
 }
 
 impl Variant {
+    /// The variants of the connection and established-flow runs.
     pub const ALL: [Variant; 4] = [
         Variant::Direct,
         Variant::Ours,
@@ -48,6 +53,7 @@ impl Variant {
             Variant::Ours => "ours",
             Variant::Iptables => "iptables",
             Variant::Nftables => "nftables",
+            Variant::SocketLb => "socketlb",
         }
     }
 }
@@ -102,10 +108,12 @@ pub fn write_file(dir: &Path, file: &str, content: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Where the agent binary and its map sizes come from.
+/// The agent's binaries.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub binary: PathBuf,
+    /// `lbctl`, to read the datapath's counters.
+    pub lbctl: PathBuf,
 }
 
 /// Map-size flags for `services` services x 10 endpoints.
@@ -121,6 +129,17 @@ pub fn agent_size_args(services: u32) -> Vec<String> {
     ]
 }
 
+/// How the agent is attached.
+#[derive(Clone, Copy, Debug)]
+pub enum Attach<'a> {
+    /// Nothing: the maps are programmed, no device or cgroup attached.
+    Nothing,
+    /// XDP/TC on the node and pod devices.
+    Devices,
+    /// The devices, and socket-level balancing for this cgroup.
+    DevicesAndCgroup(&'a Path),
+}
+
 /// Starts the agent in `ns` on `manifests`; waits until it logged that
 /// `services` frontends (or more) are programmed.
 pub fn start_agent(
@@ -129,7 +148,7 @@ pub fn start_agent(
     manifests: &Path,
     pins: &BpffsDir,
     services: u32,
-    devices: bool,
+    attach: Attach,
     timeout: Duration,
 ) -> Result<(AgentProcess, Duration)> {
     let mut args: Vec<String> = vec![
@@ -140,9 +159,12 @@ pub fn start_agent(
         "--bpffs".into(),
         pins.path().display().to_string(),
     ];
-    if devices {
+    if let Attach::Devices | Attach::DevicesAndCgroup(_) = attach {
         args.extend(["--pod-devices".into(), "lbv*".into()]);
         args.extend(["--devices".into(), NODE_DEVICE.into()]);
+    }
+    if let Attach::DevicesAndCgroup(cgroup) = attach {
+        args.extend(["--socket-lb-cgroup".into(), cgroup.display().to_string()]);
     }
     args.extend(agent_size_args(services));
     let started = Instant::now();
@@ -174,13 +196,17 @@ pub fn start_agent(
 }
 
 /// A one-node topology with a client pod, a server pod holding the ten
-/// target endpoints, and one variant active.
+/// target endpoints, and one variant active. The client pod has a cgroup
+/// of its own where cgroup v2 is mounted, as the kubelet gives every pod
+/// one; only the socket-level variant attaches anything to it (and needs it).
 pub struct Bench {
-    // Drop order: agent, server, pins and files, then the namespaces.
+    // Drop order: agent, server, pins (detaching the socket-level hooks)
+    // and files, the client cgroup, then the namespaces.
     _agent: Option<AgentProcess>,
     _server: BenchServer,
-    _pins: Option<BpffsDir>,
+    pins: Option<BpffsDir>,
     _files: TempDir,
+    client_cgroup: Option<Cgroup>,
     cluster: Cluster,
     variant: Variant,
     set: ServiceSet,
@@ -195,6 +221,11 @@ impl Bench {
     ) -> Result<Bench> {
         let mut cluster = Cluster::with_prefix(PREFIX, 1)?;
         cluster.add_pod(1, "client", CLIENT_POD_IP)?;
+        let client_cgroup = match Cgroup::with_prefix(PREFIX, "bench-client") {
+            Ok(cgroup) => Some(cgroup),
+            Err(e) if variant == Variant::SocketLb => return Err(e),
+            Err(_) => None,
+        };
         let server_if = cluster
             .add_pod(1, "server", SERVER_POD_IP)?
             .host_if()
@@ -238,16 +269,20 @@ impl Bench {
                     NODE_DEVICE,
                 ])?;
             }
-            Variant::Ours => {
+            Variant::Ours | Variant::SocketLb => {
                 set.write_manifests(files.path())?;
                 let pin = BpffsDir::with_prefix(PREFIX)?;
+                let attach = match (variant, &client_cgroup) {
+                    (Variant::SocketLb, Some(cgroup)) => Attach::DevicesAndCgroup(cgroup.path()),
+                    _ => Attach::Devices,
+                };
                 let (process, _) = start_agent(
                     agent,
                     node_ns,
                     files.path(),
                     &pin,
                     set.count,
-                    true,
+                    attach,
                     load_timeout,
                 )?;
                 agent_process = Some(process);
@@ -279,14 +314,22 @@ impl Bench {
         let bench = Bench {
             _agent: agent_process,
             _server: server,
-            _pins: pins,
+            pins,
             _files: files,
+            client_cgroup,
             cluster,
             variant,
             set,
         };
-        let client = bench.client()?;
-        wait_until_answering(client, bench.cluster_ip_target(), Duration::from_secs(30))?;
+        // The socket-level variant is probed through the NodePort only: a
+        // probe from the client pod (a thread outside the cgroup, so the
+        // packet path) leaves conntrack entries whose reply side rewrites
+        // the source of a later translated connection that reuses the
+        // probe's port towards the same backend, and that connection fails.
+        if variant != Variant::SocketLb {
+            let client = bench.client()?;
+            wait_until_answering(client, bench.cluster_ip_target(), Duration::from_secs(30))?;
+        }
         wait_until_answering(
             bench.cluster.external(),
             bench.node_port_target(),
@@ -297,6 +340,19 @@ impl Bench {
 
     pub fn client(&self) -> Result<&NetNs> {
         Ok(self.cluster.pod("client")?.ns())
+    }
+
+    /// The client pod's cgroup.
+    pub fn client_cgroup(&self) -> Result<&Path> {
+        self.client_cgroup
+            .as_ref()
+            .map(Cgroup::path)
+            .context("the client pod has no cgroup (no cgroup v2 hierarchy mounted)")
+    }
+
+    /// The agent's pin directory (variants with an agent).
+    pub fn pins(&self) -> Option<&Path> {
+        self.pins.as_ref().map(BpffsDir::path)
     }
 
     pub fn external(&self) -> &NetNs {
