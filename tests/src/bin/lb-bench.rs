@@ -107,16 +107,19 @@ fn desired(services: u32) -> DesiredTables {
     tables
 }
 
-fn sizes_for(services: u32) -> MapSizes {
+fn sizes_for(services: u32, maglev: Option<u32>) -> MapSizes {
     let backends = services * ENDPOINTS_PER_SERVICE + 1024;
     MapSizes {
+        // A table per frontend (and the mirror's).
+        maglev_chunks: maglev.map_or(MapSizes::default().maglev_chunks, |m| {
+            (services + 16) * lb_common::maglev::chunk_count(m)
+        }),
         // A frontend and a ClusterIP address marker per service.
         services: 2 * services + 1024,
         // Room for a second revision of every set during updates.
         slots: 2 * backends,
         backends,
         conntrack: 1 << 20,
-        ..MapSizes::default()
     }
 }
 
@@ -130,17 +133,24 @@ struct Loaded {
 
 impl Loaded {
     fn new(services: u32) -> Result<Loaded> {
+        Self::with_maglev(services, None)
+    }
+
+    /// Loaded as an agent with `--lb-algorithm maglev --maglev-table-size
+    /// M` would be (`None`: random selection).
+    fn with_maglev(services: u32, maglev: Option<u32>) -> Result<Loaded> {
         let pins = BpffsDir::with_prefix(PREFIX)?;
-        let mut datapath = Datapath::load(pins.path(), sizes_for(services))?;
+        let mut datapath = Datapath::load(pins.path(), sizes_for(services, maglev))?;
         let mut tables = datapath.take_tables()?;
         tables.set_config(&LbConfig {
             node_addr4: NODE_ADDR.octets(),
+            maglev_table_size: maglev.unwrap_or(0),
             ..LbConfig::default()
         })?;
         Ok(Loaded {
             datapath,
             tables,
-            programmer: Programmer::default(),
+            programmer: Programmer::default().with_maglev(maglev),
             _pins: pins,
         })
     }
@@ -457,12 +467,24 @@ fn measure_new_flows(
     runs: u32,
     round: u32,
 ) -> Result<f64> {
+    measure_new_flows_as(loaded, hook, services, runs, round, Reason::NewFlow)
+}
+
+/// [`measure_new_flows`], each run required to count under `reason`.
+fn measure_new_flows_as(
+    loaded: &mut Loaded,
+    hook: Hook,
+    services: u32,
+    runs: u32,
+    round: u32,
+    reason: Reason,
+) -> Result<f64> {
     let target = service_vip(services - 1);
     let endpoints: Vec<Ipv4Addr> = (0..ENDPOINTS_PER_SERVICE)
         .map(|j| endpoint_addr(services - 1, j))
         .collect();
     loaded.reset_flows()?;
-    let before = loaded.count(Reason::NewFlow)?;
+    let before = loaded.count(reason)?;
     let mut total_ns = 0u64;
     for k in 0..runs {
         // A source no earlier run of any round used: 10.244.(100+round).x
@@ -491,11 +513,12 @@ fn measure_new_flows(
         }
         total_ns += ns;
     }
-    let counted = loaded.count(Reason::NewFlow)? - before;
+    let counted = loaded.count(reason)? - before;
     ensure!(
         counted == u64::from(runs),
-        "{}: {counted} of {runs} new-flow runs counted as new flows",
-        hook.name()
+        "{}: {counted} of {runs} new-flow runs counted as {}",
+        hook.name(),
+        reason.name()
     );
     Ok(total_ns as f64 / f64::from(runs))
 }
@@ -507,6 +530,9 @@ fn packet(options: &Options) -> Result<()> {
     let reps = options.u32("reps", 5)?;
     let repeat = options.u32("repeat", 1_000_000)?;
     let new_flows = options.u32("new_flows", 20_000)?;
+    // The same datapath with Maglev selection, at one size (0: skipped).
+    let maglev_size = options.u32("maglev_size", 1000)?;
+    let maglev_m = options.u32("maglev_m", lb_common::maglev::DEFAULT_TABLE_SIZE)?;
 
     let xdp_floor = floor::Program::load(floor::PROG_TYPE_XDP, 2)?;
     let tc_floor = floor::Program::load(floor::PROG_TYPE_SCHED_CLS, 0)?;
@@ -534,6 +560,22 @@ fn packet(options: &Options) -> Result<()> {
         }
         eprintln!("lb-bench: {size} services programmed");
         loaded.push((size, one));
+    }
+    let mut maglev = None;
+    if maglev_size > 0 {
+        let mut one = Loaded::with_maglev(maglev_size, Some(maglev_m))?;
+        one.apply(&desired(maglev_size))?;
+        for hook in [Hook::Xdp, Hook::Tc] {
+            let syn = established_packet(hook, SYN).emit();
+            let (verdict, _, _) = one.run(hook, &syn, 1)?;
+            ensure!(
+                verdict == hook.pass(),
+                "{}: mirror SYN dropped",
+                hook.name()
+            );
+        }
+        eprintln!("lb-bench: {maglev_size} services programmed with Maglev (M = {maglev_m})");
+        maglev = Some(one);
     }
 
     let tcp_frame = established_packet(Hook::Tc, ACK).emit();
@@ -610,6 +652,26 @@ fn packet(options: &Options) -> Result<()> {
                     rep,
                     ns,
                 );
+            }
+        }
+        // Maglev: established flows take the same path (conntrack); new
+        // flows look up one table chunk instead of drawing a slot.
+        if let Some(one) = maglev.as_mut() {
+            for hook in [Hook::Xdp, Hook::Tc] {
+                let ack = established_packet(hook, ACK).emit();
+                let ns = measure_repeated(one, hook, &ack, Some(&ack), Reason::CtForward, repeat)?;
+                let name = format!("{}_established_maglev", hook.name());
+                result("pkt_ns", &name, maglev_size, rep, ns as f64);
+                let ns = measure_new_flows_as(
+                    one,
+                    hook,
+                    maglev_size,
+                    new_flows,
+                    rep,
+                    Reason::NewFlowMaglev,
+                )?;
+                let name = format!("{}_new_flow_maglev", hook.name());
+                result("pkt_ns", &name, maglev_size, rep, ns);
             }
         }
     }

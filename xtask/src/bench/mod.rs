@@ -89,6 +89,8 @@ struct Plan {
     maglev_cases: Vec<(u32, u32)>,
     /// Builds per case and repetition (the median is the repetition's value).
     maglev_builds: u32,
+    /// Per-packet cost with Maglev selection: (services, table size M).
+    maglev_packet: (u32, u32),
 }
 
 impl Plan {
@@ -112,6 +114,7 @@ impl Plan {
                 load_timeout: Duration::from_secs(60),
                 maglev_cases: vec![(10, 1021), (100, 16381)],
                 maglev_builds: 3,
+                maglev_packet: (100, 1021),
             },
             Mode::Quick => Plan {
                 reps: 3,
@@ -131,6 +134,7 @@ impl Plan {
                 load_timeout: Duration::from_secs(180),
                 maglev_cases: MAGLEV_CASES.to_vec(),
                 maglev_builds: 20,
+                maglev_packet: (1000, 16381),
             },
             Mode::Full => Plan {
                 reps: 5,
@@ -150,6 +154,7 @@ impl Plan {
                 load_timeout: Duration::from_secs(300),
                 maglev_cases: MAGLEV_CASES.to_vec(),
                 maglev_builds: 50,
+                maglev_packet: (1000, 16381),
             },
         }
     }
@@ -220,6 +225,8 @@ pub fn bench(options: &BenchOptions) -> Result<()> {
             format!("reps={}", plan.reps),
             format!("repeat={}", plan.packet_repeat),
             format!("new_flows={}", plan.new_flows),
+            format!("maglev_size={}", plan.maglev_packet.0),
+            format!("maglev_m={}", plan.maglev_packet.1),
         ],
     )?);
 
@@ -817,6 +824,35 @@ fn write_report(
         );
     }
 
+    let (maglev_size, maglev_m) = plan.maglev_packet;
+    let _ = writeln!(
+        md,
+        "\nMaglev selection (`--lb-algorithm maglev`, M = {maglev_m}) against random, at {} \
+         services, same\nrepetitions: established packets take the same conntrack path; a new flow \
+         looks up one\ntable chunk (`hash(5-tuple) % M`) instead of drawing a random slot.\n\n\
+         | case | maglev ns (median) | random ns (median) | maglev / random |\n|---|---|---|---|",
+        size_label(maglev_size)
+    );
+    for case in [
+        "xdp_established",
+        "xdp_new_flow",
+        "tc_established",
+        "tc_new_flow",
+    ] {
+        let with = format!("{case}_maglev");
+        let ratio = results.ratio(
+            ("pkt_ns", &with, maglev_size),
+            ("pkt_ns", case, maglev_size),
+        );
+        let _ = writeln!(
+            md,
+            "| {case} | {:.0} | {:.0} | {} |",
+            median(results.spread("pkt_ns", &with, maglev_size)),
+            median(results.spread("pkt_ns", case, maglev_size)),
+            show(ratio, 2)
+        );
+    }
+
     // 2. connections
     let _ = writeln!(
         md,
@@ -1005,7 +1041,8 @@ fn write_report(
     let _ = writeln!(
         md,
         "\nMaglev lookup tables (`lb_agent::maglev::build_table`, the pure user-space builder\n\
-         of Maglev consistent hashing, one thread, run by `lb-bench maglev`):\n\
+         of Maglev consistent hashing that the agent runs for each frontend whose backends change;\n\
+         one thread, run by `lb-bench maglev`):\n\
          N backends (distinct addresses, one port) into a table of M slots; a repetition's\n\
          value is the median of {} builds. Each table is checked once: M slots, every backend\n\
          holds at least one. Per slot: ms / M.\n\n\
