@@ -155,6 +155,31 @@ impl Loaded {
         })
     }
 
+    /// `services` programmed, the mirror flow established once per hook (a
+    /// new flow), and a single established run checked to rewrite the
+    /// packet to itself.
+    fn mirrored(services: u32, maglev: Option<u32>) -> Result<Loaded> {
+        let mut one = Self::with_maglev(services, maglev)?;
+        one.apply(&desired(services))?;
+        for hook in [Hook::Xdp, Hook::Tc] {
+            let syn = established_packet(hook, SYN).emit();
+            let (verdict, _, _) = one.run(hook, &syn, 1)?;
+            ensure!(
+                verdict == hook.pass(),
+                "{}: mirror SYN dropped",
+                hook.name()
+            );
+            let ack = established_packet(hook, ACK).emit();
+            let (_, out, _) = one.run(hook, &ack, 1)?;
+            ensure!(
+                out == ack,
+                "{}: the mirror service does not rewrite the packet to itself",
+                hook.name()
+            );
+        }
+        Ok(one)
+    }
+
     /// Programs `desired`; returns the time `Programmer::apply` took.
     fn apply(&mut self, desired: &DesiredTables) -> Result<Duration> {
         let started = Instant::now();
@@ -538,42 +563,13 @@ fn packet(options: &Options) -> Result<()> {
     let tc_floor = floor::Program::load(floor::PROG_TYPE_SCHED_CLS, 0)?;
     let mut loaded = Vec::new();
     for &size in &sizes {
-        let mut one = Loaded::new(size)?;
-        one.apply(&desired(size))?;
-        // Establish the mirror flow once per hook (a new flow), then check
-        // that a single established run rewrites the packet to itself.
-        for hook in [Hook::Xdp, Hook::Tc] {
-            let syn = established_packet(hook, SYN).emit();
-            let (verdict, _, _) = one.run(hook, &syn, 1)?;
-            ensure!(
-                verdict == hook.pass(),
-                "{}: mirror SYN dropped",
-                hook.name()
-            );
-            let ack = established_packet(hook, ACK).emit();
-            let (_, out, _) = one.run(hook, &ack, 1)?;
-            ensure!(
-                out == ack,
-                "{}: the mirror service does not rewrite the packet to itself",
-                hook.name()
-            );
-        }
+        let one = Loaded::mirrored(size, None)?;
         eprintln!("lb-bench: {size} services programmed");
         loaded.push((size, one));
     }
     let mut maglev = None;
     if maglev_size > 0 {
-        let mut one = Loaded::with_maglev(maglev_size, Some(maglev_m))?;
-        one.apply(&desired(maglev_size))?;
-        for hook in [Hook::Xdp, Hook::Tc] {
-            let syn = established_packet(hook, SYN).emit();
-            let (verdict, _, _) = one.run(hook, &syn, 1)?;
-            ensure!(
-                verdict == hook.pass(),
-                "{}: mirror SYN dropped",
-                hook.name()
-            );
-        }
+        let one = Loaded::mirrored(maglev_size, Some(maglev_m))?;
         eprintln!("lb-bench: {maglev_size} services programmed with Maglev (M = {maglev_m})");
         maglev = Some(one);
     }
