@@ -68,9 +68,15 @@ impl ParsedService {
             .map(|&addr| (at(addr, port.port), FrontendKind::ClusterIp))
             .collect();
         if let Some(node_port) = port.node_port {
+            // NodePorts open on the node addresses of the service's families.
             out.extend(
                 node.nodeport_addresses
                     .iter()
+                    .filter(|addr| {
+                        self.cluster_ips
+                            .iter()
+                            .any(|c| c.is_ipv4() == addr.is_ipv4())
+                    })
                     .map(|&addr| (at(addr, node_port), FrontendKind::NodePort)),
             );
         }
@@ -126,14 +132,28 @@ pub(super) fn parse_service(
     );
     let affinity_timeout = affinity_timeout(&object, spec, errors);
     let load_balancer_ips = if is_load_balancer {
-        load_balancer_ips(&object, service, errors)
+        let found = load_balancer_ips(&object, service, errors);
+        of_families(
+            &object,
+            found,
+            &cluster_ips,
+            |i| format!("status.loadBalancer.ingress[{i}].ip"),
+            errors,
+        )
     } else {
         Vec::new()
     };
-    let external_ips = addresses(
+    let found = addresses(
         &object,
         "spec.externalIPs",
         spec.external_ips.as_deref().unwrap_or_default(),
+        errors,
+    );
+    let external_ips = of_families(
+        &object,
+        found,
+        &cluster_ips,
+        |i| format!("spec.externalIPs[{i}]"),
         errors,
     );
     let external_local = match spec.external_traffic_policy.as_deref() {
@@ -218,7 +238,11 @@ pub(super) fn parse_service(
 /// `status.loadBalancer.ingress[].ip` entries the datapath should serve:
 /// ipMode `VIP` or unset. `Proxy` means the load balancer itself proxies to
 /// the nodes, so kube-proxy does not capture that address (and neither do we).
-fn load_balancer_ips(object: &str, service: &Service, errors: &mut Vec<ModelError>) -> Vec<IpAddr> {
+fn load_balancer_ips(
+    object: &str,
+    service: &Service,
+    errors: &mut Vec<ModelError>,
+) -> Vec<(usize, IpAddr)> {
     let ingress = service
         .status
         .as_ref()
@@ -244,7 +268,7 @@ fn load_balancer_ips(object: &str, service: &Service, errors: &mut Vec<ModelErro
             continue;
         };
         match value.parse::<IpAddr>() {
-            Ok(addr) if !out.contains(&addr) => out.push(addr),
+            Ok(addr) if !out.iter().any(|(_, a)| *a == addr) => out.push((index, addr)),
             Ok(_) => {}
             Err(_) => errors.push(ModelError::new(
                 object,
@@ -262,11 +286,11 @@ fn addresses(
     field: &str,
     values: &[String],
     errors: &mut Vec<ModelError>,
-) -> Vec<IpAddr> {
-    let mut out = Vec::new();
+) -> Vec<(usize, IpAddr)> {
+    let mut out: Vec<(usize, IpAddr)> = Vec::new();
     for (index, value) in values.iter().enumerate() {
         match value.parse::<IpAddr>() {
-            Ok(addr) if !out.contains(&addr) => out.push(addr),
+            Ok(addr) if !out.iter().any(|(_, a)| *a == addr) => out.push((index, addr)),
             Ok(_) => {}
             Err(_) => errors.push(ModelError::new(
                 object,
@@ -377,7 +401,110 @@ fn cluster_ips(spec: &ServiceSpec) -> Result<Vec<IpAddr>, (String, String)> {
             addresses.push(addr);
         }
     }
+    check_families(spec, &addresses)?;
     Ok(addresses)
+}
+
+fn family_name(addr: &IpAddr) -> &'static str {
+    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// The cluster IPs against the service's family fields, as the API server
+/// allocates them: at most one address per family, `spec.clusterIP` equal
+/// to the first, each address of the family `spec.ipFamilies` names at its
+/// index, and as many families as `spec.ipFamilyPolicy` allows.
+fn check_families(spec: &ServiceSpec, addresses: &[IpAddr]) -> Result<(), (String, String)> {
+    if addresses.len() > 2 {
+        return Err((
+            "spec.clusterIPs".into(),
+            format!("{} addresses: at most one per family", addresses.len()),
+        ));
+    }
+    if let [first, second] = addresses
+        && first.is_ipv4() == second.is_ipv4()
+    {
+        return Err((
+            "spec.clusterIPs[1]".into(),
+            format!(
+                "{second} is {} like spec.clusterIPs[0]: a dual-stack service has one address per family",
+                family_name(second)
+            ),
+        ));
+    }
+    if let (Some(single), Some(first)) = (spec.cluster_ip.as_deref(), addresses.first())
+        && spec.cluster_ips.as_deref().is_some_and(|l| !l.is_empty())
+        && single.parse::<IpAddr>().ok() != Some(*first)
+    {
+        return Err((
+            "spec.clusterIP".into(),
+            format!("{single:?} is not spec.clusterIPs[0] ({first})"),
+        ));
+    }
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    for (index, family) in families.iter().enumerate() {
+        if family != "IPv4" && family != "IPv6" {
+            return Err((
+                format!("spec.ipFamilies[{index}]"),
+                format!("{family:?} is not IPv4 or IPv6"),
+            ));
+        }
+        if let Some(addr) = addresses.get(index)
+            && family_name(addr) != family
+        {
+            return Err((
+                format!("spec.clusterIPs[{index}]"),
+                format!(
+                    "{addr} is {} but spec.ipFamilies[{index}] is {family}",
+                    family_name(addr)
+                ),
+            ));
+        }
+    }
+    match spec.ip_family_policy.as_deref() {
+        None | Some("PreferDualStack") => Ok(()),
+        Some("SingleStack") if addresses.len() > 1 => Err((
+            "spec.ipFamilyPolicy".into(),
+            "SingleStack, but spec.clusterIPs has an address of each family".into(),
+        )),
+        Some("RequireDualStack") if addresses.len() < 2 => Err((
+            "spec.ipFamilyPolicy".into(),
+            "RequireDualStack, but spec.clusterIPs has one family only".into(),
+        )),
+        Some("SingleStack" | "RequireDualStack") => Ok(()),
+        Some(other) => Err((
+            "spec.ipFamilyPolicy".into(),
+            format!("{other:?} is not SingleStack, PreferDualStack or RequireDualStack"),
+        )),
+    }
+}
+
+/// Keeps the addresses of the service's families; each other one is
+/// reported under `field(index)` and skipped (a family the service does
+/// not have is not programmed for it).
+fn of_families(
+    object: &str,
+    addresses: Vec<(usize, IpAddr)>,
+    cluster_ips: &[IpAddr],
+    field: impl Fn(usize) -> String,
+    errors: &mut Vec<ModelError>,
+) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for (index, addr) in addresses {
+        if cluster_ips.iter().any(|c| c.is_ipv4() == addr.is_ipv4()) {
+            out.push(addr);
+        } else {
+            errors.push(ModelError::new(
+                object,
+                field(index),
+                format!(
+                    "{addr} is {} but the service has no {} cluster IP; not programmed",
+                    family_name(&addr),
+                    family_name(&addr)
+                ),
+            ));
+        }
+    }
+    out
 }
 
 fn parse_ports(

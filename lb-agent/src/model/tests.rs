@@ -433,6 +433,60 @@ fn bad_input_is_reported_and_contained() {
             frontends: vec!["10.96.0.40:80/TCP"],
         },
         BadInputCase {
+            name: "two cluster IPs of one family",
+            yaml: service(
+                "x-bad",
+                "  clusterIP: 10.96.0.40\n  clusterIPs: [10.96.0.40, 10.96.0.41]\n  ports: [{port: 80}]",
+            ),
+            errors: vec![("Service default/x-bad", "spec.clusterIPs[1]")],
+            frontends: vec![],
+        },
+        BadInputCase {
+            name: "clusterIP that is not clusterIPs[0]",
+            yaml: service(
+                "x-bad",
+                "  clusterIP: 10.96.0.41\n  clusterIPs: [10.96.0.40, 'fd00:96::40']\n  ports: [{port: 80}]",
+            ),
+            errors: vec![("Service default/x-bad", "spec.clusterIP")],
+            frontends: vec![],
+        },
+        BadInputCase {
+            name: "cluster IP of the wrong family for ipFamilies",
+            yaml: service(
+                "x-bad",
+                "  clusterIP: 'fd00:96::40'\n  ipFamilies: [IPv4]\n  ports: [{port: 80}]",
+            ),
+            errors: vec![("Service default/x-bad", "spec.clusterIPs[0]")],
+            frontends: vec![],
+        },
+        BadInputCase {
+            name: "SingleStack with an address of each family",
+            yaml: service(
+                "x-bad",
+                "  clusterIP: 10.96.0.40\n  clusterIPs: [10.96.0.40, 'fd00:96::40']\n  ipFamilyPolicy: SingleStack\n  ports: [{port: 80}]",
+            ),
+            errors: vec![("Service default/x-bad", "spec.ipFamilyPolicy")],
+            frontends: vec![],
+        },
+        BadInputCase {
+            name: "RequireDualStack with one family",
+            yaml: service(
+                "x-bad",
+                "  clusterIP: 10.96.0.40\n  ipFamilyPolicy: RequireDualStack\n  ports: [{port: 80}]",
+            ),
+            errors: vec![("Service default/x-bad", "spec.ipFamilyPolicy")],
+            frontends: vec![],
+        },
+        BadInputCase {
+            name: "an IPv6 externalIP on an IPv4-only service is skipped",
+            yaml: service(
+                "x-bad",
+                "  clusterIP: 10.96.0.40\n  externalIPs: ['2001:db8::7', 203.0.113.7]\n  ports: [{port: 80}]",
+            ),
+            errors: vec![("Service default/x-bad", "spec.externalIPs[0]")],
+            frontends: vec!["10.96.0.40:80/TCP", "203.0.113.7:80/TCP"],
+        },
+        BadInputCase {
             name: "frontend taken by another service",
             yaml: service(
                 "x-bad",
@@ -960,4 +1014,63 @@ fn a_named_port_no_endpoint_defines_is_reported() {
             .is_empty()
     );
     assert_web_programmed(&tables);
+}
+
+#[test]
+fn a_dual_stack_service_gets_frontends_and_backends_per_family() {
+    let yaml = service(
+        "dual",
+        "  type: LoadBalancer\n  clusterIP: 10.96.0.50\n  clusterIPs: [10.96.0.50, 'fd00:96::50']\n  \
+         ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  \
+         ports: [{port: 80, targetPort: 8080, nodePort: 30080}]",
+    ) + "status:\n  loadBalancer:\n    ingress: [{ip: 203.0.113.50}, {ip: '2001:db8::50'}]\n"
+        + &slice(
+            "dual-v4",
+            "dual",
+            "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.0.5.1]}]",
+        )
+        + &slice(
+            "dual-v6",
+            "dual",
+            "addressType: IPv6\nports: [{port: 8080}]\nendpoints: [{addresses: ['fd00:5::1']}]",
+        );
+    let state = state(&yaml);
+    let mut node = node();
+    node.nodeport_addresses = vec![
+        "198.51.100.11".parse().expect("addr"),
+        "2001:db8:1::11".parse().expect("addr"),
+    ];
+    let (tables, errors) = desired_tables(&state, &node);
+    assert_eq!(errors, []);
+    assert_eq!(
+        frontends_of(&tables, "default", "dual"),
+        [
+            "10.96.0.50:80/TCP",
+            "198.51.100.11:30080/TCP",
+            "203.0.113.50:80/TCP",
+            "[2001:db8::50]:80/TCP",
+            "[2001:db8:1::11]:30080/TCP",
+            "[fd00:96::50]:80/TCP",
+        ]
+    );
+    for (frontend, spec) in &tables.frontends {
+        let families: Vec<bool> = spec.backends.iter().map(|b| b.addr.is_ipv4()).collect();
+        assert_eq!(
+            families,
+            [frontend.addr.is_ipv4()],
+            "{frontend}: backends of the other family"
+        );
+    }
+
+    // A single-stack IPv4 service opens its NodePort on IPv4 addresses only.
+    let v4 = service(
+        "v4",
+        "  type: NodePort\n  clusterIP: 10.96.0.51\n  ports: [{port: 80, targetPort: 8080, nodePort: 30081}]",
+    );
+    let (tables, errors) = desired_tables(&self::state(&v4), &node);
+    assert_eq!(errors, []);
+    assert_eq!(
+        frontends_of(&tables, "default", "v4"),
+        ["10.96.0.51:80/TCP", "198.51.100.11:30081/TCP"]
+    );
 }
