@@ -20,8 +20,8 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     helpers::bpf_ktime_get_ns,
-    macros::{btf_map, cgroup_sock_addr, classifier, xdp},
-    programs::{SockAddrContext, TcContext, XdpContext},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use lb_common::{
     affinity::{self, Lb4Affinity, Lb4AffinityKey},
@@ -149,6 +149,12 @@ pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
     sock::recvmsg4(&ctx)
+}
+
+/// Socket-level balancing: a released socket's reverse entry goes.
+#[cgroup_sock(sock_release)]
+pub fn lb_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx)
 }
 
 /// Socket-level balancing: getpeername() shows the service.

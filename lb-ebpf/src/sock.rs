@@ -9,7 +9,7 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, bpf_sock_addr},
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
@@ -150,4 +150,27 @@ pub fn recvmsg4(ctx: &SockAddrContext) -> i32 {
 #[inline(always)]
 pub fn getpeername4(ctx: &SockAddrContext) -> i32 {
     reverse(ctx)
+}
+
+/// A socket of the cgroup is being released (closed by its last user):
+/// its reverse entry for the peer it was connected to goes with it, so the
+/// LRU holds live sockets only and inserts for new connections do not have
+/// to evict (an unconnected UDP socket's per-peer entries age out).
+#[inline(always)]
+pub fn release(ctx: &SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: the context is the kernel's bpf_sock of the released socket.
+    let (ip, port) = unsafe { ((*sk).dst_ip4, (*sk).dst_port) };
+    if ip == 0 {
+        return ALLOW;
+    }
+    let key = Lb4SockKey {
+        cookie: unsafe { bpf_get_socket_cookie(sk.cast()) },
+        addr: ip.to_ne_bytes(),
+        // dst_port is network order.
+        port: u16::from_be(port),
+        _pad: [0; 2],
+    };
+    let _ = LB4_SOCK_REVNAT_V1.remove(key);
+    ALLOW
 }

@@ -329,8 +329,25 @@ fn a_client_in_the_cgroup_talks_to_the_backend_but_sees_the_cluster_ip() {
         !ss.contains("10.96.0.10"),
         "the socket still points at the ClusterIP: {ss}"
     );
+    let reverse_entries = || {
+        KernelTables::open(cluster.pins.path())
+            .expect("maps")
+            .sock_revnat
+            .keys()
+            .count()
+    };
+    assert_eq!(reverse_entries(), 1, "the open socket's reverse entry");
     drop(child.stdin.take());
     child.wait().expect("client exit");
+    // Released with the socket (lb_sock_release), not left to the LRU.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while reverse_entries() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed socket's reverse entry is still there"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     let tables = KernelTables::open(cluster.pins.path()).expect("maps");
     assert!(

@@ -17,7 +17,8 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+        Xdp,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::{XdpLink, XdpMode},
@@ -48,6 +49,8 @@ pub const SOCK_PROGRAMS: [&str; 4] = [
     "lb_sock_recvmsg4",
     "lb_sock_getpeername4",
 ];
+/// Socket-level balancing's clean-up: a released socket's reverse entry.
+pub const SOCK_RELEASE_PROGRAM: &str = "lb_sock_release";
 
 /// cgroup2's statfs magic number.
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -181,6 +184,13 @@ impl Datapath {
                 .load()
                 .with_context(|| format!("verifying program {name}"))?;
         }
+        let program: &mut CgroupSock = ebpf
+            .program_mut(SOCK_RELEASE_PROGRAM)
+            .ok_or_else(|| anyhow!("program {SOCK_RELEASE_PROGRAM} missing from the object"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("verifying program {SOCK_RELEASE_PROGRAM}"))?;
         let program: &mut Xdp = ebpf
             .program_mut(XDP_NODE_PROGRAM)
             .ok_or_else(|| anyhow!("program {XDP_NODE_PROGRAM} missing from the object"))?
@@ -223,27 +233,29 @@ impl Datapath {
                 cgroup.display()
             );
         }
-        for name in SOCK_PROGRAMS {
-            let pin = self.bpffs.join(format!("link_cgroup_{name}"));
-            let old = PinnedLink::from_pin(&pin).ok();
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing"))?
-                .try_into()?;
-            let id = program
-                // Links always coexist with other programs on the cgroup; the
-                // flags of the legacy attach modes must stay 0 for them.
-                .attach(&dir, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-            let link: FdLink = program.take_link(id)?.try_into()?;
-            if let Some(old) = old {
-                // Dropping the pin (and our fd to it) detaches the old one.
-                let _ = old.unpin();
-            }
-            link.pin(&pin)
-                .with_context(|| format!("pinning the {name} link at {}", pin.display()))?;
+        // Links always coexist with other programs on the cgroup; the
+        // flags of the legacy attach modes must stay 0 for them. The two
+        // program types share the steps but not a type.
+        macro_rules! attach_pinned {
+            ($kind:ty, $name:expr) => {{
+                let name: &str = $name;
+                let pin = self.bpffs.join(format!("link_cgroup_{name}"));
+                let old = PinnedLink::from_pin(&pin).ok();
+                let program: &mut $kind = self
+                    .ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| anyhow!("program {name} missing"))?
+                    .try_into()?;
+                let id = program
+                    .attach(&dir, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+                replace_pin(program.take_link(id)?.try_into()?, &pin, old, name)?;
+            }};
         }
+        for name in SOCK_PROGRAMS {
+            attach_pinned!(CgroupSockAddr, name);
+        }
+        attach_pinned!(CgroupSock, SOCK_RELEASE_PROGRAM);
         Ok(())
     }
 
@@ -422,4 +434,20 @@ fn restrict_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {mode:o} {}", path.display()))
+}
+
+/// Pins a freshly attached cgroup link at `pin`, detaching the link a
+/// previous agent pinned there (dropping its pin and our fd to it).
+fn replace_pin(
+    link: FdLink,
+    pin: &Path,
+    old: Option<PinnedLink>,
+    name: &str,
+) -> anyhow::Result<()> {
+    if let Some(old) = old {
+        let _ = old.unpin();
+    }
+    link.pin(pin)
+        .with_context(|| format!("pinning the {name} link at {}", pin.display()))?;
+    Ok(())
 }
