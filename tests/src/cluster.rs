@@ -437,6 +437,20 @@ impl NodeAgents {
         Self { agents, pins }
     }
 
+    /// Waits (bounded: 30 s) until `done`; panics naming `what`, with the
+    /// agents' logs, if it never is.
+    pub fn wait_until(&self, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not reached; agent logs:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The last lines of every agent's log, for assertion messages.
     pub fn logs(&self) -> String {
         self.agents

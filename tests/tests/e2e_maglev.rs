@@ -11,7 +11,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_agent::maglev::{BackendIdentity, build_table};
@@ -112,18 +112,6 @@ fn predicted(pods: &[(&str, Ipv4Addr, usize)], client: Ipv4Addr, port: u16) -> S
     pods[table[slot as usize] as usize].0.to_string()
 }
 
-fn wait_until(what: &str, agents: &NodeAgents, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not reached\n{}",
-            agents.logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn a_flow_reaches_the_same_pod_through_either_node_and_keeps_it_when_another_pod_goes() {
     require_root(
@@ -145,7 +133,7 @@ fn a_flow_reaches_the_same_pod_through_either_node_and_keeps_it_when_another_pod
     let external = cluster.external();
     for k in [1, 2] {
         cluster.route_via(&format!("{LB_IP}/32"), k).expect("route");
-        wait_until(&format!("node-{k} serving {LB_IP}"), &agents, || {
+        agents.wait_until(&format!("node-{k} serving {LB_IP}"), || {
             ask_from(external, 30999).is_ok()
         });
     }
@@ -235,7 +223,7 @@ fn a_flow_reaches_the_same_pod_through_either_node_and_keeps_it_when_another_pod
         .map(|p| p.1)
         .expect("pod");
     for k in [1, 2] {
-        wait_until(&format!("node-{k} dropping {REMOVED}"), &agents, || {
+        agents.wait_until(&format!("node-{k} dropping {REMOVED}"), || {
             let backends = agents.tables(k).dump_backends().expect("backends");
             !backends.values().any(|b| b.addr == removed_ip.octets())
         });

@@ -5,7 +5,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_tests::{
@@ -172,16 +172,8 @@ impl TwoNodes {
         assert!(result.is_err(), "{why}: {addr} answered {result:?}");
     }
 
-    fn wait_until(&self, what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !done() {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: not reached; agent logs:\n{}",
-                self.agents.logs()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    fn wait_until(&self, what: &str, done: impl FnMut() -> bool) {
+        self.agents.wait_until(what, done);
     }
 
     /// (HTTP status, body) of `GET path` from the external client.

@@ -166,38 +166,27 @@ impl Datapath {
         for (_, path) in &pins {
             restrict_mode(path, 0o600)?;
         }
+        // Every program type has its own `load`; the steps are the same.
+        macro_rules! load {
+            ($kind:ty, $name:expr) => {{
+                let name: &str = $name;
+                let program: &mut $kind = ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                    .try_into()?;
+                program
+                    .load()
+                    .with_context(|| format!("verifying program {name}"))?;
+            }};
+        }
         for name in [TC_POD_PROGRAM, TC_NODE_PROGRAM] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("verifying program {name}"))?;
+            load!(SchedClassifier, name);
         }
         for name in SOCK_PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("verifying program {name}"))?;
+            load!(CgroupSockAddr, name);
         }
-        let program: &mut CgroupSock = ebpf
-            .program_mut(SOCK_RELEASE_PROGRAM)
-            .ok_or_else(|| anyhow!("program {SOCK_RELEASE_PROGRAM} missing from the object"))?
-            .try_into()?;
-        program
-            .load()
-            .with_context(|| format!("verifying program {SOCK_RELEASE_PROGRAM}"))?;
-        let program: &mut Xdp = ebpf
-            .program_mut(XDP_NODE_PROGRAM)
-            .ok_or_else(|| anyhow!("program {XDP_NODE_PROGRAM} missing from the object"))?
-            .try_into()?;
-        program
-            .load()
-            .with_context(|| format!("verifying program {XDP_NODE_PROGRAM}"))?;
+        load!(CgroupSock, SOCK_RELEASE_PROGRAM);
+        load!(Xdp, XDP_NODE_PROGRAM);
         Ok(Self {
             ebpf,
             bpffs: bpffs.to_owned(),

@@ -769,11 +769,7 @@ impl Programmer {
         if current.is_none() {
             self.next_service_id += 1;
         }
-        let old_ids = current
-            .as_ref()
-            .map(|c| c.backend_ids.clone())
-            .unwrap_or_default();
-        self.count_refs(&old_ids, &ids);
+        self.count_refs(current.as_ref().map_or(&[], |c| &c.backend_ids), &ids);
         let maglev = match table {
             TablePlan::Write(new_table) => new_table,
             TablePlan::Keep => current.map(|c| c.maglev).unwrap_or_default(),
@@ -1292,6 +1288,12 @@ mod tests {
             table.truncate(m as usize);
             table
         }
+        /// Counts a write and checks what a packet would see now.
+        fn wrote(&mut self) -> anyhow::Result<()> {
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
         fn backends_of(&self, key: &Lb4ServiceKey) -> Vec<Lb4Backend> {
             let svc = self.services[key];
             (0..svc.backend_count)
@@ -1310,27 +1312,19 @@ mod tests {
     impl TableWriter for CheckedMaps {
         fn put_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()> {
             self.members.insert(*key);
-            self.ops += 1;
-            self.check();
-            Ok(())
+            self.wrote()
         }
         fn delete_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()> {
             self.members.remove(key);
-            self.ops += 1;
-            self.check();
-            Ok(())
+            self.wrote()
         }
         fn put_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
             self.ranges.insert(*range);
-            self.ops += 1;
-            self.check();
-            Ok(())
+            self.wrote()
         }
         fn delete_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
             self.ranges.remove(range);
-            self.ops += 1;
-            self.check();
-            Ok(())
+            self.wrote()
         }
         fn put_maglev_chunk(
             &mut self,
@@ -1347,27 +1341,19 @@ mod tests {
             }
             self.maglev.insert(*key, *value);
             self.maglev_writes += 1;
-            self.ops += 1;
-            self.check();
-            Ok(())
+            self.wrote()
         }
         fn delete_maglev_chunk(&mut self, key: &Lb4MaglevKey) -> anyhow::Result<()> {
             self.maglev.remove(key);
-            self.ops += 1;
-            self.check();
-            Ok(())
+            self.wrote()
         }
         fn put_service(&mut self, key: &Lb4ServiceKey, value: &Lb4Service) -> anyhow::Result<()> {
             self.services.insert(*key, *value);
-            self.ops += 1;
-            self.check();
-            Ok(())
+            self.wrote()
         }
         fn delete_service(&mut self, key: &Lb4ServiceKey) -> anyhow::Result<()> {
             self.services.remove(key);
-            self.ops += 1;
-            self.check();
-            Ok(())
+            self.wrote()
         }
         fn put_slot(&mut self, key: &Lb4SlotKey, value: &Lb4Slot) -> anyhow::Result<()> {
             if self.capacity_slots != 0
@@ -1377,29 +1363,21 @@ mod tests {
                 anyhow::bail!("map full");
             }
             self.slots.insert(*key, *value);
-            self.ops += 1;
-            self.check();
-            Ok(())
+            self.wrote()
         }
         fn delete_slot(&mut self, key: &Lb4SlotKey) -> anyhow::Result<()> {
             self.slots
                 .remove(key)
                 .ok_or_else(|| anyhow::anyhow!("no such slot"))?;
-            self.ops += 1;
-            self.check();
-            Ok(())
+            self.wrote()
         }
         fn put_backend(&mut self, id: u32, value: &Lb4Backend) -> anyhow::Result<()> {
             self.backends.insert(id, *value);
-            self.ops += 1;
-            self.check();
-            Ok(())
+            self.wrote()
         }
         fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
             self.backends.remove(&id);
-            self.ops += 1;
-            self.check();
-            Ok(())
+            self.wrote()
         }
     }
 

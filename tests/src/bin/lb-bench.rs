@@ -484,19 +484,8 @@ fn measure_repeated(
 
 /// Average kernel-measured cost of `runs` single runs of new flows (distinct
 /// source ports and addresses) to the last generated service; each must be
-/// counted as a new flow and rewritten to one of its endpoints.
+/// counted under `reason` and rewritten to one of its endpoints.
 fn measure_new_flows(
-    loaded: &mut Loaded,
-    hook: Hook,
-    services: u32,
-    runs: u32,
-    round: u32,
-) -> Result<f64> {
-    measure_new_flows_as(loaded, hook, services, runs, round, Reason::NewFlow)
-}
-
-/// [`measure_new_flows`], each run required to count under `reason`.
-fn measure_new_flows_as(
     loaded: &mut Loaded,
     hook: Hook,
     services: u32,
@@ -640,7 +629,7 @@ fn packet(options: &Options) -> Result<()> {
                     ns as f64,
                 );
 
-                let ns = measure_new_flows(one, hook, size, new_flows, rep)?;
+                let ns = measure_new_flows(one, hook, size, new_flows, rep, Reason::NewFlow)?;
                 result(
                     "pkt_ns",
                     &format!("{}_new_flow", hook.name()),
@@ -658,7 +647,7 @@ fn packet(options: &Options) -> Result<()> {
                 let ns = measure_repeated(one, hook, &ack, Some(&ack), Reason::CtForward, repeat)?;
                 let name = format!("{}_established_maglev", hook.name());
                 result("pkt_ns", &name, maglev_size, rep, ns as f64);
-                let ns = measure_new_flows_as(
+                let ns = measure_new_flows(
                     one,
                     hook,
                     maglev_size,

@@ -321,15 +321,8 @@ impl Bench {
             variant,
             set,
         };
-        // The socket-level variant is probed through the NodePort only: a
-        // probe from the client pod (a thread outside the cgroup, so the
-        // packet path) leaves conntrack entries whose reply side rewrites
-        // the source of a later translated connection that reuses the
-        // probe's port towards the same backend, and that connection fails.
-        if variant != Variant::SocketLb {
-            let client = bench.client()?;
-            wait_until_answering(client, bench.cluster_ip_target(), Duration::from_secs(30))?;
-        }
+        let client = bench.client()?;
+        wait_until_answering(client, bench.cluster_ip_target(), Duration::from_secs(30))?;
         wait_until_answering(
             bench.cluster.external(),
             bench.node_port_target(),
