@@ -18,6 +18,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "nftables",
+    "conntrack",
     "ethtool",
     "tcpdump",
     "util-linux",

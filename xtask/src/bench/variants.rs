@@ -1,5 +1,5 @@
-//! One fresh topology per variant and repetition, so that exactly one way
-//! of translating services acts on the packets: our agent (packet path, or
+//! One topology per variant (and size), so that exactly one way of
+//! translating services acts on the packets: our agent (packet path, or
 //! with socket-level balancing for the client pod's cgroup), kube-proxy's
 //! iptables or nftables ruleset (loaded inside the node namespace), or
 //! nothing (the direct baseline, which talks to the pod address).
@@ -333,6 +333,25 @@ impl Bench {
 
     pub fn client(&self) -> Result<&NetNs> {
         Ok(self.cluster.pod("client")?.ns())
+    }
+
+    pub fn variant(&self) -> Variant {
+        self.variant
+    }
+
+    /// Empties netfilter's conntrack table in the node namespace of the
+    /// kube-proxy variants (`conntrack -F`), so a run starts with the table
+    /// a fresh topology has; nothing for the others (no netfilter rules).
+    pub fn flush_conntrack(&self) -> Result<()> {
+        if let Variant::Iptables | Variant::Nftables = self.variant {
+            run_timed_in(
+                self.cluster.node(1).ns(),
+                "conntrack",
+                &["-F"],
+                Duration::from_secs(60),
+            )?;
+        }
+        Ok(())
     }
 
     /// The client pod's cgroup.
