@@ -261,10 +261,14 @@ pub fn bench(options: &BenchOptions) -> Result<()> {
     )?);
 
     println!("==> programming: iptables-restore and nft -f");
-    program_kube_proxy(&plan, &mut results, &mut notes)?;
+    // The kube-proxy rulesets' load times, shared by the installs and the
+    // connection runs: a size that did not install in time is not loaded
+    // again for traffic.
+    let mut loads = LoadHistory::default();
+    program_kube_proxy(&plan, &mut loads, &mut results, &mut notes)?;
 
     println!("==> connections and established flows, one live topology per variant and size");
-    traffic_runs(&plan, &agent, &mut results, &mut notes)?;
+    traffic_runs(&plan, &agent, &mut loads, &mut results, &mut notes)?;
 
     println!(
         "==> socket-level balancing: direct, packet path, socket-level, one fresh topology each"
@@ -347,9 +351,13 @@ fn run_lb_bench(binary: &Path, args: &[String]) -> Result<Vec<Record>> {
     Ok(records)
 }
 
-fn program_kube_proxy(plan: &Plan, results: &mut Results, notes: &mut Vec<String>) -> Result<()> {
+fn program_kube_proxy(
+    plan: &Plan,
+    loads: &mut LoadHistory,
+    results: &mut Results,
+    notes: &mut Vec<String>,
+) -> Result<()> {
     let files = TempDir::new(PREFIX, "bench-rules")?;
-    let mut loads = LoadHistory::default();
     for rep in 0..plan.reps {
         let mut sizes = plan.install_sizes.clone();
         if !sizes.contains(&plan.change_size) {
@@ -456,10 +464,10 @@ fn endpoint_changes(
 fn traffic_runs(
     plan: &Plan,
     agent: &AgentConfig,
+    loads: &mut LoadHistory,
     results: &mut Results,
     notes: &mut Vec<String>,
 ) -> Result<()> {
-    let mut loads = LoadHistory::default();
     for &size in &plan.conn_sizes {
         let mut live: Vec<Bench> = Vec::new();
         for variant in Variant::ALL {
