@@ -3,18 +3,18 @@
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
     HAIRPIN_ADDR4,
-    backend::Lb4Backend,
+    backend::{Lb4Backend, Lb6Backend},
     conntrack::{
-        DIR_FORWARD, DIR_REPLY, Lb4CtEntry, Lb4CtKey, REWRITE_DST, REWRITE_HAIRPIN, REWRITE_SRC,
-        TCP_FIN, TCP_RST,
+        DIR_FORWARD, DIR_REPLY, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey, REWRITE_DST,
+        REWRITE_HAIRPIN, REWRITE_SRC, TCP_FIN, TCP_RST,
     },
     service::Lb4Service,
     stats::Reason,
 };
 
 use crate::{
-    LB4_BACKENDS_V1, LB4_CT_V2,
-    parse::{self, Flow},
+    LB4_BACKENDS_V1, LB4_CT_V2, LB6_BACKENDS_V1, LB6_CT_V1,
+    parse::{self, Flow, Flow6},
 };
 
 /// SNAT source ports are taken from this range (the kernel's default
@@ -205,4 +205,93 @@ pub fn create(
         .insert(k, entry, BPF_ANY as u64)
         .map_err(|_| Reason::DropCtFull)?;
     Ok(entry)
+}
+
+/// The IPv6 flow's entry, if it is tracked (a reference into the map: the
+/// 80-byte entry is not copied onto the stack).
+#[inline(always)]
+pub fn lookup6(key: &Lb6CtKey) -> Option<&'static Lb6CtEntry> {
+    unsafe { LB6_CT_V1.get(key) }
+}
+
+/// [`backend_still_valid`] for an IPv6 forward entry.
+#[inline(always)]
+pub fn backend_still_valid6(entry: &Lb6CtEntry) -> bool {
+    match unsafe { LB6_BACKENDS_V1.get(entry.backend_id) } {
+        Some(backend) => backend.addr == entry.dst_addr && backend.port == entry.dst_port,
+        None => false,
+    }
+}
+
+/// [`touch`] for an IPv6 entry.
+#[inline(always)]
+pub fn touch6(entry: &Lb6CtEntry, tcp_flags: u8, len: u32, now: u64) {
+    let entry = entry as *const Lb6CtEntry as *mut Lb6CtEntry;
+    // SAFETY: a map value (from `lookup6`); plain, not atomic, updates:
+    // counters are approximate by design.
+    unsafe {
+        (*entry).last_seen_ns = now;
+        (*entry).packets += 1;
+        (*entry).bytes += len as u64;
+        if tcp_flags & parse::TCP_FIN != 0 {
+            (*entry).tcp_flags |= TCP_FIN;
+        }
+        if tcp_flags & parse::TCP_RST != 0 {
+            (*entry).tcp_flags |= TCP_RST;
+        }
+    }
+}
+
+/// Records a new IPv6 flow (no source translation): the reply entry
+/// first, as in [`create`], then the forward one, which is left in `entry`.
+/// `entry` and `reply_key` are scratch space (`LB6_SCRATCH`), not stack.
+#[inline(always)]
+// The borrows are the point: the map helpers read the scratch space in
+// place, where passing by value would copy 120 bytes onto the stack.
+#[allow(clippy::needless_borrows_for_generic_args)]
+pub fn create6(
+    flow: &Flow6,
+    service: &Lb4Service,
+    (backend_id, backend): (u32, &Lb6Backend),
+    entry: &mut Lb6CtEntry,
+    reply_key: &mut Lb6CtKey,
+    len: u32,
+) -> Result<(), Reason> {
+    let k = &flow.key;
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    entry.dst_addr = k.src_addr;
+    entry.dst_port = k.src_port;
+    entry.direction = DIR_REPLY;
+    entry.rewrite = REWRITE_SRC;
+    entry.src_addr = k.dst_addr;
+    entry.src_port = k.dst_port;
+    entry.tcp_flags = 0;
+    entry._pad = 0;
+    entry.service_id = service.service_id;
+    entry.backend_id = backend_id;
+    entry.created_ns = now;
+    entry.last_seen_ns = now;
+    entry.packets = 0;
+    entry.bytes = 0;
+    reply_key.src_addr = backend.addr;
+    reply_key.dst_addr = k.src_addr;
+    reply_key.src_port = backend.port;
+    reply_key.dst_port = k.src_port;
+    reply_key.proto = k.proto;
+    reply_key._pad = [0; 3];
+    LB6_CT_V1
+        .insert(&*reply_key, &*entry, BPF_ANY as u64)
+        .map_err(|_| Reason::DropCtFull)?;
+    entry.direction = DIR_FORWARD;
+    entry.rewrite = REWRITE_DST;
+    entry.dst_addr = backend.addr;
+    entry.dst_port = backend.port;
+    entry.src_addr = [0; 16];
+    entry.src_port = 0;
+    entry.packets = 1;
+    entry.bytes = len as u64;
+    LB6_CT_V1
+        .insert(k, &*entry, BPF_ANY as u64)
+        .map_err(|_| Reason::DropCtFull)?;
+    Ok(())
 }

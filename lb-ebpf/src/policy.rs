@@ -3,7 +3,7 @@
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use lb_common::{
-    backend::{FLAG_LOCAL, Lb4Backend},
+    backend::{FLAG_LOCAL, Lb4Backend, Lb6Backend},
     conntrack::Lb4CtKey,
     service::{FLAG_LOCAL_ONLY, FLAG_SOURCE_RANGES, Lb4Service},
     source_range::{Lb4SourceRangeKey, SERVICE_ID_BITS},
@@ -37,10 +37,10 @@ pub fn check_source_range(service: &Lb4Service, flow: &Lb4CtKey) -> Result<(), R
 /// translation here. externalTrafficPolicy Local never gets here with a
 /// remote backend, and keeps the client address by design.
 #[inline(always)]
-fn needs_snat(service: &Lb4Service, backend: &Lb4Backend, hook: Hook) -> bool {
+fn needs_snat(service: &Lb4Service, backend_flags: u8, hook: Hook) -> bool {
     hook == Hook::FromNetwork
         && service.flags & FLAG_LOCAL_ONLY == 0
-        && backend.flags & FLAG_LOCAL == 0
+        && backend_flags & FLAG_LOCAL == 0
 }
 
 /// The node address SNAT uses; a node without one cannot SNAT.
@@ -63,11 +63,32 @@ pub fn snat_for(
     flow: &Lb4CtKey,
     hook: Hook,
 ) -> Result<Option<Snat>, Reason> {
-    if needs_snat(service, backend, hook) {
+    if needs_snat(service, backend.flags, hook) {
         return Ok(Some(Snat::Node(node_addr()?)));
     }
     if hook == Hook::FromPod && backend.addr == flow.src_addr {
         return Ok(Some(Snat::Hairpin));
     }
     Ok(None)
+}
+
+/// IPv6 flows get no source translation yet (the agent has no IPv6 node
+/// address to give them): a new flow that would need one is dropped, never
+/// sent to a backend whose reply would bypass this node. A pod balanced to
+/// itself (hairpin) is dropped too, before any state is written, so its
+/// retransmission is balanced afresh.
+#[inline(always)]
+pub fn check_no_snat6(
+    service: &Lb4Service,
+    backend: &Lb6Backend,
+    client: &[u8; 16],
+    hook: Hook,
+) -> Result<(), Reason> {
+    if needs_snat(service, backend.flags, hook) {
+        return Err(Reason::DropNoNodeAddress);
+    }
+    if hook == Hook::FromPod && backend.addr == *client {
+        return Err(Reason::DropHairpin6);
+    }
+    Ok(())
 }

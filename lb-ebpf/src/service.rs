@@ -5,13 +5,13 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_prandom_u32};
 use lb_common::{
     affinity::{Lb4Affinity, Lb4AffinityKey},
-    backend::Lb4Backend,
-    conntrack::Lb4CtKey,
+    backend::{Lb4Backend, Lb6Backend},
+    conntrack::{Lb4CtKey, Lb6CtKey},
     maglev::{CHUNK_SLOTS, Lb4MaglevKey, flow_hash},
     member::Lb4MemberKey,
     service::{
         FLAG_ADDRESS, FLAG_HAS_INTERNAL, FLAG_LOCAL_ONLY, FLAG_MAGLEV, Lb4Service, Lb4ServiceKey,
-        SCOPE_EXTERNAL, SCOPE_INTERNAL,
+        Lb6ServiceKey, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     },
     slot::Lb4SlotKey,
     stats::Reason,
@@ -19,7 +19,7 @@ use lb_common::{
 
 use crate::{
     Hook, LB_CONFIG_V2, LB4_AFFINITY_V1, LB4_BACKENDS_V1, LB4_MAGLEV_V1, LB4_MEMBERS_V1,
-    LB4_SERVICES_V1, LB4_SLOTS_V1,
+    LB4_SERVICES_V1, LB4_SLOTS_V1, LB6_BACKENDS_V1, LB6_SERVICES_V1,
 };
 
 /// The service whose frontend is the flow's destination, if any, in the
@@ -79,13 +79,7 @@ pub struct Choice {
 /// being rewritten, another M) falls back to the random slot: never a drop.
 #[inline(always)]
 pub fn select_backend(service: &Lb4Service, flow: &Lb4CtKey, now: u64) -> Result<Choice, Reason> {
-    if service.backend_count == 0 {
-        return Err(if service.flags & FLAG_LOCAL_ONLY != 0 {
-            Reason::DropNoLocalBackend
-        } else {
-            Reason::DropNoBackend
-        });
-    }
+    check_not_empty(service)?;
     let affinity_key = Lb4AffinityKey {
         client: flow.src_addr,
         service_id: service.service_id,
@@ -123,18 +117,69 @@ pub fn select_backend(service: &Lb4Service, flow: &Lb4CtKey, now: u64) -> Result
     })
 }
 
-/// One of the service's slots, uniformly at random.
+/// [`lookup_service`] for an IPv6 flow, in `LB6_SERVICES_V1`.
 #[inline(always)]
-fn random_backend(service: &Lb4Service) -> Result<(u32, Lb4Backend), Reason> {
+pub fn lookup_service6(flow: &Lb6CtKey, hook: Hook) -> Option<Lb4Service> {
+    let mut key = Lb6ServiceKey {
+        addr: flow.dst_addr,
+        port: flow.dst_port,
+        proto: flow.proto,
+        scope: SCOPE_EXTERNAL,
+    };
+    let external = unsafe { LB6_SERVICES_V1.get(key) }.copied()?;
+    if hook == Hook::FromPod && external.flags & FLAG_HAS_INTERNAL != 0 {
+        key.scope = SCOPE_INTERNAL;
+        if let Some(internal) = unsafe { LB6_SERVICES_V1.get(key) } {
+            return Some(*internal);
+        }
+    }
+    Some(external)
+}
+
+/// The backend of a new IPv6 flow: one of the service's slots (shared with
+/// IPv4 in `LB4_SLOTS_V1`, ids are one space) uniformly at random, read in
+/// `LB6_BACKENDS_V1`. Session affinity and Maglev are IPv4-only so far.
+#[inline(always)]
+pub fn select_backend6(service: &Lb4Service) -> Result<(u32, Lb6Backend), Reason> {
+    check_not_empty(service)?;
+    let backend_id = random_slot(service)?;
+    let backend = *unsafe { LB6_BACKENDS_V1.get(backend_id) }.ok_or(Reason::DropBackendMissing)?;
+    Ok((backend_id, backend))
+}
+
+/// An empty backend set is a drop: `drop_no_local_backend` for a Local
+/// entry, `drop_no_backend` otherwise.
+#[inline(always)]
+fn check_not_empty(service: &Lb4Service) -> Result<(), Reason> {
+    if service.backend_count == 0 {
+        return Err(if service.flags & FLAG_LOCAL_ONLY != 0 {
+            Reason::DropNoLocalBackend
+        } else {
+            Reason::DropNoBackend
+        });
+    }
+    Ok(())
+}
+
+/// The backend id in one of the service's slots, uniformly at random
+/// (the set is not empty).
+#[inline(always)]
+fn random_slot(service: &Lb4Service) -> Result<u32, Reason> {
     let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
     let key = Lb4SlotKey {
         service_id: service.service_id,
         revision: service.revision,
         slot,
     };
-    let backend_id = unsafe { LB4_SLOTS_V1.get(key) }
+    Ok(unsafe { LB4_SLOTS_V1.get(key) }
         .ok_or(Reason::DropBackendMissing)?
-        .backend_id;
+        .backend_id)
+}
+
+/// One of the service's backends, uniformly at random.
+#[inline(always)]
+fn random_backend(service: &Lb4Service) -> Result<(u32, Lb4Backend), Reason> {
+    let backend_id = random_slot(service)?;
     let backend = *unsafe { LB4_BACKENDS_V1.get(backend_id) }.ok_or(Reason::DropBackendMissing)?;
     Ok((backend_id, backend))
 }

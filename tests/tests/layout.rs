@@ -7,11 +7,11 @@ use std::{collections::BTreeMap, mem::size_of, process::Command};
 
 use lb_agent::datapath::EBPF_OBJECT;
 use lb_common::{
-    backend::Lb4Backend,
+    backend::{Lb4Backend, Lb6Backend},
     config::LbConfig,
-    conntrack::{Lb4CtEntry, Lb4CtKey},
+    conntrack::{Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
     maglev::{Lb4MaglevChunk, Lb4MaglevKey},
-    service::{Lb4Service, Lb4ServiceKey},
+    service::{Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{Lb4Slot, Lb4SlotKey},
     source_range::{Lb4SourceRange, Lb4SourceRangeKey},
     stats::Counter,
@@ -117,6 +117,42 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             _pad
         }),
         host_layout!(Lb4CtEntry {
+            dst_addr,
+            dst_port,
+            direction,
+            rewrite,
+            src_addr,
+            src_port,
+            tcp_flags,
+            _pad,
+            service_id,
+            backend_id,
+            created_ns,
+            last_seen_ns,
+            packets,
+            bytes
+        }),
+        host_layout!(Lb6ServiceKey {
+            addr,
+            port,
+            proto,
+            scope
+        }),
+        host_layout!(Lb6Backend {
+            addr,
+            port,
+            proto,
+            flags
+        }),
+        host_layout!(Lb6CtKey {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto,
+            _pad
+        }),
+        host_layout!(Lb6CtEntry {
             dst_addr,
             dst_port,
             direction,
