@@ -192,9 +192,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None
     };
     let (programmer, stale_slots) = Programmer::adopt(
-        tables.dump_services()?,
+        tables.dump_all_services()?,
         &tables.dump_slots()?,
-        tables.dump_backends()?,
+        tables.dump_all_backends()?,
         tables.dump_source_ranges()?,
     );
     let mut programmer = programmer.with_maglev(maglev_table_size);
@@ -393,12 +393,6 @@ fn program(
     // Their socket-level twin: connected UDP sockets keep their backend.
     if let Some(cgroup) = socket_lb {
         destroy_sockets_of_removed(cgroup, &report.removed_udp, tables);
-    }
-    if report.unsupported > 0 {
-        warn!(
-            "{} IPv6 frontends not programmed: this datapath serves IPv4 only",
-            report.unsupported
-        );
     }
     info!(
         "programmed {} frontends, {} backends ({} map writes, {} ms)",

@@ -14,12 +14,12 @@ use aya::{
 use lb_common::{
     PROTO_UDP,
     affinity::{self, Lb4Affinity, Lb4AffinityKey},
-    backend::{self, Lb4Backend},
+    backend::{self, Lb4Backend, Lb6Backend},
     config::{self, LbConfig},
-    conntrack::{self, Lb4CtEntry, Lb4CtKey},
+    conntrack::{self, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
     maglev::{self, Lb4MaglevChunk, Lb4MaglevKey},
     member::{self, Lb4Member, Lb4MemberKey},
-    service::{self, Lb4Service, Lb4ServiceKey},
+    service::{self, Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
     sock::{self, Lb4SockKey, Lb4SockRevnat},
     source_range::{self, Lb4SourceRange, Lb4SourceRangeKey, SERVICE_ID_BITS},
@@ -31,7 +31,9 @@ use lb_common::{
     service_stats::{self, LbServiceStats},
 };
 
-use super::programmer::{RemovedUdpBackend, SourceRangeEntry, TableWriter};
+use super::programmer::{
+    BackendEntry, RemovedUdpBackend, ServiceKey, SourceRangeEntry, TableWriter,
+};
 
 /// The service, slot, backend and conntrack maps, plus the stats.
 pub struct KernelTables {
@@ -39,6 +41,11 @@ pub struct KernelTables {
     pub slots: HashMap<MapData, Lb4SlotKey, Lb4Slot>,
     pub backends: HashMap<MapData, u32, Lb4Backend>,
     pub conntrack: HashMap<MapData, Lb4CtKey, Lb4CtEntry>,
+    /// IPv6 frontends, backends and conntrack (slots and memberships are
+    /// shared with IPv4).
+    pub services6: HashMap<MapData, Lb6ServiceKey, Lb4Service>,
+    pub backends6: HashMap<MapData, u32, Lb6Backend>,
+    pub conntrack6: HashMap<MapData, Lb6CtKey, Lb6CtEntry>,
     pub source_ranges: LpmTrie<MapData, Lb4SourceRangeKey, Lb4SourceRange>,
     pub config: Array<MapData, LbConfig>,
     pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
@@ -97,6 +104,12 @@ impl KernelTables {
                 .with_context(|| layout(backend::NAME))?,
             conntrack: HashMap::try_from(get(conntrack::NAME)?)
                 .with_context(|| layout(conntrack::NAME))?,
+            services6: HashMap::try_from(get(service::NAME6)?)
+                .with_context(|| layout(service::NAME6))?,
+            backends6: HashMap::try_from(get(backend::NAME6)?)
+                .with_context(|| layout(backend::NAME6))?,
+            conntrack6: HashMap::try_from(get(conntrack::NAME6)?)
+                .with_context(|| layout(conntrack::NAME6))?,
             source_ranges: LpmTrie::try_from(get(source_range::NAME)?)
                 .with_context(|| layout(source_range::NAME))?,
             config: Array::try_from(get(config::NAME)?).with_context(|| layout(config::NAME))?,
@@ -149,6 +162,21 @@ impl KernelTables {
         Ok(self.services.iter().collect::<Result<_, _>>()?)
     }
 
+    /// Every IPv6 frontend entry.
+    pub fn dump_services6(&self) -> anyhow::Result<Vec<(Lb6ServiceKey, Lb4Service)>> {
+        Ok(self.services6.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Every frontend entry of both families, as the programmer adopts them.
+    pub fn dump_all_services(&self) -> anyhow::Result<Vec<(ServiceKey, Lb4Service)>> {
+        let v4 = self.dump_services()?.into_iter();
+        let v6 = self.dump_services6()?.into_iter();
+        Ok(v4
+            .map(|(k, v)| (ServiceKey::V4(k), v))
+            .chain(v6.map(|(k, v)| (ServiceKey::V6(k), v)))
+            .collect())
+    }
+
     /// Every slot entry.
     pub fn dump_slots(&self) -> anyhow::Result<BTreeMap<Lb4SlotKey, Lb4Slot>> {
         Ok(self.slots.iter().collect::<Result<_, _>>()?)
@@ -157,6 +185,21 @@ impl KernelTables {
     /// Every backend entry.
     pub fn dump_backends(&self) -> anyhow::Result<BTreeMap<u32, Lb4Backend>> {
         Ok(self.backends.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Every IPv6 backend entry.
+    pub fn dump_backends6(&self) -> anyhow::Result<BTreeMap<u32, Lb6Backend>> {
+        Ok(self.backends6.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Every backend entry of both families, as the programmer adopts them.
+    pub fn dump_all_backends(&self) -> anyhow::Result<Vec<(u32, BackendEntry)>> {
+        let v4 = self.dump_backends()?.into_iter();
+        let v6 = self.dump_backends6()?.into_iter();
+        Ok(v4
+            .map(|(id, b)| (id, BackendEntry::V4(b)))
+            .chain(v6.map(|(id, b)| (id, BackendEntry::V6(b))))
+            .collect())
     }
 
     /// Every source-range entry.
@@ -285,6 +328,11 @@ impl KernelTables {
     pub fn dump_conntrack(&self) -> anyhow::Result<Vec<(Lb4CtKey, Lb4CtEntry)>> {
         Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
     }
+
+    /// Every IPv6 conntrack entry (both directions).
+    pub fn dump_conntrack6(&self) -> anyhow::Result<Vec<(Lb6CtKey, Lb6CtEntry)>> {
+        Ok(self.conntrack6.iter().collect::<Result<_, _>>()?)
+    }
 }
 
 impl TableWriter for KernelTables {
@@ -294,6 +342,20 @@ impl TableWriter for KernelTables {
     }
     fn delete_service(&mut self, key: &Lb4ServiceKey) -> anyhow::Result<()> {
         Ok(self.services.remove(key)?)
+    }
+    fn put_service6(&mut self, key: &Lb6ServiceKey, value: &Lb4Service) -> anyhow::Result<()> {
+        let result = self.services6.insert(key, value, 0);
+        self.inserted(service::NAME6, result)
+    }
+    fn delete_service6(&mut self, key: &Lb6ServiceKey) -> anyhow::Result<()> {
+        Ok(self.services6.remove(key)?)
+    }
+    fn put_backend6(&mut self, id: u32, value: &Lb6Backend) -> anyhow::Result<()> {
+        let result = self.backends6.insert(id, value, 0);
+        self.inserted(backend::NAME6, result)
+    }
+    fn delete_backend6(&mut self, id: u32) -> anyhow::Result<()> {
+        Ok(self.backends6.remove(&id)?)
     }
     fn put_slot(&mut self, key: &Lb4SlotKey, value: &Lb4Slot) -> anyhow::Result<()> {
         let result = self.slots.insert(key, value, 0);

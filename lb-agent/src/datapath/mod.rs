@@ -30,7 +30,10 @@ use lb_common::{
 
 pub use devices::{accept_local_sources, glob_match, interface_addresses, list_interfaces};
 pub use maps::{KernelTables, StatsReader};
-pub use programmer::{ApplyReport, Programmer, RemovedUdpBackend, SourceRangeEntry, TableWriter};
+pub use programmer::{
+    ApplyReport, BackendEntry, Programmer, RemovedUdpBackend, ServiceKey, SourceRangeEntry,
+    TableWriter,
+};
 
 /// The kernel programs, built by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
