@@ -188,6 +188,11 @@ impl Fixture {
         );
     }
 
+    /// The pin directory of the fixture's maps (for `lbctl --bpffs`).
+    pub fn pins(&self) -> &std::path::Path {
+        self._pins.path()
+    }
+
     /// Packets counted under `reason` so far.
     pub fn count(&self, reason: Reason) -> u64 {
         self.tables.stats.get(reason).expect("stats").packets

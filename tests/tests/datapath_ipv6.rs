@@ -13,6 +13,7 @@ use lb_common::{
 };
 use lb_tests::{
     fixture::{Fixture, Hook, spec6},
+    lbctl_json,
     packet::{ACK, SYN, Transport},
     packet6::{ExtHeader, Packet6, neighbour_solicitation},
 };
@@ -332,4 +333,39 @@ fn ipv6_service_without_backends_drops_and_counts() {
         &Packet6::tcp((CLIENT, 40000), (EMPTY_VIP, 80), SYN, b""),
     );
     assert_eq!(fx.count(Reason::DropNoBackend), before + 1);
+}
+
+#[test]
+fn lbctl_shows_ipv6_services_and_flows_as_readable_addresses() {
+    let mut fx = fixture("lbctl_shows_ipv6_services_and_flows_as_readable_addresses");
+    let chosen = fx.pass6(Hook::TcPod, &syn(44000)).dst;
+    let services = lbctl_json(fx.pins(), &["services"]);
+    let web = services
+        .as_array()
+        .and_then(|rows| {
+            rows.iter()
+                .find(|r| r["frontend"] == "[fd00:96::10]:80/TCP")
+        })
+        .unwrap_or_else(|| panic!("no IPv6 frontend row: {services:#}"));
+    assert_eq!(web["address"], "fd00:96::10");
+    assert_eq!(web["service"], "default/web");
+    let mut backends: Vec<String> = web["backends"]
+        .as_array()
+        .map(|b| b.iter().map(|b| b["address"].to_string()).collect())
+        .unwrap_or_default();
+    backends.sort();
+    assert_eq!(
+        backends,
+        vec!["\"[fd00:244:1::11]:8080\"", "\"[fd00:244:1::12]:8080\""],
+        "{web:#}"
+    );
+    let flows = lbctl_json(fx.pins(), &["conntrack"]);
+    let flow = flows
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["client"] == "[fd00:244:1::2]:44000"))
+        .unwrap_or_else(|| panic!("no IPv6 flow row: {flows:#}"));
+    assert_eq!(flow["frontend"], "[fd00:96::10]:80");
+    assert_eq!(flow["backend"], format!("[{chosen}]:8080"));
+    assert_eq!(flow["protocol"], "TCP");
+    assert_eq!(flow["state"], "opening");
 }
