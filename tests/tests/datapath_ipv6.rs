@@ -369,3 +369,32 @@ fn lbctl_shows_ipv6_services_and_flows_as_readable_addresses() {
     assert_eq!(flow["protocol"], "TCP");
     assert_eq!(flow["state"], "opening");
 }
+
+#[test]
+fn ipv6_udp_flows_of_a_removed_backend_are_flushed() {
+    let mut fx = fixture("ipv6_udp_flows_of_a_removed_backend_are_flushed");
+    let query = Packet6::udp((CLIENT, 41001), (VIP, 53), b"q");
+    assert_eq!(fx.pass6(Hook::TcPod, &query).dst, POD_A);
+    let udp_entries = |fx: &Fixture| {
+        let ct = fx.tables.dump_conntrack6().expect("conntrack6");
+        ct.iter().filter(|(k, _)| k.proto == 17).count()
+    };
+    assert_eq!(udp_entries(&fx), 2, "both directions tracked");
+    // POD_A leaves the UDP port: what the agent does after such an apply.
+    let mut tables = desired();
+    let dns = frontend(VIP, 53, Protocol::Udp);
+    let ci = FrontendKind::ClusterIp;
+    tables
+        .frontends
+        .insert(dns, spec6("web", "dns", ci, &[(POD_B, 5353, true)]));
+    let report = fx.programmer.apply(&tables, &mut fx.tables);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let flushed = fx
+        .tables
+        .flush_udp_conntrack(&report.removed_members)
+        .expect("flush");
+    assert_eq!(flushed, 2, "the flow's two entries");
+    assert_eq!(udp_entries(&fx), 0);
+    // The client's next datagram is balanced afresh, to the live backend.
+    assert_eq!(fx.pass6(Hook::TcPod, &query).dst, POD_B);
+}

@@ -230,27 +230,29 @@ impl KernelTables {
     /// `removed` (service id, backend id) pairs carried, so a client that
     /// keeps sending from the same port is balanced afresh to a live
     /// backend (kube-proxy flushes UDP conntrack the same way). TCP flows
-    /// are left to finish. Returns how many entries went.
+    /// are left to finish. Both families' tables. Returns how many entries
+    /// went.
     pub fn flush_udp_conntrack(&mut self, removed: &[(u32, u32)]) -> anyhow::Result<usize> {
         if removed.is_empty() {
             return Ok(0);
         }
-        let doomed: Vec<Lb4CtKey> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(key, entry)| {
-                key.proto == PROTO_UDP && removed.contains(&(entry.service_id, entry.backend_id))
-            })
-            .map(|(key, _)| key)
-            .collect();
-        let mut flushed = 0;
-        for key in &doomed {
-            // An entry the LRU evicted meanwhile is already gone.
-            if self.conntrack.remove(key).is_ok() {
-                flushed += 1;
-            }
+        // The two families' tables hold entries with the same field names.
+        macro_rules! flush {
+            ($map:expr) => {{
+                let doomed: Vec<_> = $map
+                    .iter()
+                    .filter_map(Result::ok)
+                    .filter(|(key, entry)| {
+                        key.proto == PROTO_UDP
+                            && removed.contains(&(entry.service_id, entry.backend_id))
+                    })
+                    .map(|(key, _)| key)
+                    .collect();
+                // An entry the LRU evicted meanwhile is already gone.
+                doomed.iter().filter(|key| $map.remove(key).is_ok()).count()
+            }};
         }
+        let flushed = flush!(self.conntrack) + flush!(self.conntrack6);
         Ok(flushed)
     }
 
