@@ -276,6 +276,9 @@ fn process_packet<C: PacketBuf + Nat6>(
             if reason == Reason::PassNotService {
                 reason = balance_new_flow6(ctx, hook, obs);
             }
+            if rejects6(reason) {
+                return Ok((reason, Action::reject()));
+            }
             return if reason.is_drop() {
                 Err(reason)
             } else {
@@ -429,6 +432,17 @@ fn try_follow_flow6<C: PacketBuf + Nat6>(ctx: &C, obs: &mut Observation) -> Resu
     } else {
         Reason::CtReply
     })
+}
+
+/// Whether an IPv6 drop is answered with ICMPv6 port unreachable, as for
+/// IPv4: a connection attempt to a frontend without any endpoint (a Local
+/// one without a local endpoint drops, so load balancers go elsewhere).
+#[inline(always)]
+fn rejects6(reason: Reason) -> bool {
+    reason == Reason::DropNoBackend
+        && LB6_SCRATCH
+            .get(0)
+            .is_some_and(|scratch| scratch.flow.is_connection_attempt())
 }
 
 /// The IPv6 path, second half: balances the untracked flow that

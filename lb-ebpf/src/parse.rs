@@ -120,6 +120,12 @@ impl Flow6 {
     pub fn is_syn(&self) -> bool {
         self.key.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
+
+    /// What a reject answers: a TCP SYN, or any UDP datagram.
+    #[inline(always)]
+    pub fn is_connection_attempt(&self) -> bool {
+        self.key.proto == PROTO_UDP || self.is_syn()
+    }
 }
 
 /// What the IPv6 parser found.

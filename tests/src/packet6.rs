@@ -17,6 +17,8 @@ pub const HOP_BY_HOP: u8 = 0;
 pub const ROUTING: u8 = 43;
 pub const FRAGMENT: u8 = 44;
 pub const DEST_OPTIONS: u8 = 60;
+/// ICMPv6, whose checksum [`Packet6::parse`] verifies too.
+pub const ICMPV6: u8 = 58;
 
 /// One extension header: its type and its bytes after the first two (the
 /// next-header byte and the length or reserved byte, which
@@ -215,6 +217,11 @@ impl Packet6 {
         let l4 = &rest[off..];
         let (transport, payload) = if non_first_fragment {
             (Transport::Other { protocol: next }, l4.to_vec())
+        } else if next == ICMPV6 {
+            if fold(sum_words(l4) + pseudo_sum6(src, dst, next, l4.len())) != 0xffff {
+                return Err("ICMPv6 checksum is wrong".into());
+            }
+            (Transport::Other { protocol: next }, l4.to_vec())
         } else {
             let pseudo = pseudo_sum6(src, dst, next, l4.len());
             let (transport, payload, zero) = parse_l4(next, l4, pseudo)?;
@@ -310,5 +317,13 @@ mod tests {
         }
         .with_ext(vec![ExtHeader::fragment(185, false, 7)]);
         assert_eq!(Packet6::parse(&fragment.emit()), Ok(fragment));
+        let mut ns = neighbour_solicitation(A, B);
+        assert!(Packet6::parse(&ns).is_ok(), "a valid ICMPv6 checksum");
+        let last = ns.len() - 1;
+        ns[last] ^= 1;
+        assert_eq!(
+            Packet6::parse(&ns),
+            Err("ICMPv6 checksum is wrong".to_string())
+        );
     }
 }

@@ -55,6 +55,10 @@ fn desired() -> DesiredTables {
                 spec6("empty", "http", ci, &[]),
             ),
             (
+                frontend(EMPTY_VIP, 53, Protocol::Udp),
+                spec6("empty", "dns", ci, &[]),
+            ),
+            (
                 frontend(NODE, NODE_PORT, Protocol::Tcp),
                 spec6("web", "http", np, &[(POD_A, 8080, true)]),
             ),
@@ -325,12 +329,45 @@ fn ipv6_traffic_not_for_a_service_is_untouched() {
 }
 
 #[test]
-fn ipv6_service_without_backends_drops_and_counts() {
-    let mut fx = fixture("ipv6_service_without_backends_drops_and_counts");
+fn ipv6_service_without_endpoints_answers_port_unreachable() {
+    let mut fx = fixture("ipv6_service_without_endpoints_answers_port_unreachable");
+    let attempts = [
+        Packet6::tcp((CLIENT, 40000), (EMPTY_VIP, 80), SYN, b""),
+        Packet6::udp((CLIENT, 40001), (EMPTY_VIP, 53), b"query"),
+    ];
+    // TC sends it back with bpf_redirect (TC_ACT_REDIRECT), XDP with XDP_TX.
+    for (hook, sent_back) in [(Hook::TcPod, 7), (Hook::Xdp, 3)] {
+        for packet in &attempts {
+            let frame = packet.emit();
+            let before = fx.count(Reason::DropNoBackend);
+            let (verdict, out) = fx.run(hook, &frame);
+            assert_eq!(verdict, sent_back, "{hook:?}: {packet:?} not answered");
+            assert_eq!(fx.count(Reason::DropNoBackend), before + 1);
+            assert_eq!(out[0..6], frame[6..12], "{hook:?}: not addressed back");
+            // parse verifies the ICMPv6 checksum over the pseudo-header.
+            let reply = Packet6::parse(&out)
+                .unwrap_or_else(|e| panic!("{hook:?}: reply to {packet:?} is broken: {e}"));
+            assert_eq!(reply.src, EMPTY_VIP, "{hook:?}: from the address tried");
+            assert_eq!(reply.dst, CLIENT, "{hook:?}: to the client");
+            assert_eq!(reply.transport, Transport::Other { protocol: 58 });
+            let icmp = &reply.payload;
+            assert_eq!(
+                icmp[0..2],
+                [1, 4],
+                "{hook:?}: not destination/port unreachable"
+            );
+            assert_eq!(
+                icmp[8..],
+                frame[14..14 + 48],
+                "{hook:?}: the quote is not the original IPv6 header and 8 bytes"
+            );
+        }
+    }
+    // Not a connection attempt: dropped silently.
     let before = fx.count(Reason::DropNoBackend);
     fx.dropped6(
         Hook::TcPod,
-        &Packet6::tcp((CLIENT, 40000), (EMPTY_VIP, 80), SYN, b""),
+        &Packet6::tcp((CLIENT, 40002), (EMPTY_VIP, 80), ACK, b""),
     );
     assert_eq!(fx.count(Reason::DropNoBackend), before + 1);
 }
