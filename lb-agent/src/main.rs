@@ -457,8 +457,8 @@ fn refresh_addresses(
         return false;
     }
     info!(
-        "node addresses: NodePorts on {:?}, SNAT from {:?}",
-        found.nodeport, found.snat4
+        "node addresses: NodePorts on {:?}, SNAT from {:?} and {:?}",
+        found.nodeport, found.snat4, found.snat6
     );
     // Read-modify-write: the flags belong to others (`lbctl trace`,
     // --bpf-log), the Maglev table size was set at start.
@@ -470,6 +470,15 @@ fn refresh_addresses(
         error!(
             "writing the node address into {}: {e:#}",
             lb_common::config::NAME
+        );
+    }
+    let config6 = lb_common::config::Lb6Config {
+        node_addr6: found.snat6.map_or([0; 16], |a| a.octets()),
+    };
+    if let Err(e) = tables.set_config6(&config6) {
+        error!(
+            "writing the node address into {}: {e:#}",
+            lb_common::config::NAME6
         );
     }
     node.nodeport_addresses = found.nodeport.clone();

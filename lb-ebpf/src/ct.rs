@@ -242,9 +242,11 @@ pub fn touch6(entry: &Lb6CtEntry, tcp_flags: u8, len: u32, now: u64) {
     }
 }
 
-/// Records a new IPv6 flow (no source translation): the reply entry
-/// first, as in [`create`], then the forward one, which is left in `entry`.
-/// `entry` and `reply_key` are scratch space (`LB6_SCRATCH`), not stack.
+/// Records a new IPv6 flow: the reply entry first, as in [`create`], then
+/// the forward one, which is left in `entry`. With `snat` (the node's
+/// address) the reply entry is inserted at a free port of the SNAT range,
+/// probed as for IPv4. `entry` and `reply_key` are scratch space
+/// (`LB6_SCRATCH`), not stack.
 #[inline(always)]
 // The borrows are the point: the map helpers read the scratch space in
 // place, where passing by value would copy 120 bytes onto the stack.
@@ -253,8 +255,8 @@ pub fn create6(
     flow: &Flow6,
     service: &Lb4Service,
     (backend_id, backend): (u32, &Lb6Backend),
-    entry: &mut Lb6CtEntry,
-    reply_key: &mut Lb6CtKey,
+    (entry, reply_key): (&mut Lb6CtEntry, &mut Lb6CtKey),
+    snat: Option<&[u8; 16]>,
     len: u32,
 ) -> Result<(), Reason> {
     let k = &flow.key;
@@ -279,17 +281,51 @@ pub fn create6(
     reply_key.dst_port = k.src_port;
     reply_key.proto = k.proto;
     reply_key._pad = [0; 3];
-    LB6_CT_V1
-        .insert(&*reply_key, &*entry, BPF_ANY as u64)
-        .map_err(|_| Reason::DropCtFull)?;
+    let mut snat_port = 0;
+    match snat {
+        None => {
+            LB6_CT_V1
+                .insert(&*reply_key, &*entry, BPF_ANY as u64)
+                .map_err(|_| Reason::DropCtFull)?;
+        }
+        Some(node) => {
+            // The reply goes back to the client too.
+            entry.rewrite |= REWRITE_DST;
+            reply_key.dst_addr = *node;
+            let seed = u16::from_be_bytes([k.src_addr[14], k.src_addr[15]]) ^ k.src_port;
+            for i in 0..SNAT_PORT_TRIES {
+                let candidate = SNAT_PORT_MIN + (seed.wrapping_add(i) % SNAT_PORT_COUNT);
+                reply_key.dst_port = candidate;
+                if LB6_CT_V1
+                    .insert(&*reply_key, &*entry, BPF_NOEXIST as u64)
+                    .is_ok()
+                {
+                    snat_port = candidate;
+                    break;
+                }
+            }
+            if snat_port == 0 {
+                return Err(Reason::DropCtFull);
+            }
+        }
+    }
     entry.direction = DIR_FORWARD;
-    entry.rewrite = REWRITE_DST;
     entry.dst_addr = backend.addr;
     entry.dst_port = backend.port;
-    entry.src_addr = [0; 16];
-    entry.src_port = 0;
     entry.packets = 1;
     entry.bytes = len as u64;
+    match snat {
+        None => {
+            entry.rewrite = REWRITE_DST;
+            entry.src_addr = [0; 16];
+            entry.src_port = 0;
+        }
+        Some(node) => {
+            entry.rewrite = REWRITE_DST | REWRITE_SRC;
+            entry.src_addr = *node;
+            entry.src_port = snat_port;
+        }
+    }
     LB6_CT_V1
         .insert(k, &*entry, BPF_ANY as u64)
         .map_err(|_| Reason::DropCtFull)?;

@@ -26,7 +26,7 @@ use aya_ebpf::{
 use lb_common::{
     affinity::{self, Lb4Affinity, Lb4AffinityKey},
     backend::{self, Lb4Backend, Lb6Backend},
-    config::{self, LbConfig},
+    config::{self, Lb6Config, LbConfig},
     conntrack::{self, DIR_FORWARD, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
     maglev::{self, Lb4MaglevChunk, Lb4MaglevKey},
     member::{self, Lb4Member, Lb4MemberKey},
@@ -121,6 +121,10 @@ static LB4_MAGLEV_V1: HashMap<
 /// Node-wide settings (index 0).
 #[btf_map]
 static LB_CONFIG_V2: Array<LbConfig, { config::MAX_ENTRIES as usize }> = Array::new();
+
+/// Node-wide IPv6 settings (index 0): the SNAT source address.
+#[btf_map]
+static LB6_CONFIG_V1: Array<Lb6Config, { config::MAX_ENTRIES as usize }> = Array::new();
 
 /// Per-CPU packet/byte counters indexed by [`Reason`].
 #[btf_map]
@@ -482,9 +486,9 @@ fn try_balance_new_flow6<C: PacketBuf + Nat6>(
     let (backend_id, backend) = service::select_backend6(&service)?;
     obs.backend_id = backend_id;
     obs.backend_port = backend.port;
-    policy::check_no_snat6(&service, &backend, &flow.key.src_addr, hook)?;
+    let snat = policy::snat6_for(&service, &backend, &flow.key.src_addr, hook)?;
     let chosen = (backend_id, &backend);
-    ct::create6(flow, &service, chosen, entry, reply_key, ctx.len())?;
+    ct::create6(flow, &service, chosen, (entry, reply_key), snat, ctx.len())?;
     ctx.rewrite6(flow, entry)?;
     Ok(Reason::NewFlow)
 }

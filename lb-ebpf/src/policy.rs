@@ -10,7 +10,7 @@ use lb_common::{
     stats::Reason,
 };
 
-use crate::{Hook, LB_CONFIG_V2, LB4_SRC_RANGES_V1, ct::Snat};
+use crate::{Hook, LB_CONFIG_V2, LB4_SRC_RANGES_V1, LB6_CONFIG_V1, ct::Snat};
 
 /// Drops a new flow whose client is outside the service's
 /// loadBalancerSourceRanges.
@@ -72,23 +72,26 @@ pub fn snat_for(
     Ok(None)
 }
 
-/// IPv6 flows get no source translation yet (the agent has no IPv6 node
-/// address to give them): a new flow that would need one is dropped, never
-/// sent to a backend whose reply would bypass this node. A pod balanced to
-/// itself (hairpin) is dropped too, before any state is written, so its
-/// retransmission is balanced afresh.
+/// The source translation a new IPv6 flow needs, as [`snat_for`]: the
+/// node's IPv6 address (`LB6_CONFIG_V1`) for traffic from outside to
+/// another node's backend, `drop_no_node_address` when the node has none.
+/// A pod balanced to itself (hairpin, IPv4-only so far) is dropped before
+/// any state is written, so its retransmission is balanced afresh.
 #[inline(always)]
-pub fn check_no_snat6(
+pub fn snat6_for(
     service: &Lb4Service,
     backend: &Lb6Backend,
     client: &[u8; 16],
     hook: Hook,
-) -> Result<(), Reason> {
+) -> Result<Option<&'static [u8; 16]>, Reason> {
     if needs_snat(service, backend.flags, hook) {
-        return Err(Reason::DropNoNodeAddress);
+        return match LB6_CONFIG_V1.get(0) {
+            Some(config) if config.node_addr6 != [0; 16] => Ok(Some(&config.node_addr6)),
+            _ => Err(Reason::DropNoNodeAddress),
+        };
     }
     if hook == Hook::FromPod && backend.addr == *client {
         return Err(Reason::DropHairpin6);
     }
-    Ok(())
+    Ok(None)
 }

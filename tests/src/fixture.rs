@@ -108,6 +108,14 @@ impl Fixture {
         );
     }
 
+    /// Sets the node IPv6 address IPv6 SNAT uses.
+    pub fn set_node_address6(&mut self, addr: Ipv6Addr) {
+        let config = lb_common::config::Lb6Config {
+            node_addr6: addr.octets(),
+        };
+        self.tables.set_config6(&config).expect("write config6");
+    }
+
     /// Sets the node address SNAT uses.
     pub fn set_node_address(&mut self, addr: Ipv4Addr) {
         let config = LbConfig {

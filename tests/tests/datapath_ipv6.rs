@@ -221,16 +221,57 @@ fn ipv6_node_port_from_outside_reaches_a_local_backend_with_the_client_address_k
 }
 
 #[test]
-fn ipv6_node_port_to_a_remote_backend_is_dropped_until_ipv6_has_snat() {
-    let mut fx = fixture("ipv6_node_port_to_a_remote_backend_is_dropped_until_ipv6_has_snat");
+fn ipv6_node_port_to_a_remote_backend_is_sent_from_the_node_address() {
+    let mut fx = fixture("ipv6_node_port_to_a_remote_backend_is_sent_from_the_node_address");
+    // Without a node IPv6 address there is nothing to SNAT to: dropped,
+    // and no state is left behind.
     let before = fx.count(Reason::DropNoNodeAddress);
-    let packet = Packet6::tcp((EXT, 50002), (NODE, NODE_PORT_REMOTE), SYN, b"");
-    fx.dropped6(Hook::Xdp, &packet);
+    let first = Packet6::tcp((EXT, 50002), (NODE, NODE_PORT_REMOTE), SYN, b"");
+    fx.dropped6(Hook::Xdp, &first);
     assert_eq!(fx.count(Reason::DropNoNodeAddress), before + 1);
     assert!(
         fx.tables.dump_conntrack6().expect("conntrack6").is_empty(),
         "a dropped flow left conntrack state"
     );
+
+    fx.set_node_address6(NODE);
+    for (hook, port) in [(Hook::Xdp, 50003), (Hook::TcNode, 50004)] {
+        let syn = Packet6::tcp((EXT, port), (NODE, NODE_PORT_REMOTE), SYN, b"");
+        let out = fx.pass6(hook, &syn);
+        assert_eq!(out.dst, REMOTE_POD, "{hook:?}: dst IP hasn't been NATed");
+        assert_eq!(
+            out.src, NODE,
+            "{hook:?}: src IP hasn't been SNATed to the node"
+        );
+        let (snat_port, dst_port) = out.ports().expect("ports");
+        assert_eq!(dst_port, 8080, "{hook:?}: dst port");
+        assert!(
+            (61000..65000).contains(&snat_port),
+            "{hook:?}: SNAT port {snat_port} outside 61000-64999"
+        );
+        // The reply comes back from the other node through this one's
+        // device: back to the frontend and to the client.
+        let reply = Packet6::tcp((REMOTE_POD, 8080), (NODE, snat_port), SYN | ACK, b"");
+        let back = fx.pass6(Hook::Xdp, &reply);
+        assert_eq!(
+            back.src, NODE,
+            "{hook:?}: reply src hasn't been reverse-NATed"
+        );
+        assert_eq!(
+            back.dst, EXT,
+            "{hook:?}: reply dst hasn't been reverse-SNATed"
+        );
+        assert_eq!(
+            back.ports(),
+            Some((NODE_PORT_REMOTE, port)),
+            "{hook:?}: reply ports"
+        );
+        // And the flow goes on with the same translation.
+        let data = Packet6::tcp((EXT, port), (NODE, NODE_PORT_REMOTE), ACK, b"data");
+        let again = fx.pass6(hook, &data);
+        assert_eq!((again.src, again.dst), (NODE, REMOTE_POD), "{hook:?}");
+        assert_eq!(again.ports(), Some((snat_port, 8080)), "{hook:?}");
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, mem::size_of, process::Command};
 use lb_agent::datapath::EBPF_OBJECT;
 use lb_common::{
     backend::{Lb4Backend, Lb6Backend},
-    config::LbConfig,
+    config::{Lb6Config, LbConfig},
     conntrack::{Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
     maglev::{Lb4MaglevChunk, Lb4MaglevKey},
     service::{Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
@@ -178,6 +178,7 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             flags,
             maglev_table_size
         }),
+        host_layout!(Lb6Config { node_addr6 }),
         host_layout!(Lb4MaglevKey {
             service_id,
             table_size,

@@ -15,7 +15,7 @@ use lb_common::{
     PROTO_UDP,
     affinity::{self, Lb4Affinity, Lb4AffinityKey},
     backend::{self, Lb4Backend, Lb6Backend},
-    config::{self, LbConfig},
+    config::{self, Lb6Config, LbConfig},
     conntrack::{self, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
     maglev::{self, Lb4MaglevChunk, Lb4MaglevKey},
     member::{self, Lb4Member, Lb4MemberKey},
@@ -48,6 +48,8 @@ pub struct KernelTables {
     pub conntrack6: HashMap<MapData, Lb6CtKey, Lb6CtEntry>,
     pub source_ranges: LpmTrie<MapData, Lb4SourceRangeKey, Lb4SourceRange>,
     pub config: Array<MapData, LbConfig>,
+    /// The node's IPv6 address (SNAT source).
+    pub config6: Array<MapData, Lb6Config>,
     pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
     pub members: HashMap<MapData, Lb4MemberKey, Lb4Member>,
     /// Socket-level balancing: (cookie, backend) -> service address.
@@ -113,6 +115,7 @@ impl KernelTables {
             source_ranges: LpmTrie::try_from(get(source_range::NAME)?)
                 .with_context(|| layout(source_range::NAME))?,
             config: Array::try_from(get(config::NAME)?).with_context(|| layout(config::NAME))?,
+            config6: Array::try_from(get(config::NAME6)?).with_context(|| layout(config::NAME6))?,
             affinity: HashMap::try_from(get(affinity::NAME)?)
                 .with_context(|| layout(affinity::NAME))?,
             members: HashMap::try_from(get(member::NAME)?).with_context(|| layout(member::NAME))?,
@@ -224,6 +227,16 @@ impl KernelTables {
     /// Writes the node-wide settings.
     pub fn set_config(&mut self, value: &LbConfig) -> anyhow::Result<()> {
         Ok(self.config.set(0, value, 0)?)
+    }
+
+    /// The node-wide IPv6 settings.
+    pub fn config6(&self) -> anyhow::Result<Lb6Config> {
+        Ok(self.config6.get(&0, 0)?)
+    }
+
+    /// Writes the node-wide IPv6 settings.
+    pub fn set_config6(&mut self, value: &Lb6Config) -> anyhow::Result<()> {
+        Ok(self.config6.set(0, value, 0)?)
     }
 
     /// Removes the UDP conntrack entries (both directions) of flows that
