@@ -24,7 +24,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use lb_common::{
-    affinity::{self, Lb4Affinity, Lb4AffinityKey},
+    affinity::{self, Lb4Affinity, Lb4AffinityKey, Lb6AffinityKey},
     backend::{self, Lb4Backend, Lb6Backend},
     config::{self, Lb6Config, LbConfig},
     conntrack::{self, DIR_FORWARD, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
@@ -89,6 +89,14 @@ static LB6_CT_V1: LruHashMap<Lb6CtKey, Lb6CtEntry, { conntrack::MAX_ENTRIES as u
 #[btf_map]
 static LB4_AFFINITY_V1: LruHashMap<
     Lb4AffinityKey,
+    Lb4Affinity,
+    { affinity::MAX_ENTRIES as usize },
+> = LruHashMap::new();
+
+/// IPv6 session affinity: (128-bit client, service id) -> backend, last chosen.
+#[btf_map]
+static LB6_AFFINITY_V1: LruHashMap<
+    Lb6AffinityKey,
     Lb4Affinity,
     { affinity::MAX_ENTRIES as usize },
 > = LruHashMap::new();
@@ -483,14 +491,18 @@ fn try_balance_new_flow6<C: PacketBuf + Nat6>(
     if service.flags & svc::FLAG_SOURCE_RANGES != 0 {
         return Err(Reason::DropSourceRange);
     }
-    let (backend_id, backend) = service::select_backend6(&service)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (backend_id, backend, how) = service::select_backend6(&service, &flow.key.src_addr, now)?;
     obs.backend_id = backend_id;
     obs.backend_port = backend.port;
     let snat = policy::snat6_for(&service, &backend, &flow.key.src_addr, hook)?;
     let chosen = (backend_id, &backend);
     ct::create6(flow, &service, chosen, (entry, reply_key), snat, ctx.len())?;
     ctx.rewrite6(flow, entry)?;
-    Ok(Reason::NewFlow)
+    Ok(match how {
+        service::Selection::Affinity => Reason::NewFlowAffinity,
+        _ => Reason::NewFlow,
+    })
 }
 
 #[cfg(target_arch = "bpf")]

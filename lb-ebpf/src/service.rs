@@ -4,7 +4,7 @@
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_prandom_u32};
 use lb_common::{
-    affinity::{Lb4Affinity, Lb4AffinityKey},
+    affinity::{Lb4Affinity, Lb4AffinityKey, Lb6AffinityKey},
     backend::{Lb4Backend, Lb6Backend},
     conntrack::{Lb4CtKey, Lb6CtKey},
     maglev::{CHUNK_SLOTS, Lb4MaglevKey, flow_hash},
@@ -19,7 +19,7 @@ use lb_common::{
 
 use crate::{
     Hook, LB_CONFIG_V2, LB4_AFFINITY_V1, LB4_BACKENDS_V1, LB4_MAGLEV_V1, LB4_MEMBERS_V1,
-    LB4_SERVICES_V1, LB4_SLOTS_V1, LB6_BACKENDS_V1, LB6_SERVICES_V1,
+    LB4_SERVICES_V1, LB4_SLOTS_V1, LB6_AFFINITY_V1, LB6_BACKENDS_V1, LB6_SERVICES_V1,
 };
 
 /// The service whose frontend is the flow's destination, if any, in the
@@ -136,15 +136,63 @@ pub fn lookup_service6(flow: &Lb6CtKey, hook: Hook) -> Option<Lb4Service> {
     Some(external)
 }
 
-/// The backend of a new IPv6 flow: one of the service's slots (shared with
-/// IPv4 in `LB4_SLOTS_V1`, ids are one space) uniformly at random, read in
-/// `LB6_BACKENDS_V1`. Session affinity and Maglev are IPv4-only so far.
+/// The backend of a new IPv6 flow: the client's affinity backend (as
+/// [`select_backend`], in `LB6_AFFINITY_V1`), else one of the service's
+/// slots (shared with IPv4 in `LB4_SLOTS_V1`, ids are one space) at random,
+/// read in `LB6_BACKENDS_V1`, and remembered for affinity. Maglev is
+/// IPv4-only so far.
 #[inline(always)]
-pub fn select_backend6(service: &Lb4Service) -> Result<(u32, Lb6Backend), Reason> {
+pub fn select_backend6(
+    service: &Lb4Service,
+    client: &[u8; 16],
+    now: u64,
+) -> Result<(u32, Lb6Backend, Selection), Reason> {
     check_not_empty(service)?;
+    let key = Lb6AffinityKey {
+        client: *client,
+        service_id: service.service_id,
+    };
+    if service.affinity_timeout != 0
+        && let Some(entry) = LB6_AFFINITY_V1.get_ptr_mut(key)
+    {
+        // SAFETY: the map's value for this key; only its timestamp is
+        // written, racing writers store the same kind of value.
+        let (backend_id, last_seen) = unsafe { ((*entry).backend_id, (*entry).last_seen_ns) };
+        if affinity_holds(service, backend_id, last_seen, now)
+            && let Some(backend) = unsafe { LB6_BACKENDS_V1.get(backend_id) }
+        {
+            unsafe { (*entry).last_seen_ns = now };
+            return Ok((backend_id, *backend, Selection::Affinity));
+        }
+    }
     let backend_id = random_slot(service)?;
     let backend = *unsafe { LB6_BACKENDS_V1.get(backend_id) }.ok_or(Reason::DropBackendMissing)?;
-    Ok((backend_id, backend))
+    if service.affinity_timeout != 0 {
+        let entry = Lb4Affinity {
+            backend_id,
+            _pad: 0,
+            last_seen_ns: now,
+        };
+        // A full LRU evicts the oldest client; losing affinity is no drop.
+        let _ = LB6_AFFINITY_V1.insert(key, entry, BPF_ANY as u64);
+    }
+    Ok((backend_id, backend, Selection::Random))
+}
+
+/// Whether a client's affinity to `backend_id`, last used at `last_seen`,
+/// still holds: younger than the service's timeout, and the backend still
+/// a member of the service (one that left does not hold its clients).
+#[inline(always)]
+fn affinity_holds(service: &Lb4Service, backend_id: u32, last_seen: u64, now: u64) -> bool {
+    let timeout_ns = service.affinity_timeout as u64 * 1_000_000_000;
+    if now.wrapping_sub(last_seen) >= timeout_ns {
+        return false;
+    }
+    let member = Lb4MemberKey {
+        service_id: service.service_id,
+        backend_id,
+    };
+    unsafe { LB4_MEMBERS_V1.get(member) }.is_some()
 }
 
 /// An empty backend set is a drop: `drop_no_local_backend` for a Local
@@ -214,16 +262,9 @@ fn affinity_backend(service: &Lb4Service, key: &Lb4AffinityKey, now: u64) -> Opt
     // SAFETY: the pointer is the map's value for this key; only its
     // timestamp is written, racing writers store the same kind of value.
     let (backend_id, last_seen) = unsafe { ((*entry).backend_id, (*entry).last_seen_ns) };
-    let timeout_ns = service.affinity_timeout as u64 * 1_000_000_000;
-    if now.wrapping_sub(last_seen) >= timeout_ns {
+    if !affinity_holds(service, backend_id, last_seen, now) {
         return None;
     }
-    let member = Lb4MemberKey {
-        service_id: service.service_id,
-        backend_id,
-    };
-    // A backend that left the service does not hold its clients.
-    unsafe { LB4_MEMBERS_V1.get(member) }?;
     let backend = *unsafe { LB4_BACKENDS_V1.get(backend_id) }?;
     unsafe { (*entry).last_seen_ns = now };
     Some(Choice {

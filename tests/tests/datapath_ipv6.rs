@@ -30,6 +30,8 @@ const NODE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11);
 const EXT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
 
 const NODE_PORT: u16 = 30080;
+/// A port of the ClusterIP with sessionAffinity ClientIP.
+const STICKY_PORT: u16 = 443;
 const NODE_PORT_REMOTE: u16 = 30081;
 
 fn frontend(addr: Ipv6Addr, port: u16, protocol: Protocol) -> Frontend {
@@ -58,6 +60,11 @@ fn desired() -> DesiredTables {
                 frontend(EMPTY_VIP, 53, Protocol::Udp),
                 spec6("empty", "dns", ci, &[]),
             ),
+            (frontend(VIP, STICKY_PORT, Protocol::Tcp), {
+                let mut sticky = spec6("sticky", "https", ci, &pods);
+                sticky.affinity_timeout = Some(10800);
+                sticky
+            }),
             (
                 frontend(NODE, NODE_PORT, Protocol::Tcp),
                 spec6("web", "http", np, &[(POD_A, 8080, true)]),
@@ -475,4 +482,37 @@ fn ipv6_udp_flows_of_a_removed_backend_are_flushed() {
     assert_eq!(udp_entries(&fx), 0);
     // The client's next datagram is balanced afresh, to the live backend.
     assert_eq!(fx.pass6(Hook::TcPod, &query).dst, POD_B);
+}
+
+#[test]
+fn ipv6_session_affinity_keeps_a_client_on_its_backend() {
+    let mut fx = fixture("ipv6_session_affinity_keeps_a_client_on_its_backend");
+    let sticky = |port| Packet6::tcp((CLIENT, port), (VIP, STICKY_PORT), SYN, b"");
+    let first = fx.pass6(Hook::TcPod, &sticky(45000)).dst;
+    assert!(is_backend(first), "dst IP hasn't been NATed: {first}");
+    let before = fx.count(Reason::NewFlowAffinity);
+    for port in 45001..45021 {
+        let out = fx.pass6(Hook::TcPod, &sticky(port));
+        assert_eq!(
+            out.dst, first,
+            "flow from port {port} left its affinity backend"
+        );
+        assert_eq!(out.ports(), Some((port, 8080)));
+    }
+    assert_eq!(fx.count(Reason::NewFlowAffinity), before + 20);
+    let entries = fx.tables.dump_affinity6().expect("affinity6");
+    assert!(
+        entries.iter().any(|(k, _)| k.client == CLIENT.octets()),
+        "no affinity entry keyed by the 128-bit client: {entries:?}"
+    );
+    // Without affinity the same client spreads over both backends.
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 46000..46100 {
+        seen.insert(fx.pass6(Hook::TcPod, &syn(port)).dst);
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "100 flows did not reach both backends: {seen:?}"
+    );
 }

@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, mem::size_of, process::Command};
 
 use lb_agent::datapath::EBPF_OBJECT;
 use lb_common::{
+    affinity::Lb6AffinityKey,
     backend::{Lb4Backend, Lb6Backend},
     config::{Lb6Config, LbConfig},
     conntrack::{Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
@@ -179,6 +180,7 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             maglev_table_size
         }),
         host_layout!(Lb6Config { node_addr6 }),
+        host_layout!(Lb6AffinityKey { client, service_id }),
         host_layout!(Lb4MaglevKey {
             service_id,
             table_size,

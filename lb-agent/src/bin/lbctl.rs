@@ -479,21 +479,28 @@ fn conntrack(
 
 /// The session-affinity entries, with how long ago each was last used.
 fn affinity_rows(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> {
-    let backends = tables.dump_backends()?;
-    let services: BTreeMap<u32, u32> = tables
-        .dump_services()?
+    let backends = all_backends(tables)?;
+    let services: BTreeMap<u32, u32> = all_services(tables)?
         .into_iter()
         .map(|(_, s)| (s.service_id, s.affinity_timeout))
         .collect();
     let now = monotonic_ns();
+    let v4 = tables
+        .dump_affinity()?
+        .into_iter()
+        .map(|(k, v)| (IpAddr::from(k.client), k.service_id, v));
+    let v6 = tables
+        .dump_affinity6()?
+        .into_iter()
+        .map(|(k, v)| (IpAddr::from(k.client), k.service_id, v));
     let mut rows = Vec::new();
-    for (key, value) in tables.dump_affinity()? {
+    for (client, service_id, value) in v4.chain(v6) {
         let age = seconds_since(now, value.last_seen_ns);
-        let timeout = services.get(&key.service_id).copied();
+        let timeout = services.get(&service_id).copied();
         rows.push(json!({
-            "client": Ipv4Addr::from(key.client).to_string(),
-            "service": names.service(key.service_id),
-            "service_id": key.service_id,
+            "client": client.to_string(),
+            "service": names.service(service_id),
+            "service_id": service_id,
             "backend_id": value.backend_id,
             "backend": backends.get(&value.backend_id).map(|b| endpoint(b.addr, b.port)),
             "age_s": age,

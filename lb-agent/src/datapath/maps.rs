@@ -13,7 +13,7 @@ use aya::{
 };
 use lb_common::{
     PROTO_UDP,
-    affinity::{self, Lb4Affinity, Lb4AffinityKey},
+    affinity::{self, Lb4Affinity, Lb4AffinityKey, Lb6AffinityKey},
     backend::{self, Lb4Backend, Lb6Backend},
     config::{self, Lb6Config, LbConfig},
     conntrack::{self, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
@@ -51,6 +51,7 @@ pub struct KernelTables {
     /// The node's IPv6 address (SNAT source).
     pub config6: Array<MapData, Lb6Config>,
     pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
+    pub affinity6: HashMap<MapData, Lb6AffinityKey, Lb4Affinity>,
     pub members: HashMap<MapData, Lb4MemberKey, Lb4Member>,
     /// Socket-level balancing: (cookie, backend) -> service address.
     pub sock_revnat: HashMap<MapData, Lb4SockKey, Lb4SockRevnat>,
@@ -118,6 +119,8 @@ impl KernelTables {
             config6: Array::try_from(get(config::NAME6)?).with_context(|| layout(config::NAME6))?,
             affinity: HashMap::try_from(get(affinity::NAME)?)
                 .with_context(|| layout(affinity::NAME))?,
+            affinity6: HashMap::try_from(get(affinity::NAME6)?)
+                .with_context(|| layout(affinity::NAME6))?,
             members: HashMap::try_from(get(member::NAME)?).with_context(|| layout(member::NAME))?,
             maglev: HashMap::try_from(get(maglev::NAME)?).with_context(|| layout(maglev::NAME))?,
             sock_revnat: HashMap::try_from(get(sock::NAME)?).with_context(|| layout(sock::NAME))?,
@@ -318,6 +321,11 @@ impl KernelTables {
     /// Every session-affinity entry.
     pub fn dump_affinity(&self) -> anyhow::Result<Vec<(Lb4AffinityKey, Lb4Affinity)>> {
         Ok(self.affinity.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Every IPv6 session-affinity entry.
+    pub fn dump_affinity6(&self) -> anyhow::Result<Vec<(Lb6AffinityKey, Lb4Affinity)>> {
+        Ok(self.affinity6.iter().collect::<Result<_, _>>()?)
     }
 
     /// Every service id's Kubernetes name.

@@ -109,7 +109,7 @@ impl Default for MapSizes {
 }
 
 /// Every map the programs use, with its pinned name.
-pub const MAP_NAMES: [&str; 18] = [
+pub const MAP_NAMES: [&str; 19] = [
     service::NAME,
     slot::NAME,
     backend::NAME,
@@ -120,6 +120,7 @@ pub const MAP_NAMES: [&str; 18] = [
     backend::NAME6,
     conntrack::NAME6,
     config::NAME6,
+    affinity::NAME6,
     affinity::NAME,
     member::NAME,
     maglev::NAME,
