@@ -33,7 +33,7 @@ use lb_common::{
     service::{self as svc, Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
     sock::{self as sk, Lb4SockKey, Lb4SockRevnat},
-    source_range::{self, Lb4SourceRange, Lb4SourceRangeKey},
+    source_range::{self, Lb4SourceRange, Lb4SourceRangeKey, Lb6SourceRangeKey},
     stats::{self as st, Counter, Reason},
 };
 // Inspection (lbctl): service names, per-service counters, flow trace.
@@ -110,6 +110,14 @@ static LB4_MEMBERS_V1: HashMap<Lb4MemberKey, Lb4Member, { member::MAX_ENTRIES as
 #[btf_map]
 static LB4_SRC_RANGES_V1: LpmTrie<
     Lb4SourceRangeKey,
+    Lb4SourceRange,
+    { source_range::MAX_ENTRIES as usize },
+> = LpmTrie::new();
+
+/// IPv6 loadBalancerSourceRanges: (service id, client prefix) -> allowed.
+#[btf_map]
+static LB6_SRC_RANGES_V1: LpmTrie<
+    Lb6SourceRangeKey,
     Lb4SourceRange,
     { source_range::MAX_ENTRIES as usize },
 > = LpmTrie::new();
@@ -486,11 +494,7 @@ fn try_balance_new_flow6<C: PacketBuf + Nat6>(
         return Ok(Reason::PassNotService);
     };
     obs.service(&service);
-    // No IPv6 source-range trie yet: a restricted frontend admits nobody
-    // rather than everybody.
-    if service.flags & svc::FLAG_SOURCE_RANGES != 0 {
-        return Err(Reason::DropSourceRange);
-    }
+    policy::check_source_range6(&service, &flow.key.src_addr)?;
     let now = unsafe { bpf_ktime_get_ns() };
     let (backend_id, backend, how) = service::select_backend6(&service, &flow.key.src_addr, now)?;
     obs.backend_id = backend_id;

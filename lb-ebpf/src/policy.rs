@@ -6,11 +6,11 @@ use lb_common::{
     backend::{FLAG_LOCAL, Lb4Backend, Lb6Backend},
     conntrack::Lb4CtKey,
     service::{FLAG_LOCAL_ONLY, FLAG_SOURCE_RANGES, Lb4Service},
-    source_range::{Lb4SourceRangeKey, SERVICE_ID_BITS},
+    source_range::{Lb4SourceRangeKey, Lb6SourceRangeKey, SERVICE_ID_BITS},
     stats::Reason,
 };
 
-use crate::{Hook, LB_CONFIG_V2, LB4_SRC_RANGES_V1, LB6_CONFIG_V1, ct::Snat};
+use crate::{Hook, LB_CONFIG_V2, LB4_SRC_RANGES_V1, LB6_CONFIG_V1, LB6_SRC_RANGES_V1, ct::Snat};
 
 /// Drops a new flow whose client is outside the service's
 /// loadBalancerSourceRanges.
@@ -27,6 +27,25 @@ pub fn check_source_range(service: &Lb4Service, flow: &Lb4CtKey) -> Result<(), R
         },
     );
     match LB4_SRC_RANGES_V1.get(&key) {
+        Some(_) => Ok(()),
+        None => Err(Reason::DropSourceRange),
+    }
+}
+
+/// [`check_source_range`] for an IPv6 client, in `LB6_SRC_RANGES_V1`.
+#[inline(always)]
+pub fn check_source_range6(service: &Lb4Service, client: &[u8; 16]) -> Result<(), Reason> {
+    if service.flags & FLAG_SOURCE_RANGES == 0 {
+        return Ok(());
+    }
+    let key = Key::new(
+        SERVICE_ID_BITS + 128,
+        Lb6SourceRangeKey {
+            service_id_be: service.service_id.to_be_bytes(),
+            addr: *client,
+        },
+    );
+    match LB6_SRC_RANGES_V1.get(&key) {
         Some(_) => Ok(()),
         None => Err(Reason::DropSourceRange),
     }

@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use lb_agent::model::{DesiredTables, Frontend, FrontendKind, Protocol};
+use lb_agent::model::{DesiredTables, Frontend, FrontendKind, Protocol, SourceRange};
 use lb_common::{
     conntrack::{DIR_FORWARD, DIR_REPLY},
     stats::Reason,
@@ -29,6 +29,10 @@ const REMOTE_POD: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 2, 0, 0, 0, 0, 0x11);
 const NODE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11);
 const EXT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
 
+/// A LoadBalancer address with loadBalancerSourceRanges 2001:db8::/64, and
+/// a client outside it.
+const LB_IP: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
+const DENIED: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb9, 0, 0, 0, 0, 0, 0x100);
 const NODE_PORT: u16 = 30080;
 /// A port of the ClusterIP with sessionAffinity ClientIP.
 const STICKY_PORT: u16 = 443;
@@ -64,6 +68,14 @@ fn desired() -> DesiredTables {
                 let mut sticky = spec6("sticky", "https", ci, &pods);
                 sticky.affinity_timeout = Some(10800);
                 sticky
+            }),
+            (frontend(LB_IP, 443, Protocol::Tcp), {
+                let mut lb = spec6("lb", "https", FrontendKind::LoadBalancer, &pods);
+                lb.source_ranges = vec![SourceRange {
+                    addr: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0)),
+                    prefix_len: 64,
+                }];
+                lb
             }),
             (
                 frontend(NODE, NODE_PORT, Protocol::Tcp),
@@ -515,4 +527,25 @@ fn ipv6_session_affinity_keeps_a_client_on_its_backend() {
         2,
         "100 flows did not reach both backends: {seen:?}"
     );
+}
+
+#[test]
+fn ipv6_load_balancer_source_ranges_admit_only_their_clients() {
+    let mut fx = fixture("ipv6_load_balancer_source_ranges_admit_only_their_clients");
+    let out = fx.pass6(
+        Hook::Xdp,
+        &Packet6::tcp((EXT, 47000), (LB_IP, 443), SYN, b""),
+    );
+    assert!(
+        is_backend(out.dst),
+        "an allowed client was not balanced: {}",
+        out.dst
+    );
+    assert_eq!(out.src, EXT);
+    let before = fx.count(Reason::DropSourceRange);
+    fx.dropped6(
+        Hook::Xdp,
+        &Packet6::tcp((DENIED, 47001), (LB_IP, 443), SYN, b""),
+    );
+    assert_eq!(fx.count(Reason::DropSourceRange), before + 1);
 }

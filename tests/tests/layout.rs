@@ -14,7 +14,7 @@ use lb_common::{
     maglev::{Lb4MaglevChunk, Lb4MaglevKey},
     service::{Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{Lb4Slot, Lb4SlotKey},
-    source_range::{Lb4SourceRange, Lb4SourceRangeKey},
+    source_range::{Lb4SourceRange, Lb4SourceRangeKey, Lb6SourceRangeKey},
     stats::Counter,
 };
 use lb_common::{service_name::LbServiceName, service_stats::LbServiceStats, trace::TraceEvent};
@@ -180,6 +180,10 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             maglev_table_size
         }),
         host_layout!(Lb6Config { node_addr6 }),
+        host_layout!(Lb6SourceRangeKey {
+            service_id_be,
+            addr
+        }),
         host_layout!(Lb6AffinityKey { client, service_id }),
         host_layout!(Lb4MaglevKey {
             service_id,

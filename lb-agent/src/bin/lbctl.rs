@@ -235,13 +235,9 @@ fn services(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> 
     let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for range in tables.dump_source_ranges()? {
         ranges
-            .entry(u32::from_be_bytes(range.key.service_id_be))
+            .entry(range.service_id)
             .or_default()
-            .push(format!(
-                "{}/{}",
-                IpAddr::from(range.key.addr),
-                range.prefix_len
-            ));
+            .push(format!("{}/{}", range.addr, range.prefix_len));
     }
     let services = all_services(tables)?;
     Ok(services

@@ -1,7 +1,7 @@
 //! Typed handles on the pinned maps, for the agent (writes) and for readers
 //! such as `lbctl` and the tests (reads of a running datapath).
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -22,7 +22,7 @@ use lb_common::{
     service::{self, Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
     sock::{self, Lb4SockKey, Lb4SockRevnat},
-    source_range::{self, Lb4SourceRange, Lb4SourceRangeKey, SERVICE_ID_BITS},
+    source_range::{self, Lb4SourceRange, Lb4SourceRangeKey, Lb6SourceRangeKey, SERVICE_ID_BITS},
     stats::{self, Counter, Reason},
 };
 // Inspection maps (lbctl): names and per-service counters.
@@ -47,6 +47,7 @@ pub struct KernelTables {
     pub backends6: HashMap<MapData, u32, Lb6Backend>,
     pub conntrack6: HashMap<MapData, Lb6CtKey, Lb6CtEntry>,
     pub source_ranges: LpmTrie<MapData, Lb4SourceRangeKey, Lb4SourceRange>,
+    pub source_ranges6: LpmTrie<MapData, Lb6SourceRangeKey, Lb4SourceRange>,
     pub config: Array<MapData, LbConfig>,
     /// The node's IPv6 address (SNAT source).
     pub config6: Array<MapData, Lb6Config>,
@@ -115,6 +116,8 @@ impl KernelTables {
                 .with_context(|| layout(conntrack::NAME6))?,
             source_ranges: LpmTrie::try_from(get(source_range::NAME)?)
                 .with_context(|| layout(source_range::NAME))?,
+            source_ranges6: LpmTrie::try_from(get(source_range::NAME6)?)
+                .with_context(|| layout(source_range::NAME6))?,
             config: Array::try_from(get(config::NAME)?).with_context(|| layout(config::NAME))?,
             config6: Array::try_from(get(config::NAME6)?).with_context(|| layout(config::NAME6))?,
             affinity: HashMap::try_from(get(affinity::NAME)?)
@@ -208,17 +211,24 @@ impl KernelTables {
             .collect())
     }
 
-    /// Every source-range entry.
+    /// Every source-range entry of both tries.
     pub fn dump_source_ranges(&self) -> anyhow::Result<Vec<SourceRangeEntry>> {
-        self.source_ranges
-            .iter()
-            .map(|entry| {
-                let (key, _) = entry?;
-                Ok(SourceRangeEntry {
-                    key: key.data(),
-                    prefix_len: key.prefix_len().saturating_sub(SERVICE_ID_BITS) as u8,
+        // The two key types share their field names.
+        macro_rules! entries {
+            ($trie:expr) => {
+                $trie.iter().map(|entry| {
+                    let (key, _) = entry?;
+                    let data = key.data();
+                    Ok(SourceRangeEntry {
+                        service_id: u32::from_be_bytes(data.service_id_be),
+                        addr: IpAddr::from(data.addr),
+                        prefix_len: key.prefix_len().saturating_sub(SERVICE_ID_BITS) as u8,
+                    })
                 })
-            })
+            };
+        }
+        entries!(self.source_ranges)
+            .chain(entries!(self.source_ranges6))
             .collect()
     }
 
@@ -415,15 +425,23 @@ impl TableWriter for KernelTables {
         Ok(self.service_names.remove(&service_id)?)
     }
     fn put_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
-        let key = Key::new(SERVICE_ID_BITS + u32::from(range.prefix_len), range.key);
-        let result = self
-            .source_ranges
-            .insert(&key, Lb4SourceRange { allow: 1 }, 0);
-        self.inserted(source_range::NAME, result)
+        let allow = Lb4SourceRange { allow: 1 };
+        match trie_key(range) {
+            TrieKey::V4(key) => {
+                let result = self.source_ranges.insert(&key, allow, 0);
+                self.inserted(source_range::NAME, result)
+            }
+            TrieKey::V6(key) => {
+                let result = self.source_ranges6.insert(&key, allow, 0);
+                self.inserted(source_range::NAME6, result)
+            }
+        }
     }
     fn delete_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
-        let key = Key::new(SERVICE_ID_BITS + u32::from(range.prefix_len), range.key);
-        Ok(self.source_ranges.remove(&key)?)
+        match trie_key(range) {
+            TrieKey::V4(key) => Ok(self.source_ranges.remove(&key)?),
+            TrieKey::V6(key) => Ok(self.source_ranges6.remove(&key)?),
+        }
     }
     fn put_maglev_chunk(
         &mut self,
@@ -435,6 +453,33 @@ impl TableWriter for KernelTables {
     }
     fn delete_maglev_chunk(&mut self, key: &Lb4MaglevKey) -> anyhow::Result<()> {
         Ok(self.maglev.remove(key)?)
+    }
+}
+
+/// A source range's key in its family's trie.
+enum TrieKey {
+    V4(Key<Lb4SourceRangeKey>),
+    V6(Key<Lb6SourceRangeKey>),
+}
+
+fn trie_key(range: &SourceRangeEntry) -> TrieKey {
+    let bits = SERVICE_ID_BITS + u32::from(range.prefix_len);
+    let service_id_be = range.service_id.to_be_bytes();
+    match range.addr {
+        IpAddr::V4(addr) => TrieKey::V4(Key::new(
+            bits,
+            Lb4SourceRangeKey {
+                service_id_be,
+                addr: addr.octets(),
+            },
+        )),
+        IpAddr::V6(addr) => TrieKey::V6(Key::new(
+            bits,
+            Lb6SourceRangeKey {
+                service_id_be,
+                addr: addr.octets(),
+            },
+        )),
     }
 }
 

@@ -109,7 +109,7 @@ impl Default for MapSizes {
 }
 
 /// Every map the programs use, with its pinned name.
-pub const MAP_NAMES: [&str; 19] = [
+pub const MAP_NAMES: [&str; 20] = [
     service::NAME,
     slot::NAME,
     backend::NAME,
@@ -121,6 +121,7 @@ pub const MAP_NAMES: [&str; 19] = [
     conntrack::NAME6,
     config::NAME6,
     affinity::NAME6,
+    source_range::NAME6,
     affinity::NAME,
     member::NAME,
     maglev::NAME,

@@ -35,7 +35,6 @@ use lb_common::{
         Lb4ServiceKey, Lb6ServiceKey, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     },
     slot::{Lb4Slot, Lb4SlotKey},
-    source_range::Lb4SourceRangeKey,
 };
 
 use crate::maglev::{self, BackendIdentity};
@@ -81,10 +80,12 @@ pub trait TableWriter {
     }
 }
 
-/// One loadBalancerSourceRanges entry as the trie holds it.
+/// One loadBalancerSourceRanges entry, in its family's trie.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SourceRangeEntry {
-    pub key: Lb4SourceRangeKey,
+    pub service_id: u32,
+    /// The network address; its family picks the trie.
+    pub addr: IpAddr,
     /// Prefix length of the address part (the service id's 32 bits come on top).
     pub prefix_len: u8,
 }
@@ -381,7 +382,7 @@ impl Programmer {
         let mut ranges_by_service: BTreeMap<u32, Vec<SourceRangeEntry>> = BTreeMap::new();
         for range in ranges {
             ranges_by_service
-                .entry(u32::from_be_bytes(range.key.service_id_be))
+                .entry(range.service_id)
                 .or_default()
                 .push(range);
         }
@@ -726,21 +727,15 @@ impl Programmer {
         let service_id = current
             .as_ref()
             .map_or(self.next_service_id, |c| c.entry.service_id);
-        // IPv6 source ranges have no trie yet: none are written, and the
-        // flag alone makes the IPv6 datapath admit nobody (fail closed).
+        // The ranges of the frontend's family go into its trie.
         let ranges: Vec<SourceRangeEntry> = spec
             .source_ranges
             .iter()
-            .filter(|_| key.is_ipv4())
-            .filter_map(|range| match range.addr {
-                IpAddr::V4(addr) => Some(SourceRangeEntry {
-                    key: Lb4SourceRangeKey {
-                        service_id_be: service_id.to_be_bytes(),
-                        addr: addr.octets(),
-                    },
-                    prefix_len: range.prefix_len,
-                }),
-                IpAddr::V6(_) => None,
+            .filter(|range| range.addr.is_ipv4() == key.is_ipv4())
+            .map(|range| SourceRangeEntry {
+                service_id,
+                addr: range.addr,
+                prefix_len: range.prefix_len,
             })
             .collect();
         let mut flags = 0;
@@ -750,6 +745,8 @@ impl Programmer {
         if has_internal {
             flags |= FLAG_HAS_INTERNAL;
         }
+        // An IPv6 frontend whose ranges are all IPv4 admits nobody (fail
+        // closed); an IPv4 one keeps the behaviour it always had.
         if !ranges.is_empty() || (!key.is_ipv4() && !spec.source_ranges.is_empty()) {
             flags |= FLAG_SOURCE_RANGES;
         }
@@ -1387,11 +1384,11 @@ mod tests {
                     );
                 }
                 // A restricted service with no allowed range would drop
-                // every client (what an IPv6 one does until it has a trie).
+                // every client (an IPv6 one whose ranges are all IPv4 does,
+                // on purpose).
                 if svc.flags & FLAG_SOURCE_RANGES != 0 && key.is_ipv4() {
-                    let id = svc.service_id.to_be_bytes();
                     assert!(
-                        self.ranges.iter().any(|r| r.key.service_id_be == id),
+                        self.ranges.iter().any(|r| r.service_id == svc.service_id),
                         "after op {}: {key:?} is restricted but has no range",
                         self.ops
                     );
@@ -1755,8 +1752,8 @@ mod tests {
         prog.apply(&tables(&[(frontend(10, 80), lb.clone())]), &mut maps);
         assert_eq!(maps.ranges.len(), 1);
         assert_eq!(
-            maps.ranges.iter().next().map(|r| r.key.addr),
-            Some([203, 0, 113, 0])
+            maps.ranges.iter().next().map(|r| r.addr),
+            Some("203.0.113.0".parse().expect("addr"))
         );
 
         // Open the service again: flag off first, then the range goes.
@@ -2318,23 +2315,42 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_source_ranges_restrict_without_a_trie() {
+    fn ipv6_source_ranges_go_into_their_trie_and_other_families_fail_closed() {
         let mut maps = CheckedMaps::default();
         let mut prog = Programmer::default();
+        let range = |addr: &str, prefix_len| crate::model::SourceRange {
+            addr: addr.parse().expect("addr"),
+            prefix_len,
+        };
         let mut restricted = spec6("lb", &[11]);
         restricted.kind = FrontendKind::LoadBalancer;
-        restricted.source_ranges = vec![crate::model::SourceRange {
-            addr: IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0)),
-            prefix_len: 32,
-        }];
-        let report = prog.apply(&tables(&[(frontend6(20, 443), restricted)]), &mut maps);
+        restricted.source_ranges = vec![range("2001:db8::", 32), range("198.51.100.0", 24)];
+        let mut v4_only = spec6("lb4", &[11]);
+        v4_only.kind = FrontendKind::LoadBalancer;
+        v4_only.source_ranges = vec![range("198.51.100.0", 24)];
+        let report = prog.apply(
+            &tables(&[
+                (frontend6(20, 443), restricted),
+                (frontend6(21, 443), v4_only),
+            ]),
+            &mut maps,
+        );
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         let entry = maps.services6[&key6(20, 443)];
-        assert_ne!(
-            entry.flags & FLAG_SOURCE_RANGES,
-            0,
-            "an IPv6 frontend with ranges must not admit everybody"
+        assert_ne!(entry.flags & FLAG_SOURCE_RANGES, 0);
+        let written: Vec<_> = maps.ranges.iter().collect();
+        assert_eq!(written.len(), 1, "only the IPv6 range: {written:?}");
+        assert_eq!(written[0].service_id, entry.service_id);
+        assert_eq!(
+            written[0].addr,
+            "2001:db8::".parse::<IpAddr>().expect("addr")
         );
-        assert!(maps.ranges.is_empty(), "no IPv6 ranges are written yet");
+        assert_eq!(written[0].prefix_len, 32);
+        let other = maps.services6[&key6(21, 443)];
+        assert_ne!(
+            other.flags & FLAG_SOURCE_RANGES,
+            0,
+            "IPv4-only ranges on an IPv6 frontend must not admit everybody"
+        );
     }
 }
