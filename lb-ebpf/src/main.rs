@@ -295,6 +295,8 @@ fn process_packet<C: PacketBuf + Nat6>(
             let mut reason = follow_flow6(ctx, obs);
             if reason == Reason::PassNotService {
                 reason = balance_new_flow6(ctx, hook, obs);
+            } else if reason == Reason::PassOtherL4 && parsed_icmp6() {
+                reason = icmp::translate6(ctx, obs);
             }
             if rejects6(reason) {
                 return Ok((reason, Action::reject()));
@@ -452,6 +454,15 @@ fn try_follow_flow6<C: PacketBuf + Nat6>(ctx: &C, obs: &mut Observation) -> Resu
     } else {
         Reason::CtReply
     })
+}
+
+/// Whether the IPv6 packet [`follow_flow6`] passed as "other L4" is ICMPv6
+/// (the parser left its protocol and offset in the scratch space).
+#[inline(always)]
+fn parsed_icmp6() -> bool {
+    LB6_SCRATCH
+        .get(0)
+        .is_some_and(|scratch| scratch.flow.key.proto == lb_common::PROTO_ICMPV6)
 }
 
 /// Whether an IPv6 drop is answered with ICMPv6 port unreachable, as for

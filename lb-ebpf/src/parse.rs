@@ -422,6 +422,9 @@ pub fn parse_ipv6<C: PacketBuf>(ctx: &C, flow: &mut Flow6) -> Result<Packet6, Re
         walked += 1;
     }
     if next != PROTO_TCP && next != PROTO_UDP {
+        // What follows, for the ICMPv6 error translation.
+        flow.key.proto = next;
+        flow.l4_off = off & 0x3ff;
         return Ok(if walked == MAX_EXT_HEADERS && is_extension_header(next) {
             Packet6::ExtHeaderLimit
         } else {

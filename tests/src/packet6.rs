@@ -249,24 +249,57 @@ fn pseudo_sum6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, len: usize) -> u32
         + next_header as u32
 }
 
-/// An ICMPv6 neighbour solicitation for `target` from `src`: IPv6 that is
-/// neither TCP nor UDP.
-pub fn neighbour_solicitation(src: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
-    let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(&target.octets());
-    // The solicited-node multicast address (close enough for a parser).
-    let dst = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 1);
-    let sum = !fold(sum_words(&icmp) + pseudo_sum6(src, dst, 58, icmp.len()));
-    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+/// The frame of an ICMPv6 `message` (type, code, checksum, ...) from `src`
+/// to `dst`, its checksum filled in.
+pub fn icmpv6(src: Ipv6Addr, dst: Ipv6Addr, mut message: Vec<u8>) -> Vec<u8> {
+    message[2..4].copy_from_slice(&[0, 0]);
+    let sum = !fold(sum_words(&message) + pseudo_sum6(src, dst, ICMPV6, message.len()));
+    message[2..4].copy_from_slice(&sum.to_be_bytes());
     Packet6 {
         src,
         dst,
         hop_limit: 255,
         ext: Vec::new(),
-        transport: Transport::Other { protocol: 58 },
-        payload: icmp,
+        transport: Transport::Other { protocol: ICMPV6 },
+        payload: message,
     }
     .emit()
+}
+
+/// An ICMPv6 neighbour solicitation for `target` from `src`: IPv6 that is
+/// neither TCP nor UDP.
+pub fn neighbour_solicitation(src: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+    let mut message = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    message.extend_from_slice(&target.octets());
+    // The solicited-node multicast address (close enough for a parser).
+    icmpv6(
+        src,
+        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 1),
+        message,
+    )
+}
+
+/// An ICMPv6 error (`kind`, `code`, the 4-byte `param`: the MTU of a
+/// Packet Too Big) from `src` to `dst` quoting `quote` (an IPv6 packet from
+/// its header on).
+pub fn icmpv6_error(
+    (src, dst): (Ipv6Addr, Ipv6Addr),
+    kind: u8,
+    code: u8,
+    param: u32,
+    quote: &[u8],
+) -> Vec<u8> {
+    let mut message = vec![kind, code, 0, 0];
+    message.extend_from_slice(&param.to_be_bytes());
+    message.extend_from_slice(quote);
+    icmpv6(src, dst, message)
+}
+
+/// The IPv6 packet an ICMPv6 error's message quotes (after its 8-byte
+/// header), parsed and its checksum verified; it must be quoted whole.
+pub fn quoted_packet(message: &[u8]) -> Result<Packet6, String> {
+    let quote = message.get(8..).ok_or("ICMPv6 message too short")?;
+    Packet6::parse(&ethernet_frame(0x86dd, &[quote]))
 }
 
 #[cfg(test)]

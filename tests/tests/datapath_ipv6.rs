@@ -15,7 +15,7 @@ use lb_tests::{
     fixture::{Fixture, Hook, spec6},
     lbctl_json,
     packet::{ACK, SYN, Transport},
-    packet6::{ExtHeader, Packet6, neighbour_solicitation},
+    packet6::{ExtHeader, Packet6, icmpv6_error, neighbour_solicitation, quoted_packet},
 };
 
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 2);
@@ -548,4 +548,54 @@ fn ipv6_load_balancer_source_ranges_admit_only_their_clients() {
         &Packet6::tcp((DENIED, 47001), (LB_IP, 443), SYN, b""),
     );
     assert_eq!(fx.count(Reason::DropSourceRange), before + 1);
+}
+
+#[test]
+fn ipv6_icmp_errors_about_a_flow_are_translated_back() {
+    let mut fx = fixture("ipv6_icmp_errors_about_a_flow_are_translated_back");
+    for (hook, port) in [(Hook::TcPod, 41100), (Hook::Xdp, 41101)] {
+        // The backend's port is closed: its port unreachable quotes the
+        // datagram as it got it, from the client to the pod.
+        let query = Packet6::udp((CLIENT, port), (VIP, 53), b"anyone?");
+        let forwarded = fx.pass6(hook, &query).emit();
+        let error = icmpv6_error((POD_A, CLIENT), 1, 4, 0, &forwarded[14..]);
+        let before = fx.count(Reason::IcmpErrorTranslated);
+        let (verdict, out) = fx.run(hook, &error);
+        assert_eq!(verdict, hook.pass(), "{hook:?}: error not passed");
+        assert_eq!(fx.count(Reason::IcmpErrorTranslated), before + 1);
+        // parse verifies the ICMPv6 checksum, quoted_packet the UDP one.
+        let reply = Packet6::parse(&out).unwrap_or_else(|e| panic!("{hook:?}: {e}"));
+        assert_eq!(
+            reply.src, VIP,
+            "{hook:?}: the error must come from the service"
+        );
+        assert_eq!(reply.dst, CLIENT);
+        assert_eq!(reply.payload[0..2], [1, 4], "{hook:?}: type and code kept");
+        let quoted = quoted_packet(&reply.payload).unwrap_or_else(|e| panic!("{hook:?}: {e}"));
+        assert_eq!((quoted.src, quoted.dst), (CLIENT, VIP), "{hook:?}: quote");
+        assert_eq!(quoted.ports(), Some((port, 53)), "{hook:?}: quoted ports");
+        assert_eq!(quoted.payload, query.payload);
+    }
+    // A router's Packet Too Big about a TCP flow keeps the router's
+    // address and names the service in its quote: path-MTU discovery
+    // reaches the client's socket.
+    let router = Ipv6Addr::new(0xfd00, 0x244, 0xff, 0, 0, 0, 0, 1);
+    let data = Packet6::tcp((CLIENT, 41102), (VIP, 80), ACK, &[7; 100]);
+    fx.pass6(Hook::TcPod, &syn(41102));
+    let forwarded = fx.pass6(Hook::TcPod, &data);
+    let error = icmpv6_error((router, CLIENT), 2, 0, 1280, &forwarded.emit()[14..]);
+    let (verdict, out) = fx.run(Hook::Xdp, &error);
+    assert_eq!(verdict, Hook::Xdp.pass());
+    let reply = Packet6::parse(&out).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((reply.src, reply.dst), (router, CLIENT), "outer addresses");
+    assert_eq!(reply.payload[4..8], 1280u32.to_be_bytes(), "MTU kept");
+    let quoted = quoted_packet(&reply.payload).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((quoted.src, quoted.dst), (CLIENT, VIP), "quote");
+    assert_eq!(quoted.ports(), Some((41102, 80)));
+    // An error about a flow nobody tracks passes untouched.
+    let stranger = Packet6::udp((CLIENT, 41199), (POD_B, 9), b"").emit();
+    let error = icmpv6_error((POD_B, CLIENT), 1, 4, 0, &stranger[14..]);
+    let (verdict, out) = fx.run(Hook::TcPod, &error);
+    assert_eq!(verdict, Hook::TcPod.pass());
+    assert_eq!(out, error, "an unrelated error was changed");
 }
