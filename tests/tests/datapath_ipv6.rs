@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use lb_agent::model::{DesiredTables, Frontend, FrontendKind, Protocol, SourceRange};
+use lb_agent::model::{DesiredTables, Frontend, FrontendKind, Protocol, Scope, SourceRange};
 use lb_common::{
     conntrack::{DIR_FORWARD, DIR_REPLY},
     stats::Reason,
@@ -37,9 +37,22 @@ const NODE_PORT: u16 = 30080;
 /// A port of the ClusterIP with sessionAffinity ClientIP.
 const STICKY_PORT: u16 = 443;
 const NODE_PORT_REMOTE: u16 = 30081;
+/// externalTrafficPolicy Local: one endpoint here and one elsewhere, and
+/// one with its only endpoint elsewhere.
+const LOCAL_POLICY: u16 = 30090;
+const LOCAL_POLICY_EMPTY: u16 = 30091;
 
 fn frontend(addr: Ipv6Addr, port: u16, protocol: Protocol) -> Frontend {
     Frontend::new(IpAddr::V6(addr), port, protocol)
+}
+
+/// The entry this node's pods use for a frontend with externalTrafficPolicy
+/// Local.
+fn internal(addr: Ipv6Addr, port: u16) -> Frontend {
+    Frontend {
+        scope: Scope::Internal,
+        ..frontend(addr, port, Protocol::Tcp)
+    }
 }
 
 fn desired() -> DesiredTables {
@@ -80,6 +93,29 @@ fn desired() -> DesiredTables {
             (
                 frontend(NODE, NODE_PORT, Protocol::Tcp),
                 spec6("web", "http", np, &[(POD_A, 8080, true)]),
+            ),
+            (frontend(NODE, LOCAL_POLICY, Protocol::Tcp), {
+                let mut local = spec6("etp-local", "http", np, &[(POD_A, 8080, true)]);
+                local.local_only = true;
+                local
+            }),
+            (
+                internal(NODE, LOCAL_POLICY),
+                spec6(
+                    "etp-local",
+                    "http",
+                    np,
+                    &[(POD_A, 8080, true), (REMOTE_POD, 8080, false)],
+                ),
+            ),
+            (frontend(NODE, LOCAL_POLICY_EMPTY, Protocol::Tcp), {
+                let mut local = spec6("etp-local-empty", "http", np, &[]);
+                local.local_only = true;
+                local
+            }),
+            (
+                internal(NODE, LOCAL_POLICY_EMPTY),
+                spec6("etp-local-empty", "http", np, &[(REMOTE_POD, 8080, false)]),
             ),
             (
                 frontend(NODE, NODE_PORT_REMOTE, Protocol::Tcp),
@@ -598,4 +634,39 @@ fn ipv6_icmp_errors_about_a_flow_are_translated_back() {
     let (verdict, out) = fx.run(Hook::TcPod, &error);
     assert_eq!(verdict, Hook::TcPod.pass());
     assert_eq!(out, error, "an unrelated error was changed");
+}
+
+#[test]
+fn ipv6_local_policy_keeps_outside_clients_on_local_endpoints_and_pods_reach_all() {
+    let mut fx =
+        fixture("ipv6_local_policy_keeps_outside_clients_on_local_endpoints_and_pods_reach_all");
+    for port in 48000..48020 {
+        let out = fx.pass6(
+            Hook::Xdp,
+            &Packet6::tcp((EXT, port), (NODE, LOCAL_POLICY), SYN, b""),
+        );
+        assert_eq!(
+            out.dst, POD_A,
+            "an outside client left the node's endpoints"
+        );
+        assert_eq!(out.src, EXT, "Local keeps the client address");
+    }
+    let before = fx.count(Reason::DropNoLocalBackend);
+    fx.dropped6(
+        Hook::Xdp,
+        &Packet6::tcp((EXT, 48100), (NODE, LOCAL_POLICY_EMPTY), SYN, b""),
+    );
+    assert_eq!(fx.count(Reason::DropNoLocalBackend), before + 1);
+    // This node's pods get the internal entry: every endpoint.
+    let out = fx.pass6(
+        Hook::TcPod,
+        &Packet6::tcp((CLIENT, 48200), (NODE, LOCAL_POLICY_EMPTY), SYN, b""),
+    );
+    assert_eq!(out.dst, REMOTE_POD, "a pod did not get the internal entry");
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 48300..48400 {
+        let packet = Packet6::tcp((CLIENT, port), (NODE, LOCAL_POLICY), SYN, b"");
+        seen.insert(fx.pass6(Hook::TcPod, &packet).dst);
+    }
+    assert_eq!(seen.len(), 2, "pods did not reach both endpoints: {seen:?}");
 }
