@@ -467,13 +467,16 @@ fn parsed_icmp6() -> bool {
 
 /// Whether an IPv6 drop is answered with ICMPv6 port unreachable, as for
 /// IPv4: a connection attempt to a frontend without any endpoint (a Local
-/// one without a local endpoint drops, so load balancers go elsewhere).
+/// one without a local endpoint drops, so load balancers go elsewhere), or
+/// to a ClusterIP port no service port defines (only connection attempts
+/// get that reason).
 #[inline(always)]
 fn rejects6(reason: Reason) -> bool {
-    reason == Reason::DropNoBackend
-        && LB6_SCRATCH
-            .get(0)
-            .is_some_and(|scratch| scratch.flow.is_connection_attempt())
+    reason == Reason::DropUnknownPort
+        || reason == Reason::DropNoBackend
+            && LB6_SCRATCH
+                .get(0)
+                .is_some_and(|scratch| scratch.flow.is_connection_attempt())
 }
 
 /// The IPv6 path, second half: balances the untracked flow that
@@ -502,6 +505,11 @@ fn try_balance_new_flow6<C: PacketBuf + Nat6>(
         )
     };
     let Some(service) = service::lookup_service6(&flow.key, hook) else {
+        // As for IPv4: a connection attempt to a ClusterIP port no service
+        // port defines is refused.
+        if flow.is_connection_attempt() && service::is_service_address6(&flow.key) {
+            return Err(Reason::DropUnknownPort);
+        }
         return Ok(Reason::PassNotService);
     };
     obs.service(&service);

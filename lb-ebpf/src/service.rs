@@ -136,6 +136,18 @@ pub fn lookup_service6(flow: &Lb6CtKey, hook: Hook) -> Option<Lb4Service> {
     Some(external)
 }
 
+/// [`is_service_address`] for an IPv6 flow.
+#[inline(always)]
+pub fn is_service_address6(flow: &Lb6CtKey) -> bool {
+    let key = Lb6ServiceKey {
+        addr: flow.dst_addr,
+        port: 0,
+        proto: 0,
+        scope: SCOPE_EXTERNAL,
+    };
+    unsafe { LB6_SERVICES_V1.get(key) }.is_some_and(|s| s.flags & FLAG_ADDRESS != 0)
+}
+
 /// The backend of a new IPv6 flow: the client's affinity backend (as
 /// [`select_backend`], in `LB6_AFFINITY_V1`), else one of the service's
 /// slots (shared with IPv4 in `LB4_SLOTS_V1`, ids are one space) at random,

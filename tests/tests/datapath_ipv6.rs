@@ -403,8 +403,9 @@ fn ipv6_traffic_not_for_a_service_is_untouched() {
             Packet6::tcp((CLIENT, 40000), (POD_B, 80), SYN, b"").emit(),
             Reason::PassNotService,
         ),
+        // Not a connection attempt, to a port the ClusterIP does not define.
         (
-            Packet6::tcp((CLIENT, 40000), (VIP, 81), SYN, b"").emit(),
+            Packet6::tcp((CLIENT, 40000), (VIP, 81), ACK, b"").emit(),
             Reason::PassNotService,
         ),
         (neighbour_solicitation(CLIENT, POD_A), Reason::PassOtherL4),
@@ -669,4 +670,29 @@ fn ipv6_local_policy_keeps_outside_clients_on_local_endpoints_and_pods_reach_all
         seen.insert(fx.pass6(Hook::TcPod, &packet).dst);
     }
     assert_eq!(seen.len(), 2, "pods did not reach both endpoints: {seen:?}");
+}
+
+#[test]
+fn ipv6_connection_attempt_to_an_undefined_cluster_ip_port_is_refused() {
+    let mut fx = fixture("ipv6_connection_attempt_to_an_undefined_cluster_ip_port_is_refused");
+    for packet in [
+        Packet6::tcp((CLIENT, 49000), (VIP, 8443), SYN, b""),
+        Packet6::udp((CLIENT, 49001), (VIP, 54), b""),
+    ] {
+        let before = fx.count(Reason::DropUnknownPort);
+        let (verdict, out) = fx.run(Hook::TcPod, &packet.emit());
+        assert_eq!(
+            verdict, 7,
+            "{packet:?} not sent back as ICMPv6 (TC_ACT_REDIRECT)"
+        );
+        assert_eq!(fx.count(Reason::DropUnknownPort), before + 1);
+        let reply = Packet6::parse(&out).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((reply.src, reply.dst), (VIP, CLIENT));
+        assert_eq!(reply.payload[0..2], [1, 4], "not port unreachable");
+    }
+    // A pod address is no ClusterIP: untouched.
+    let frame = Packet6::tcp((CLIENT, 49002), (POD_A, 8443), SYN, b"").emit();
+    let (verdict, out) = fx.run(Hook::TcPod, &frame);
+    assert_eq!(verdict, Hook::TcPod.pass());
+    assert_eq!(out, frame);
 }

@@ -223,9 +223,9 @@ impl BackendEntry {
 #[derive(Debug)]
 pub struct Programmer {
     services: BTreeMap<ServiceKey, ProgrammedService>,
-    /// ClusterIP addresses with a marker entry (port 0, protocol 0); the
-    /// IPv6 datapath has no unknown-port reject, so IPv4 only.
-    markers: BTreeSet<[u8; 4]>,
+    /// ClusterIP addresses (both families) with a marker entry (port 0,
+    /// protocol 0).
+    markers: BTreeSet<IpAddr>,
     backends: BTreeMap<BackendKey, (u32, BackendEntry)>,
     next_service_id: u32,
     next_backend_id: u32,
@@ -396,9 +396,10 @@ impl Programmer {
         let mut live_slots = BTreeSet::new();
         for (key, entry) in services {
             if entry.flags & FLAG_ADDRESS != 0 {
-                if let ServiceKey::V4(key) = key {
-                    me.markers.insert(key.addr);
-                }
+                me.markers.insert(match key {
+                    ServiceKey::V4(k) => IpAddr::from(k.addr),
+                    ServiceKey::V6(k) => IpAddr::from(k.addr),
+                });
                 continue;
             }
             me.next_service_id = me.next_service_id.max(entry.service_id.saturating_add(1));
@@ -480,16 +481,13 @@ impl Programmer {
         }
         if changes.cluster_ips || self.markers_retry {
             // ClusterIP -> its Service, for errors.
-            let cluster_ips: BTreeMap<[u8; 4], String> = desired
+            let cluster_ips: BTreeMap<IpAddr, String> = desired
                 .frontends
                 .iter()
                 .filter(|(f, spec)| {
                     f.scope == Scope::External && spec.kind == FrontendKind::ClusterIp
                 })
-                .filter_map(|(f, spec)| match f.addr {
-                    IpAddr::V4(addr) => Some((addr.octets(), spec.service.to_string())),
-                    IpAddr::V6(_) => None,
-                })
+                .map(|(f, spec)| (f.addr, spec.service.to_string()))
                 .collect();
             let errors_before = report.errors.len();
             self.sync_markers(&cluster_ips, maps, &mut report);
@@ -1029,15 +1027,23 @@ impl Programmer {
     /// port defines.
     fn sync_markers(
         &mut self,
-        wanted: &BTreeMap<[u8; 4], String>,
+        wanted: &BTreeMap<IpAddr, String>,
         maps: &mut impl TableWriter,
         report: &mut ApplyReport,
     ) {
-        let marker_key = |addr: [u8; 4]| Lb4ServiceKey {
-            addr,
-            port: 0,
-            proto: 0,
-            scope: SCOPE_EXTERNAL,
+        let marker_key = |addr: IpAddr| match addr {
+            IpAddr::V4(addr) => ServiceKey::V4(Lb4ServiceKey {
+                addr: addr.octets(),
+                port: 0,
+                proto: 0,
+                scope: SCOPE_EXTERNAL,
+            }),
+            IpAddr::V6(addr) => ServiceKey::V6(Lb6ServiceKey {
+                addr: addr.octets(),
+                port: 0,
+                proto: 0,
+                scope: SCOPE_EXTERNAL,
+            }),
         };
         let marker = Lb4Service {
             service_id: 0,
@@ -1047,14 +1053,14 @@ impl Programmer {
             flags: FLAG_ADDRESS,
             affinity_timeout: 0,
         };
-        let stale: Vec<[u8; 4]> = self
+        let stale: Vec<IpAddr> = self
             .markers
             .iter()
             .filter(|addr| !wanted.contains_key(*addr))
             .copied()
             .collect();
         for addr in &stale {
-            if maps.delete_service(&marker_key(*addr)).is_ok() {
+            if marker_key(*addr).delete(maps).is_ok() {
                 report.writes += 1;
             }
             self.markers.remove(addr);
@@ -1063,15 +1069,14 @@ impl Programmer {
             if self.markers.contains(addr) {
                 continue;
             }
-            match maps.put_service(&marker_key(*addr), &marker) {
+            match marker_key(*addr).put(maps, &marker) {
                 Ok(()) => {
                     report.writes += 1;
                     self.markers.insert(*addr);
                 }
-                Err(e) => report.errors.push(format!(
-                    "{service}: marking {} as a ClusterIP: {e:#}",
-                    std::net::Ipv4Addr::from(*addr)
-                )),
+                Err(e) => report
+                    .errors
+                    .push(format!("{service}: marking {addr} as a ClusterIP: {e:#}")),
             }
         }
     }
@@ -2270,8 +2275,17 @@ mod tests {
             .collect();
         pods.sort_unstable();
         assert_eq!(pods, vec![11, 12, 13]);
-        // The marker that rejects unknown ClusterIP ports is IPv4's only.
-        assert!(maps.services6.keys().all(|k| k.port != 0));
+        // Both ClusterIPs are marked, so unknown ports are rejected.
+        let marker6 = maps.services6[&Lb6ServiceKey {
+            proto: 0,
+            ..key6(10, 0)
+        }];
+        assert_ne!(marker6.flags & FLAG_ADDRESS, 0, "no IPv6 ClusterIP marker");
+        assert!(
+            maps.services
+                .keys()
+                .any(|k| k.port == 0 && k.addr == [10, 96, 0, 10])
+        );
     }
 
     #[test]
