@@ -68,11 +68,11 @@ pub fn forget_stale_reply(flow: &Flow) {
     // The forward entry: from the client (the reply's destination, or what
     // the reply rewrote it back to) to the frontend (what the reply's
     // source became).
-    let (client, client_port) = if entry.rewrite & REWRITE_DST != 0 {
-        (entry.dst_addr, entry.dst_port)
-    } else {
-        (k.src_addr, k.src_port)
-    };
+    let (client, client_port) = client_of(
+        entry.rewrite,
+        (entry.dst_addr, entry.dst_port),
+        (k.src_addr, k.src_port),
+    );
     let forward = Lb4CtKey {
         src_addr: client,
         dst_addr: entry.src_addr,
@@ -83,6 +83,17 @@ pub fn forget_stale_reply(flow: &Flow) {
     };
     let _ = LB4_CT_V2.remove(reverse);
     let _ = LB4_CT_V2.remove(forward);
+}
+
+/// The client end of a reply entry's flow: what the reply's destination is
+/// rewritten back to (after SNAT), or that destination itself.
+#[inline(always)]
+fn client_of<A>(rewrite: u8, rewritten: (A, u16), destination: (A, u16)) -> (A, u16) {
+    if rewrite & REWRITE_DST != 0 {
+        rewritten
+    } else {
+        destination
+    }
 }
 
 /// Whether the backend a forward entry points at is still programmed at the
@@ -212,6 +223,41 @@ pub fn create(
 #[inline(always)]
 pub fn lookup6(key: &Lb6CtKey) -> Option<&'static Lb6CtEntry> {
     unsafe { LB6_CT_V1.get(key) }
+}
+
+/// [`forget_stale_reply`] for an IPv6 SYN; `key` is scratch space for the
+/// keys (`LB6_SCRATCH`), not stack.
+#[inline(always)]
+// The borrows keep the key in the scratch space (see `create6`).
+#[allow(clippy::needless_borrows_for_generic_args)]
+pub fn forget_stale_reply6(flow: &Flow6, key: &mut Lb6CtKey) {
+    let k = &flow.key;
+    key.src_addr = k.dst_addr;
+    key.dst_addr = k.src_addr;
+    key.src_port = k.dst_port;
+    key.dst_port = k.src_port;
+    key.proto = k.proto;
+    key._pad = [0; 3];
+    let Some(entry) = lookup6(key) else {
+        return;
+    };
+    if entry.direction != DIR_REPLY {
+        return;
+    }
+    // Copied before the entry goes: the forward entry's key, from the
+    // client to the frontend.
+    let (client, client_port) = client_of(
+        entry.rewrite,
+        (entry.dst_addr, entry.dst_port),
+        (k.src_addr, k.src_port),
+    );
+    let (frontend, frontend_port) = (entry.src_addr, entry.src_port);
+    let _ = LB6_CT_V1.remove(&*key);
+    key.src_addr = client;
+    key.dst_addr = frontend;
+    key.src_port = client_port;
+    key.dst_port = frontend_port;
+    let _ = LB6_CT_V1.remove(&*key);
 }
 
 /// [`backend_still_valid`] for an IPv6 forward entry.

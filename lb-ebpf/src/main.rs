@@ -510,6 +510,9 @@ fn try_balance_new_flow6<C: PacketBuf + Nat6>(
         if flow.is_connection_attempt() && service::is_service_address6(&flow.key) {
             return Err(Reason::DropUnknownPort);
         }
+        if flow.is_syn() {
+            ct::forget_stale_reply6(flow, reply_key);
+        }
         return Ok(Reason::PassNotService);
     };
     obs.service(&service);

@@ -696,3 +696,28 @@ fn ipv6_connection_attempt_to_an_undefined_cluster_ip_port_is_refused() {
     assert_eq!(verdict, Hook::TcPod.pass());
     assert_eq!(out, frame);
 }
+
+#[test]
+fn ipv6_direct_connection_reusing_a_balanced_flows_port_gets_its_replies_untranslated() {
+    let mut fx = fixture(
+        "ipv6_direct_connection_reusing_a_balanced_flows_port_gets_its_replies_untranslated",
+    );
+    let chosen = fx.pass6(Hook::TcPod, &syn(40500)).dst;
+    // The client now talks to that pod directly from the same port.
+    let direct = Packet6::tcp((CLIENT, 40500), (chosen, 8080), SYN, b"").emit();
+    let (verdict, out) = fx.run(Hook::TcPod, &direct);
+    assert_eq!(verdict, Hook::TcPod.pass());
+    assert_eq!(out, direct, "a direct connection was translated");
+    let ct = fx.tables.dump_conntrack6().expect("conntrack6");
+    assert!(
+        ct.iter()
+            .all(|(k, _)| k.src_port != 40500 && k.dst_port != 40500),
+        "the old flow's entries are still there: {ct:?}"
+    );
+    let reply = Packet6::tcp((chosen, 8080), (CLIENT, 40500), SYN | ACK, b"").emit();
+    let (_, out) = fx.run(Hook::TcPod, &reply);
+    assert_eq!(
+        out, reply,
+        "the direct connection's reply was rewritten to the service"
+    );
+}
