@@ -518,7 +518,7 @@ fn try_balance_new_flow6<C: PacketBuf + Nat6>(
     obs.service(&service);
     policy::check_source_range6(&service, &flow.key.src_addr)?;
     let now = unsafe { bpf_ktime_get_ns() };
-    let (backend_id, backend, how) = service::select_backend6(&service, &flow.key.src_addr, now)?;
+    let (backend_id, backend, how) = service::select_backend6(&service, &flow.key, now)?;
     obs.backend_id = backend_id;
     obs.backend_port = backend.port;
     let snat = policy::snat6_for(&service, &backend, &flow.key.src_addr, hook)?;
@@ -527,7 +527,8 @@ fn try_balance_new_flow6<C: PacketBuf + Nat6>(
     ctx.rewrite6(flow, entry)?;
     Ok(match how {
         service::Selection::Affinity => Reason::NewFlowAffinity,
-        _ => Reason::NewFlow,
+        service::Selection::Maglev => Reason::NewFlowMaglev,
+        service::Selection::Random => Reason::NewFlow,
     })
 }
 

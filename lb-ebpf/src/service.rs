@@ -7,7 +7,7 @@ use lb_common::{
     affinity::{Lb4Affinity, Lb4AffinityKey, Lb6AffinityKey},
     backend::{Lb4Backend, Lb6Backend},
     conntrack::{Lb4CtKey, Lb6CtKey},
-    maglev::{CHUNK_SLOTS, Lb4MaglevKey, flow_hash},
+    maglev::{CHUNK_SLOTS, Lb4MaglevKey, flow_hash, flow_hash6_words},
     member::Lb4MemberKey,
     service::{
         FLAG_ADDRESS, FLAG_HAS_INTERNAL, FLAG_LOCAL_ONLY, FLAG_MAGLEV, Lb4Service, Lb4ServiceKey,
@@ -149,19 +149,19 @@ pub fn is_service_address6(flow: &Lb6CtKey) -> bool {
 }
 
 /// The backend of a new IPv6 flow: the client's affinity backend (as
-/// [`select_backend`], in `LB6_AFFINITY_V1`), else one of the service's
-/// slots (shared with IPv4 in `LB4_SLOTS_V1`, ids are one space) at random,
-/// read in `LB6_BACKENDS_V1`, and remembered for affinity. Maglev is
-/// IPv4-only so far.
+/// [`select_backend`], in `LB6_AFFINITY_V1`), else (a Maglev frontend) the
+/// table's, else one of the service's slots (shared with IPv4 in
+/// `LB4_SLOTS_V1`, ids are one space) at random, read in `LB6_BACKENDS_V1`,
+/// and remembered for affinity.
 #[inline(always)]
 pub fn select_backend6(
     service: &Lb4Service,
-    client: &[u8; 16],
+    flow: &Lb6CtKey,
     now: u64,
 ) -> Result<(u32, Lb6Backend, Selection), Reason> {
     check_not_empty(service)?;
     let key = Lb6AffinityKey {
-        client: *client,
+        client: flow.src_addr,
         service_id: service.service_id,
     };
     if service.affinity_timeout != 0
@@ -177,8 +177,20 @@ pub fn select_backend6(
             return Ok((backend_id, *backend, Selection::Affinity));
         }
     }
-    let backend_id = random_slot(service)?;
-    let backend = *unsafe { LB6_BACKENDS_V1.get(backend_id) }.ok_or(Reason::DropBackendMissing)?;
+    let maglev = if service.flags & FLAG_MAGLEV != 0 {
+        maglev_slot(service, hash6(flow))
+            .and_then(|id| unsafe { LB6_BACKENDS_V1.get(id) }.map(|b| (id, *b)))
+    } else {
+        None
+    };
+    let (backend_id, backend, how) = match maglev {
+        Some((id, backend)) => (id, backend, Selection::Maglev),
+        None => {
+            let id = random_slot(service)?;
+            let backend = *unsafe { LB6_BACKENDS_V1.get(id) }.ok_or(Reason::DropBackendMissing)?;
+            (id, backend, Selection::Random)
+        }
+    };
     if service.affinity_timeout != 0 {
         let entry = Lb4Affinity {
             backend_id,
@@ -188,7 +200,7 @@ pub fn select_backend6(
         // A full LRU evicts the oldest client; losing affinity is no drop.
         let _ = LB6_AFFINITY_V1.insert(key, entry, BPF_ANY as u64);
     }
-    Ok((backend_id, backend, Selection::Random))
+    Ok((backend_id, backend, how))
 }
 
 /// Whether a client's affinity to `backend_id`, last used at `last_seen`,
@@ -248,11 +260,38 @@ fn random_backend(service: &Lb4Service) -> Result<(u32, Lb4Backend), Reason> {
 /// every node that has the same EndpointSlice.
 #[inline(always)]
 fn maglev_backend(service: &Lb4Service, flow: &Lb4CtKey) -> Option<(u32, Lb4Backend)> {
+    let backend_id = maglev_slot(service, flow_hash(flow))?;
+    let backend = *unsafe { LB4_BACKENDS_V1.get(backend_id) }?;
+    Some((backend_id, backend))
+}
+
+/// `flow_hash6` of a tuple in the scratch space, whose addresses sit at
+/// 4-byte aligned offsets of the map value: read a word at a time.
+#[inline(always)]
+fn hash6(flow: &Lb6CtKey) -> u32 {
+    let src = flow.src_addr.as_ptr() as *const u32;
+    let dst = flow.dst_addr.as_ptr() as *const u32;
+    // SAFETY: 16 readable bytes each, 4-aligned (the key starts the
+    // scratch entry, an 8-aligned map value; the addresses are at 0, 16).
+    let (src, dst) = unsafe {
+        (
+            [0, 1, 2, 3].map(|i| u32::from_be(src.add(i).read())),
+            [0, 1, 2, 3].map(|i| u32::from_be(dst.add(i).read())),
+        )
+    };
+    flow_hash6_words(&src, &dst, flow)
+}
+
+/// The backend id at `table[hash % M]` of the frontend's Maglev table
+/// (`LB4_MAGLEV_V1`, keyed by service id: both families); `None` when the
+/// table, its chunk or the slot is missing.
+#[inline(always)]
+fn maglev_slot(service: &Lb4Service, hash: u32) -> Option<u32> {
     let table_size = LB_CONFIG_V2.get(0)?.maglev_table_size;
     if table_size == 0 {
         return None;
     }
-    let slot = flow_hash(flow) % table_size;
+    let slot = hash % table_size;
     let key = Lb4MaglevKey {
         service_id: service.service_id,
         table_size,
@@ -261,11 +300,7 @@ fn maglev_backend(service: &Lb4Service, flow: &Lb4CtKey) -> Option<(u32, Lb4Back
     let chunk = unsafe { LB4_MAGLEV_V1.get(key) }?;
     // A power-of-two mask: the verifier sees the index in bounds.
     let backend_id = chunk.backend_ids[(slot & (CHUNK_SLOTS - 1)) as usize];
-    if backend_id == 0 {
-        return None;
-    }
-    let backend = *unsafe { LB4_BACKENDS_V1.get(backend_id) }?;
-    Some((backend_id, backend))
+    (backend_id != 0).then_some(backend_id)
 }
 
 #[inline(always)]

@@ -721,3 +721,75 @@ fn ipv6_direct_connection_reusing_a_balanced_flows_port_gets_its_replies_untrans
         "the direct connection's reply was rewritten to the service"
     );
 }
+
+#[test]
+fn ipv6_maglev_picks_the_backend_the_table_and_the_flow_hash_predict() {
+    use lb_agent::maglev::{BackendIdentity, build_table};
+    use lb_common::{conntrack::Lb6CtKey, maglev::flow_hash6};
+    const M: u32 = 251;
+    let pods = [POD_A, POD_B, REMOTE_POD];
+    let spec = spec6(
+        "maglev",
+        "http",
+        FrontendKind::ClusterIp,
+        &pods.map(|p| (p, 8080, true)),
+    );
+    let tables = DesiredTables {
+        frontends: [(frontend(VIP, 80, Protocol::Tcp), spec)]
+            .into_iter()
+            .collect(),
+        ..DesiredTables::default()
+    };
+    let mut fx = Fixture::with_maglev(
+        "ipv6_maglev_picks_the_backend_the_table_and_the_flow_hash_predict",
+        &tables,
+        M,
+    );
+    let identities: Vec<BackendIdentity> = pods
+        .iter()
+        .map(|p| BackendIdentity {
+            addr: IpAddr::V6(*p),
+            port: 8080,
+        })
+        .collect();
+    let table = build_table(&identities, M).expect("table");
+    let before = fx.count(Reason::NewFlowMaglev);
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 50000..50060 {
+        let key = Lb6CtKey {
+            src_addr: CLIENT.octets(),
+            dst_addr: VIP.octets(),
+            src_port: port,
+            dst_port: 80,
+            proto: 6,
+            _pad: [0; 3],
+        };
+        let predicted = pods[table[(flow_hash6(&key) % M) as usize] as usize];
+        let out = fx.pass6(Hook::TcPod, &syn(port));
+        assert_eq!(
+            out.dst, predicted,
+            "flow from port {port} left its Maglev backend"
+        );
+        seen.insert(out.dst);
+    }
+    assert_eq!(fx.count(Reason::NewFlowMaglev), before + 60);
+    assert_eq!(
+        seen.len(),
+        3,
+        "60 flows did not reach every backend: {seen:?}"
+    );
+    // XDP picks the same backend for the same 5-tuple.
+    let key = Lb6CtKey {
+        src_addr: EXT.octets(),
+        dst_addr: VIP.octets(),
+        src_port: 51000,
+        dst_port: 80,
+        proto: 6,
+        _pad: [0; 3],
+    };
+    let out = fx.pass6(Hook::Xdp, &Packet6::tcp((EXT, 51000), (VIP, 80), SYN, b""));
+    assert_eq!(
+        out.dst,
+        pods[table[(flow_hash6(&key) % M) as usize] as usize]
+    );
+}

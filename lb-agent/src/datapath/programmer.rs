@@ -750,12 +750,7 @@ impl Programmer {
         }
         let ids_changed = current.as_ref().is_none_or(|c| c.backend_ids != ids);
         let old_table: &[u32] = current.as_ref().map_or(&[], |c| &c.maglev);
-        let table = if key.is_ipv4() {
-            self.plan_maglev(current.as_ref(), spec, &ids, ids_changed, report)
-        } else {
-            // The IPv6 datapath balances at random.
-            TablePlan::None
-        };
+        let table = self.plan_maglev(current.as_ref(), (&key, spec), &ids, ids_changed, report);
         if !matches!(table, TablePlan::None) {
             flags |= FLAG_MAGLEV;
         }
@@ -902,7 +897,7 @@ impl Programmer {
     fn plan_maglev(
         &self,
         current: Option<&ProgrammedService>,
-        spec: &FrontendSpec,
+        (key, spec): (&ServiceKey, &FrontendSpec),
         ids: &[u32],
         ids_changed: bool,
         report: &mut ApplyReport,
@@ -920,11 +915,12 @@ impl Programmer {
         {
             return TablePlan::Keep;
         }
-        // The same order as `ids` (`ensure_backends` keeps IPv4 backends).
+        // The same order as `ids` (`ensure_backends` keeps the backends of
+        // the frontend's family).
         let identities: Vec<BackendIdentity> = spec
             .backends
             .iter()
-            .filter(|b| b.addr.is_ipv4())
+            .filter(|b| b.addr.is_ipv4() == key.is_ipv4())
             .map(|b| BackendIdentity {
                 addr: b.addr,
                 port: b.port,
