@@ -218,11 +218,12 @@ pub fn create(
     Ok(entry)
 }
 
-/// The IPv6 flow's entry, if it is tracked (a reference into the map: the
-/// 80-byte entry is not copied onto the stack).
+/// The IPv6 flow's entry, if it is tracked: a pointer into the map (the
+/// 80-byte entry is not copied onto the stack), through which [`touch6`]
+/// writes; shared references to it are made only after that.
 #[inline(always)]
-pub fn lookup6(key: &Lb6CtKey) -> Option<&'static Lb6CtEntry> {
-    unsafe { LB6_CT_V1.get(key) }
+pub fn lookup6(key: &Lb6CtKey) -> Option<*mut Lb6CtEntry> {
+    LB6_CT_V1.get_ptr_mut(key)
 }
 
 /// [`forget_stale_reply`] for an IPv6 SYN; `key` is scratch space for the
@@ -241,6 +242,8 @@ pub fn forget_stale_reply6(flow: &Flow6, key: &mut Lb6CtKey) {
     let Some(entry) = lookup6(key) else {
         return;
     };
+    // SAFETY: a map value; only read.
+    let entry = unsafe { &*entry };
     if entry.direction != DIR_REPLY {
         return;
     }
@@ -271,8 +274,7 @@ pub fn backend_still_valid6(entry: &Lb6CtEntry) -> bool {
 
 /// [`touch`] for an IPv6 entry.
 #[inline(always)]
-pub fn touch6(entry: &Lb6CtEntry, tcp_flags: u8, len: u32, now: u64) {
-    let entry = entry as *const Lb6CtEntry as *mut Lb6CtEntry;
+pub fn touch6(entry: *mut Lb6CtEntry, tcp_flags: u8, len: u32, now: u64) {
     // SAFETY: a map value (from `lookup6`); plain, not atomic, updates:
     // counters are approximate by design.
     unsafe {

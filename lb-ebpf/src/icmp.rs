@@ -304,6 +304,8 @@ fn try_translate6<C: PacketBuf>(ctx: &C, obs: &mut Observation) -> Result<Reason
         let Some(entry) = ct::lookup6(key) else {
             return Ok(Reason::PassOtherL4);
         };
+        // A map value; only read.
+        let entry = &*entry;
         obs.service_id = entry.service_id;
         obs.backend_id = entry.backend_id;
         let dst_rw = entry.rewrite & REWRITE_DST != 0;

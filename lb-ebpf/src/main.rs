@@ -435,19 +435,25 @@ fn try_follow_flow6<C: PacketBuf + Nat6>(ctx: &C, obs: &mut Observation) -> Resu
     obs.src_port = flow.key.src_port;
     obs.dst_port = flow.key.dst_port;
     obs.proto = flow.key.proto;
-    let Some(entry) = ct::lookup6(&flow.key) else {
+    let Some(entry_ptr) = ct::lookup6(&flow.key) else {
         return Ok(Reason::PassNotService);
     };
-    // As for IPv4: a SYN reusing a forward tuple keeps the old choice only
-    // while that backend is still programmed.
-    let forward = entry.direction == DIR_FORWARD;
-    if forward && flow.is_syn() && !ct::backend_still_valid6(entry) {
-        return Ok(Reason::PassNotService);
+    {
+        // SAFETY: a map value; this reference ends before touch6 writes.
+        let entry = unsafe { &*entry_ptr };
+        // As for IPv4: a SYN reusing a forward tuple keeps the old choice
+        // only while that backend is still programmed.
+        if entry.direction == DIR_FORWARD && flow.is_syn() && !ct::backend_still_valid6(entry) {
+            return Ok(Reason::PassNotService);
+        }
+        obs.service_id = entry.service_id;
+        obs.backend_id = entry.backend_id;
     }
-    obs.service_id = entry.service_id;
-    obs.backend_id = entry.backend_id;
     let now = unsafe { bpf_ktime_get_ns() };
-    ct::touch6(entry, flow.tcp_flags, ctx.len(), now);
+    ct::touch6(entry_ptr, flow.tcp_flags, ctx.len(), now);
+    // SAFETY: a map value, read from here on.
+    let entry = unsafe { &*entry_ptr };
+    let forward = entry.direction == DIR_FORWARD;
     ctx.rewrite6(flow, entry)?;
     Ok(if forward {
         Reason::CtForward
