@@ -192,9 +192,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None
     };
     let (programmer, stale_slots) = Programmer::adopt(
-        tables.dump_services()?,
+        tables.dump_all_services()?,
         &tables.dump_slots()?,
-        tables.dump_backends()?,
+        tables.dump_all_backends()?,
         tables.dump_source_ranges()?,
     );
     let mut programmer = programmer.with_maglev(maglev_table_size);
@@ -394,12 +394,6 @@ fn program(
     if let Some(cgroup) = socket_lb {
         destroy_sockets_of_removed(cgroup, &report.removed_udp, tables);
     }
-    if report.unsupported > 0 {
-        warn!(
-            "{} IPv6 frontends not programmed: this datapath serves IPv4 only",
-            report.unsupported
-        );
-    }
     info!(
         "programmed {} frontends, {} backends ({} map writes, {} ms)",
         report.frontends,
@@ -463,8 +457,8 @@ fn refresh_addresses(
         return false;
     }
     info!(
-        "node addresses: NodePorts on {:?}, SNAT from {:?}",
-        found.nodeport, found.snat4
+        "node addresses: NodePorts on {:?}, SNAT from {:?} and {:?}",
+        found.nodeport, found.snat4, found.snat6
     );
     // Read-modify-write: the flags belong to others (`lbctl trace`,
     // --bpf-log), the Maglev table size was set at start.
@@ -476,6 +470,15 @@ fn refresh_addresses(
         error!(
             "writing the node address into {}: {e:#}",
             lb_common::config::NAME
+        );
+    }
+    let config6 = lb_common::config::Lb6Config {
+        node_addr6: found.snat6.map_or([0; 16], |a| a.octets()),
+    };
+    if let Err(e) = tables.set_config6(&config6) {
+        error!(
+            "writing the node address into {}: {e:#}",
+            lb_common::config::NAME6
         );
     }
     node.nodeport_addresses = found.nodeport.clone();

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use crate::model::SourceRange;
@@ -17,6 +17,9 @@ pub struct NodeAddresses {
     /// Source address for SNAT of traffic from outside sent to another
     /// node's backend: the first IPv4 address of the node devices.
     pub snat4: Option<Ipv4Addr>,
+    /// The same for IPv6: the first usable (not link-local) IPv6 address
+    /// of the node devices.
+    pub snat6: Option<Ipv6Addr>,
 }
 
 fn usable(addr: &IpAddr) -> bool {
@@ -70,7 +73,15 @@ pub fn node_addresses(
         IpAddr::V4(v4) => Some(*v4),
         IpAddr::V6(_) => None,
     });
-    NodeAddresses { nodeport, snat4 }
+    let snat6 = on_devices.iter().find_map(|addr| match addr {
+        IpAddr::V4(_) => None,
+        IpAddr::V6(v6) => Some(*v6),
+    });
+    NodeAddresses {
+        nodeport,
+        snat4,
+        snat6,
+    }
 }
 
 #[cfg(test)]
@@ -100,6 +111,8 @@ mod tests {
         ];
         assert_eq!(a.nodeport, want);
         assert_eq!(a.snat4, Some(Ipv4Addr::new(198, 51, 100, 11)));
+        // Not the link-local fe80::1.
+        assert_eq!(a.snat6, Some("2001:db8::11".parse().unwrap()));
     }
 
     #[test]

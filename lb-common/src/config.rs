@@ -1,5 +1,6 @@
 //! `LB_CONFIG_V2`: node-wide settings the agent writes once and the programs
-//! read per packet (a one-entry array).
+//! read per packet (a one-entry array). `LB6_CONFIG_V1` holds the node's
+//! IPv6 address beside it, so the IPv4 layout did not change for IPv6.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -42,4 +43,18 @@ assert_layout!(
     maglev_table_size = 8
 );
 
-user_pod!(LbConfig);
+/// Pinned name of the IPv6 settings map.
+pub const NAME6: &str = "LB6_CONFIG_V1";
+
+/// Node-wide IPv6 settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Lb6Config {
+    /// The node's IPv6 address, network order: the source of SNAT for IPv6
+    /// traffic from outside balanced to a backend on another node; all
+    /// zeros when the node has none.
+    pub node_addr6: [u8; 16],
+}
+assert_layout!(Lb6Config, size = 16, node_addr6 = 0);
+
+user_pod!(LbConfig, Lb6Config);

@@ -24,7 +24,8 @@ pub mod source_range;
 pub mod stats;
 pub mod trace;
 
-/// IANA protocol numbers, as they appear in the IPv4 header.
+/// IANA protocol numbers, as they appear in the IPv4 header (and as the
+/// last next-header of an IPv6 packet).
 pub const PROTO_TCP: u8 = 6;
 /// See [`PROTO_TCP`].
 pub const PROTO_UDP: u8 = 17;
@@ -32,6 +33,8 @@ pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
 /// See [`PROTO_TCP`].
 pub const PROTO_ICMP: u8 = 1;
+/// ICMPv6, as the last next-header of an IPv6 packet.
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Source address of hairpin traffic (a pod balanced to itself): a
 /// link-local address that routes back to the node from every pod, so the

@@ -2,6 +2,8 @@
 //! that need "is this backend still part of the service" in one lookup
 //! (session affinity). The agent adds members before the service entry
 //! switches to a set that has them and removes them after it switched away.
+//! IPv6 services' memberships live here too (ids are one space for both
+//! families).
 
 use bytemuck::{Pod, Zeroable};
 

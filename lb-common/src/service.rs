@@ -1,4 +1,6 @@
-//! `LB4_SERVICES_V1`: frontend (address, port, protocol, scope) -> service entry.
+//! `LB4_SERVICES_V1` / `LB6_SERVICES_V1`: frontend (address, port,
+//! protocol, scope) -> service entry, one map per address family. The
+//! entry ([`Lb4Service`]) holds no address, so both maps share it.
 //!
 //! The agent writes a service's backend slots first and this entry last, so a
 //! packet either sees the old backend set or the new one, never a mix.
@@ -9,6 +11,8 @@ use crate::{assert_layout, user_pod};
 
 /// Pinned name of the IPv4 service map.
 pub const NAME: &str = "LB4_SERVICES_V1";
+/// Pinned name of the IPv6 service map.
+pub const NAME6: &str = "LB6_SERVICES_V1";
 /// Default capacity (frontends).
 pub const MAX_ENTRIES: u32 = 65536;
 
@@ -59,6 +63,28 @@ assert_layout!(
     scope = 7
 );
 
+/// Lookup key of an IPv6 frontend: [`Lb4ServiceKey`] with a 128-bit address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Lb6ServiceKey {
+    /// Frontend address, network order.
+    pub addr: [u8; 16],
+    /// Frontend port, host order.
+    pub port: u16,
+    /// IANA protocol number (the L4 header's, after any extension headers).
+    pub proto: u8,
+    /// `SCOPE_*`; a `u8` so the key has no implicit padding.
+    pub scope: u8,
+}
+assert_layout!(
+    Lb6ServiceKey,
+    size = 20,
+    addr = 0,
+    port = 16,
+    proto = 18,
+    scope = 19
+);
+
 /// Kind of frontend, kept for inspection (`lbctl services`).
 pub const KIND_CLUSTER_IP: u32 = 0;
 /// See [`KIND_CLUSTER_IP`].
@@ -68,7 +94,7 @@ pub const KIND_LOAD_BALANCER: u32 = 2;
 /// See [`KIND_CLUSTER_IP`].
 pub const KIND_EXTERNAL_IP: u32 = 3;
 
-/// What a frontend resolves to.
+/// What a frontend resolves to, in either family's map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Lb4Service {
@@ -96,4 +122,4 @@ assert_layout!(
     affinity_timeout = 20,
 );
 
-user_pod!(Lb4ServiceKey, Lb4Service);
+user_pod!(Lb4ServiceKey, Lb6ServiceKey, Lb4Service);

@@ -3,6 +3,10 @@
 //! Slots carry the revision of the service entry they belong to, so the agent
 //! can write a complete new set beside the old one and switch with a single
 //! write of the service entry.
+//!
+//! The IPv6 services' slots live here too: the key and value hold ids only,
+//! which the agent hands out from one space for both families, and a slot's
+//! backend id is read in the backend map of its service's family.
 
 use bytemuck::{Pod, Zeroable};
 

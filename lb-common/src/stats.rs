@@ -39,11 +39,11 @@ const _: () = assert!(AGENT_SOCK_DESTROYED < MAX_ENTRIES);
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
-    /// Not IPv4.
+    /// Neither IPv4 nor IPv6 (the name predates IPv6 support).
     PassNotIpv4 = 0,
-    /// IPv4 but neither TCP nor UDP.
+    /// IPv4 or IPv6 but neither TCP nor UDP.
     PassOtherL4 = 1,
-    /// A non-first IPv4 fragment (no L4 header to read).
+    /// A non-first IPv4 or IPv6 fragment (no L4 header to read).
     PassFragment = 2,
     /// TCP/UDP not addressed to a service and not part of a tracked flow.
     PassNotService = 3,
@@ -60,6 +60,9 @@ pub enum Reason {
     /// An ICMP error about a tracked flow, translated like the flow's
     /// packets (outer and quoted headers).
     IcmpErrorTranslated = 10,
+    /// An IPv6 packet whose extension-header chain is longer than the
+    /// parser walks (a constant bound for the verifier): passed untouched.
+    PassExtHeaderLimit = 11,
     /// The service has no usable backend.
     DropNoBackend = 16,
     /// A header ended before the packet did.
@@ -78,6 +81,10 @@ pub enum Reason {
     DropNoNodeAddress = 23,
     /// A connection attempt to a ClusterIP on a port no frontend defines.
     DropUnknownPort = 24,
+    /// A pod balanced to itself over IPv6 (hairpin is IPv4-only so far):
+    /// dropped before any state is written, so a retransmission is
+    /// balanced afresh.
+    DropHairpin6 = 26,
     /// Socket-level balancing translated a connect() or a datagram.
     SockTranslated = 8,
     /// Socket-level balancing refused a connect() (no endpoint).
@@ -89,7 +96,7 @@ impl Reason {
     pub const FIRST_DROP: u32 = 16;
 
     /// Every reason, for readers that list all counters.
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 23] = [
         Reason::PassNotIpv4,
         Reason::PassOtherL4,
         Reason::PassFragment,
@@ -100,6 +107,7 @@ impl Reason {
         Reason::NewFlowAffinity,
         Reason::NewFlowMaglev,
         Reason::IcmpErrorTranslated,
+        Reason::PassExtHeaderLimit,
         Reason::SockTranslated,
         Reason::DropNoBackend,
         Reason::DropMalformed,
@@ -111,6 +119,7 @@ impl Reason {
         Reason::DropNoNodeAddress,
         Reason::DropUnknownPort,
         Reason::SockRefused,
+        Reason::DropHairpin6,
     ];
 
     /// Stable name for metrics and `lbctl stats`.
@@ -126,6 +135,7 @@ impl Reason {
             Reason::NewFlowAffinity => "new_flow_affinity",
             Reason::NewFlowMaglev => "new_flow_maglev",
             Reason::IcmpErrorTranslated => "icmp_error_translated",
+            Reason::PassExtHeaderLimit => "pass_ext_header_limit",
             Reason::SockTranslated => "sock_translated",
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropMalformed => "drop_malformed",
@@ -137,6 +147,7 @@ impl Reason {
             Reason::DropNoNodeAddress => "drop_no_node_address",
             Reason::DropUnknownPort => "drop_unknown_port",
             Reason::SockRefused => "sock_refused",
+            Reason::DropHairpin6 => "drop_hairpin6",
         }
     }
 
@@ -146,4 +157,4 @@ impl Reason {
     }
 }
 
-const _: () = assert!((Reason::SockRefused as u32) < MAX_ENTRIES);
+const _: () = assert!((Reason::DropHairpin6 as u32) < MAX_ENTRIES);

@@ -3,18 +3,18 @@
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
     HAIRPIN_ADDR4,
-    backend::Lb4Backend,
+    backend::{Lb4Backend, Lb6Backend},
     conntrack::{
-        DIR_FORWARD, DIR_REPLY, Lb4CtEntry, Lb4CtKey, REWRITE_DST, REWRITE_HAIRPIN, REWRITE_SRC,
-        TCP_FIN, TCP_RST,
+        DIR_FORWARD, DIR_REPLY, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey, REWRITE_DST,
+        REWRITE_HAIRPIN, REWRITE_SRC, TCP_FIN, TCP_RST,
     },
     service::Lb4Service,
     stats::Reason,
 };
 
 use crate::{
-    LB4_BACKENDS_V1, LB4_CT_V2,
-    parse::{self, Flow},
+    LB4_BACKENDS_V1, LB4_CT_V2, LB6_BACKENDS_V1, LB6_CT_V1,
+    parse::{self, Flow, Flow6},
 };
 
 /// SNAT source ports are taken from this range (the kernel's default
@@ -68,11 +68,11 @@ pub fn forget_stale_reply(flow: &Flow) {
     // The forward entry: from the client (the reply's destination, or what
     // the reply rewrote it back to) to the frontend (what the reply's
     // source became).
-    let (client, client_port) = if entry.rewrite & REWRITE_DST != 0 {
-        (entry.dst_addr, entry.dst_port)
-    } else {
-        (k.src_addr, k.src_port)
-    };
+    let (client, client_port) = client_of(
+        entry.rewrite,
+        (entry.dst_addr, entry.dst_port),
+        (k.src_addr, k.src_port),
+    );
     let forward = Lb4CtKey {
         src_addr: client,
         dst_addr: entry.src_addr,
@@ -83,6 +83,17 @@ pub fn forget_stale_reply(flow: &Flow) {
     };
     let _ = LB4_CT_V2.remove(reverse);
     let _ = LB4_CT_V2.remove(forward);
+}
+
+/// The client end of a reply entry's flow: what the reply's destination is
+/// rewritten back to (after SNAT), or that destination itself.
+#[inline(always)]
+fn client_of<A>(rewrite: u8, rewritten: (A, u16), destination: (A, u16)) -> (A, u16) {
+    if rewrite & REWRITE_DST != 0 {
+        rewritten
+    } else {
+        destination
+    }
 }
 
 /// Whether the backend a forward entry points at is still programmed at the
@@ -205,4 +216,166 @@ pub fn create(
         .insert(k, entry, BPF_ANY as u64)
         .map_err(|_| Reason::DropCtFull)?;
     Ok(entry)
+}
+
+/// The IPv6 flow's entry, if it is tracked: a pointer into the map (the
+/// 80-byte entry is not copied onto the stack), through which [`touch6`]
+/// writes; shared references to it are made only after that.
+#[inline(always)]
+pub fn lookup6(key: &Lb6CtKey) -> Option<*mut Lb6CtEntry> {
+    LB6_CT_V1.get_ptr_mut(key)
+}
+
+/// [`forget_stale_reply`] for an IPv6 SYN; `key` is scratch space for the
+/// keys (`LB6_SCRATCH`), not stack.
+#[inline(always)]
+// The borrows keep the key in the scratch space (see `create6`).
+#[allow(clippy::needless_borrows_for_generic_args)]
+pub fn forget_stale_reply6(flow: &Flow6, key: &mut Lb6CtKey) {
+    let k = &flow.key;
+    key.src_addr = k.dst_addr;
+    key.dst_addr = k.src_addr;
+    key.src_port = k.dst_port;
+    key.dst_port = k.src_port;
+    key.proto = k.proto;
+    key._pad = [0; 3];
+    let Some(entry) = lookup6(key) else {
+        return;
+    };
+    // SAFETY: a map value; only read.
+    let entry = unsafe { &*entry };
+    if entry.direction != DIR_REPLY {
+        return;
+    }
+    // Copied before the entry goes: the forward entry's key, from the
+    // client to the frontend.
+    let (client, client_port) = client_of(
+        entry.rewrite,
+        (entry.dst_addr, entry.dst_port),
+        (k.src_addr, k.src_port),
+    );
+    let (frontend, frontend_port) = (entry.src_addr, entry.src_port);
+    let _ = LB6_CT_V1.remove(&*key);
+    key.src_addr = client;
+    key.dst_addr = frontend;
+    key.src_port = client_port;
+    key.dst_port = frontend_port;
+    let _ = LB6_CT_V1.remove(&*key);
+}
+
+/// [`backend_still_valid`] for an IPv6 forward entry.
+#[inline(always)]
+pub fn backend_still_valid6(entry: &Lb6CtEntry) -> bool {
+    match unsafe { LB6_BACKENDS_V1.get(entry.backend_id) } {
+        Some(backend) => backend.addr == entry.dst_addr && backend.port == entry.dst_port,
+        None => false,
+    }
+}
+
+/// [`touch`] for an IPv6 entry.
+#[inline(always)]
+pub fn touch6(entry: *mut Lb6CtEntry, tcp_flags: u8, len: u32, now: u64) {
+    // SAFETY: a map value (from `lookup6`); plain, not atomic, updates:
+    // counters are approximate by design.
+    unsafe {
+        (*entry).last_seen_ns = now;
+        (*entry).packets += 1;
+        (*entry).bytes += len as u64;
+        if tcp_flags & parse::TCP_FIN != 0 {
+            (*entry).tcp_flags |= TCP_FIN;
+        }
+        if tcp_flags & parse::TCP_RST != 0 {
+            (*entry).tcp_flags |= TCP_RST;
+        }
+    }
+}
+
+/// Records a new IPv6 flow: the reply entry first, as in [`create`], then
+/// the forward one, which is left in `entry`. With `snat` (the node's
+/// address) the reply entry is inserted at a free port of the SNAT range,
+/// probed as for IPv4. `entry` and `reply_key` are scratch space
+/// (`LB6_SCRATCH`), not stack.
+#[inline(always)]
+// The borrows are the point: the map helpers read the scratch space in
+// place, where passing by value would copy 120 bytes onto the stack.
+#[allow(clippy::needless_borrows_for_generic_args)]
+pub fn create6(
+    flow: &Flow6,
+    service: &Lb4Service,
+    (backend_id, backend): (u32, &Lb6Backend),
+    (entry, reply_key): (&mut Lb6CtEntry, &mut Lb6CtKey),
+    snat: Option<&[u8; 16]>,
+    len: u32,
+) -> Result<(), Reason> {
+    let k = &flow.key;
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    entry.dst_addr = k.src_addr;
+    entry.dst_port = k.src_port;
+    entry.direction = DIR_REPLY;
+    entry.rewrite = REWRITE_SRC;
+    entry.src_addr = k.dst_addr;
+    entry.src_port = k.dst_port;
+    entry.tcp_flags = 0;
+    entry._pad = 0;
+    entry.service_id = service.service_id;
+    entry.backend_id = backend_id;
+    entry.created_ns = now;
+    entry.last_seen_ns = now;
+    entry.packets = 0;
+    entry.bytes = 0;
+    reply_key.src_addr = backend.addr;
+    reply_key.dst_addr = k.src_addr;
+    reply_key.src_port = backend.port;
+    reply_key.dst_port = k.src_port;
+    reply_key.proto = k.proto;
+    reply_key._pad = [0; 3];
+    let mut snat_port = 0;
+    match snat {
+        None => {
+            LB6_CT_V1
+                .insert(&*reply_key, &*entry, BPF_ANY as u64)
+                .map_err(|_| Reason::DropCtFull)?;
+        }
+        Some(node) => {
+            // The reply goes back to the client too.
+            entry.rewrite |= REWRITE_DST;
+            reply_key.dst_addr = *node;
+            let seed = u16::from_be_bytes([k.src_addr[14], k.src_addr[15]]) ^ k.src_port;
+            for i in 0..SNAT_PORT_TRIES {
+                let candidate = SNAT_PORT_MIN + (seed.wrapping_add(i) % SNAT_PORT_COUNT);
+                reply_key.dst_port = candidate;
+                if LB6_CT_V1
+                    .insert(&*reply_key, &*entry, BPF_NOEXIST as u64)
+                    .is_ok()
+                {
+                    snat_port = candidate;
+                    break;
+                }
+            }
+            if snat_port == 0 {
+                return Err(Reason::DropCtFull);
+            }
+        }
+    }
+    entry.direction = DIR_FORWARD;
+    entry.dst_addr = backend.addr;
+    entry.dst_port = backend.port;
+    entry.packets = 1;
+    entry.bytes = len as u64;
+    match snat {
+        None => {
+            entry.rewrite = REWRITE_DST;
+            entry.src_addr = [0; 16];
+            entry.src_port = 0;
+        }
+        Some(node) => {
+            entry.rewrite = REWRITE_DST | REWRITE_SRC;
+            entry.src_addr = *node;
+            entry.src_port = snat_port;
+        }
+    }
+    LB6_CT_V1
+        .insert(k, &*entry, BPF_ANY as u64)
+        .map_err(|_| Reason::DropCtFull)?;
+    Ok(())
 }

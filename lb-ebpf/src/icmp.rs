@@ -25,11 +25,11 @@ use lb_common::{
 };
 
 use crate::{
-    ct,
-    nat::{csum_replace2, csum_replace4},
+    LB6_SCRATCH, ct,
+    nat::{csum_replace2, csum_replace4, csum_replace16},
     parse::{
-        ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Ipv4Fields, Ipv4Hdr, L4Ports, PacketBuf,
-        ipv4_at, ptr_at,
+        ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_HLEN, IP6_SRC_OFF,
+        Ipv4Fields, Ipv4Hdr, L4Ports, PacketBuf, ipv4_at, ptr_at,
     },
     trace::Observation,
 };
@@ -221,4 +221,155 @@ fn parse<C: PacketBuf>(ctx: &C, icmp_off: usize) -> Result<Option<IcmpError>, Re
             _pad: [0; 3],
         },
     }))
+}
+
+/// ICMPv6 types that quote the offending packet (RFC 4443).
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+const ICMPV6_PARAM_PROBLEM: u8 = 4;
+
+/// [`translate`] for ICMPv6: the error whose header is at the offset the
+/// IPv6 parser left in the scratch space, quoting an IPv6 TCP or UDP packet
+/// right after its fixed header (a quote with extension headers passes
+/// untouched). The same translation, with the IPv6 twist that the outer
+/// addresses reach the ICMPv6 checksum through the pseudo-header (there is
+/// no IPv6 header checksum): every changed field is folded into the
+/// checksum that covers it, so the packet's overall sum is unchanged.
+/// Returns the pass reason; not inlined (its own frame on top of the entry
+/// point's), a plain reason for the same reason as the IPv6 flow path.
+#[inline(never)]
+pub fn translate6<C: PacketBuf>(ctx: &C, obs: &mut Observation) -> Reason {
+    match try_translate6(ctx, obs) {
+        Ok(reason) | Err(reason) => reason,
+    }
+}
+
+#[inline(always)]
+fn try_translate6<C: PacketBuf>(ctx: &C, obs: &mut Observation) -> Result<Reason, Reason> {
+    let scratch = LB6_SCRATCH.get_ptr_mut(0).ok_or(Reason::DropRewrite)?;
+    // SAFETY: this CPU's scratch entry, filled by the parser for this
+    // packet; nothing else runs on it meanwhile.
+    let (flow, key) = unsafe { (&(*scratch).flow, &mut (*scratch).reply_key) };
+    // Bounded for the verifier (the walk keeps it below 1024).
+    let icmp_off = flow.l4_off & 0x3ff;
+    let icmp = ptr_at::<C, [u8; 8]>(ctx, icmp_off)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let kind = unsafe { (*icmp)[0] };
+    if !matches!(
+        kind,
+        ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED | ICMPV6_PARAM_PROBLEM
+    ) {
+        return Ok(Reason::PassOtherL4);
+    }
+    let inner_ip = icmp_off + 8;
+    let Ok(quoted) = ptr_at::<C, [u8; IP6_HLEN]>(ctx, inner_ip) else {
+        return Ok(Reason::PassOtherL4);
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let proto = unsafe { (*quoted)[6] };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(Reason::PassOtherL4);
+    }
+    let inner_l4 = inner_ip + IP6_HLEN;
+    // RFC 4443 quotes as much as fits: at least the ports.
+    let Ok(ports) = ptr_at::<C, [u8; 4]>(ctx, inner_l4) else {
+        return Ok(Reason::PassOtherL4);
+    };
+    let outer_src = ptr_at::<C, [u8; 16]>(ctx, IP6_SRC_OFF)?;
+    let outer_dst = ptr_at::<C, [u8; 16]>(ctx, IP6_DST_OFF)?;
+    let quoted_src = ptr_at::<C, [u8; 16]>(ctx, inner_ip + 8)?;
+    let quoted_dst = ptr_at::<C, [u8; 16]>(ctx, inner_ip + 24)?;
+    let icmp_csum = ptr_at::<C, [u8; 2]>(ctx, icmp_off + 2)?;
+    let l4_csum = if proto == PROTO_UDP {
+        ptr_at::<C, [u8; 2]>(ctx, inner_l4 + 6).ok()
+    } else {
+        ptr_at::<C, [u8; 2]>(ctx, inner_l4 + 16).ok()
+    };
+    // SAFETY: every pointer was bounds-checked by ptr_at; the packet is
+    // only written after everything is read.
+    unsafe {
+        let (qsport, qdport) = (
+            u16::from_be_bytes([(*ports)[0], (*ports)[1]]),
+            u16::from_be_bytes([(*ports)[2], (*ports)[3]]),
+        );
+        // The entry of the direction the error travels in: the quote's
+        // reverse.
+        key.src_addr = *quoted_dst;
+        key.dst_addr = *quoted_src;
+        key.src_port = qdport;
+        key.dst_port = qsport;
+        key.proto = proto;
+        key._pad = [0; 3];
+        let Some(entry) = ct::lookup6(key) else {
+            return Ok(Reason::PassOtherL4);
+        };
+        // A map value; only read.
+        let entry = &*entry;
+        obs.service_id = entry.service_id;
+        obs.backend_id = entry.backend_id;
+        let dst_rw = entry.rewrite & REWRITE_DST != 0;
+        let src_rw = entry.rewrite & REWRITE_SRC != 0;
+        // The outer addresses change when they are the quote's ends
+        // (a router between keeps its own).
+        let outer_dst_rw = dst_rw && *outer_dst == key.dst_addr;
+        let outer_src_rw = src_rw && *outer_src == key.src_addr;
+        let mut icmp_sum = u16::from_be_bytes(*icmp_csum);
+        if outer_dst_rw {
+            icmp_sum = csum_replace16(icmp_sum, &*outer_dst, &entry.dst_addr)?;
+        }
+        if outer_src_rw {
+            icmp_sum = csum_replace16(icmp_sum, &*outer_src, &entry.src_addr)?;
+        }
+        // The quote mirrored: its source is the entry's destination side.
+        let mut l4_sum = l4_csum.map(|p| u16::from_be_bytes(*p));
+        // A UDP datagram sent without checksum keeps none.
+        if proto == PROTO_UDP && l4_sum == Some(0) {
+            l4_sum = None;
+        }
+        let old_l4_sum = l4_sum;
+        if dst_rw {
+            icmp_sum = csum_replace16(icmp_sum, &*quoted_src, &entry.dst_addr)?;
+            icmp_sum = csum_replace2(icmp_sum, qsport, entry.dst_port);
+            if let Some(sum) = l4_sum {
+                let sum = csum_replace16(sum, &*quoted_src, &entry.dst_addr)?;
+                l4_sum = Some(csum_replace2(sum, qsport, entry.dst_port));
+            }
+        }
+        if src_rw {
+            icmp_sum = csum_replace16(icmp_sum, &*quoted_dst, &entry.src_addr)?;
+            icmp_sum = csum_replace2(icmp_sum, qdport, entry.src_port);
+            if let Some(sum) = l4_sum {
+                let sum = csum_replace16(sum, &*quoted_dst, &entry.src_addr)?;
+                l4_sum = Some(csum_replace2(sum, qdport, entry.src_port));
+            }
+        }
+        if let (Some(p), Some(old), Some(mut new)) = (l4_csum, old_l4_sum, l4_sum) {
+            if proto == PROTO_UDP && new == 0 {
+                new = 0xffff;
+            }
+            icmp_sum = csum_replace2(icmp_sum, old, new);
+            *p = new.to_be_bytes();
+        }
+        if outer_dst_rw {
+            *outer_dst = entry.dst_addr;
+        }
+        if outer_src_rw {
+            *outer_src = entry.src_addr;
+        }
+        if dst_rw {
+            *quoted_src = entry.dst_addr;
+            let port = entry.dst_port.to_be_bytes();
+            (*ports)[0] = port[0];
+            (*ports)[1] = port[1];
+        }
+        if src_rw {
+            *quoted_dst = entry.src_addr;
+            let port = entry.src_port.to_be_bytes();
+            (*ports)[2] = port[0];
+            (*ports)[3] = port[1];
+        }
+        *icmp_csum = icmp_sum.to_be_bytes();
+    }
+    Ok(Reason::IcmpErrorTranslated)
 }

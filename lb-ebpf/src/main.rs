@@ -24,16 +24,16 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use lb_common::{
-    affinity::{self, Lb4Affinity, Lb4AffinityKey},
-    backend::{self, Lb4Backend},
-    config::{self, LbConfig},
-    conntrack::{self, DIR_FORWARD, Lb4CtEntry, Lb4CtKey},
+    affinity::{self, Lb4Affinity, Lb4AffinityKey, Lb6AffinityKey},
+    backend::{self, Lb4Backend, Lb6Backend},
+    config::{self, Lb6Config, LbConfig},
+    conntrack::{self, DIR_FORWARD, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
     maglev::{self, Lb4MaglevChunk, Lb4MaglevKey},
     member::{self, Lb4Member, Lb4MemberKey},
-    service::{self as svc, Lb4Service, Lb4ServiceKey},
+    service::{self as svc, Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
     sock::{self as sk, Lb4SockKey, Lb4SockRevnat},
-    source_range::{self, Lb4SourceRange, Lb4SourceRangeKey},
+    source_range::{self, Lb4SourceRange, Lb4SourceRangeKey, Lb6SourceRangeKey},
     stats::{self as st, Counter, Reason},
 };
 // Inspection (lbctl): service names, per-service counters, flow trace.
@@ -44,8 +44,8 @@ use lb_common::{
 };
 
 use crate::{
-    nat::{Action, Translation},
-    parse::{Flow, Packet, PacketBuf},
+    nat::{Action, Nat6, Translation},
+    parse::{Flow, Flow6, Packet, Packet6, PacketBuf},
     trace::Observation,
 };
 
@@ -68,10 +68,35 @@ static LB4_BACKENDS_V1: HashMap<u32, Lb4Backend, { backend::MAX_ENTRIES as usize
 static LB4_CT_V2: LruHashMap<Lb4CtKey, Lb4CtEntry, { conntrack::MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
+/// IPv6 frontends: (address, port, protocol, scope) -> service entry. Their
+/// slots and memberships share `LB4_SLOTS_V1` and `LB4_MEMBERS_V1` (keyed
+/// by ids, one space for both families).
+#[btf_map]
+static LB6_SERVICES_V1: HashMap<Lb6ServiceKey, Lb4Service, { svc::MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+/// IPv6 backends: id -> address, port, state.
+#[btf_map]
+static LB6_BACKENDS_V1: HashMap<u32, Lb6Backend, { backend::MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+/// IPv6 connection tracking: 5-tuple -> translation, both directions.
+#[btf_map]
+static LB6_CT_V1: LruHashMap<Lb6CtKey, Lb6CtEntry, { conntrack::MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
 /// Session affinity: (client, service id) -> backend, last chosen.
 #[btf_map]
 static LB4_AFFINITY_V1: LruHashMap<
     Lb4AffinityKey,
+    Lb4Affinity,
+    { affinity::MAX_ENTRIES as usize },
+> = LruHashMap::new();
+
+/// IPv6 session affinity: (128-bit client, service id) -> backend, last chosen.
+#[btf_map]
+static LB6_AFFINITY_V1: LruHashMap<
+    Lb6AffinityKey,
     Lb4Affinity,
     { affinity::MAX_ENTRIES as usize },
 > = LruHashMap::new();
@@ -85,6 +110,14 @@ static LB4_MEMBERS_V1: HashMap<Lb4MemberKey, Lb4Member, { member::MAX_ENTRIES as
 #[btf_map]
 static LB4_SRC_RANGES_V1: LpmTrie<
     Lb4SourceRangeKey,
+    Lb4SourceRange,
+    { source_range::MAX_ENTRIES as usize },
+> = LpmTrie::new();
+
+/// IPv6 loadBalancerSourceRanges: (service id, client prefix) -> allowed.
+#[btf_map]
+static LB6_SRC_RANGES_V1: LpmTrie<
+    Lb6SourceRangeKey,
     Lb4SourceRange,
     { source_range::MAX_ENTRIES as usize },
 > = LpmTrie::new();
@@ -104,6 +137,10 @@ static LB4_MAGLEV_V1: HashMap<
 /// Node-wide settings (index 0).
 #[btf_map]
 static LB_CONFIG_V2: Array<LbConfig, { config::MAX_ENTRIES as usize }> = Array::new();
+
+/// Node-wide IPv6 settings (index 0): the SNAT source address.
+#[btf_map]
+static LB6_CONFIG_V1: Array<Lb6Config, { config::MAX_ENTRIES as usize }> = Array::new();
 
 /// Per-CPU packet/byte counters indexed by [`Reason`].
 #[btf_map]
@@ -244,7 +281,7 @@ fn tc_verdict(ctx: &TcContext, hook: Hook) -> i32 {
 /// `Ok` carries the pass reason and the rewrite to apply, `Err` a drop reason.
 /// `obs` collects what the packet matched, for per-service counters and tracing.
 #[inline(always)]
-fn process_packet<C: PacketBuf>(
+fn process_packet<C: PacketBuf + Nat6>(
     ctx: &C,
     hook: Hook,
     obs: &mut Observation,
@@ -253,6 +290,23 @@ fn process_packet<C: PacketBuf>(
     let flow = match parse::parse_packet(ctx)? {
         Packet::Flow(flow) => flow,
         Packet::NotIpv4 => return untouched(Reason::PassNotIpv4),
+        // The IPv6 path rewrites the packet itself.
+        Packet::Ipv6 => {
+            let mut reason = follow_flow6(ctx, obs);
+            if reason == Reason::PassNotService {
+                reason = balance_new_flow6(ctx, hook, obs);
+            } else if reason == Reason::PassOtherL4 && parsed_icmp6() {
+                reason = icmp::translate6(ctx, obs);
+            }
+            if rejects6(reason) {
+                return Ok((reason, Action::reject()));
+            }
+            return if reason.is_drop() {
+                Err(reason)
+            } else {
+                untouched(reason)
+            };
+        }
         Packet::OtherL4 => return untouched(Reason::PassOtherL4),
         Packet::Fragment => return untouched(Reason::PassFragment),
         Packet::Icmp(icmp_off) => return untouched(icmp::translate(ctx, icmp_off, obs)?),
@@ -335,6 +389,153 @@ fn balance_new_flow(
         service::Selection::Random => Reason::NewFlow,
     };
     Ok((reason, Action::forward(Translation::of(flow, &entry))))
+}
+
+/// Per-CPU scratch space of the IPv6 path: its 128-bit tuples and
+/// conntrack entries do not fit the verifier's 512-byte stack beside the
+/// IPv4 path's frame. Not pinned: nothing outlives one packet.
+#[repr(C)]
+pub struct Scratch6 {
+    flow: Flow6,
+    entry: Lb6CtEntry,
+    reply_key: Lb6CtKey,
+}
+
+#[btf_map]
+static LB6_SCRATCH: PerCpuArray<Scratch6, 1> = PerCpuArray::new();
+
+/// The IPv6 path, first half: parses the packet into the scratch space and
+/// translates it if its flow is tracked. Returns the reason of the verdict
+/// (a drop reason drops), `PassNotService` for a TCP/UDP flow that is not
+/// tracked ([`balance_new_flow6`] goes on). Not inlined, and the new-flow
+/// half is called beside it, not from it: each frame sits alone on top of
+/// the entry point's. A plain `u32` reason, not a `Result`, so nothing
+/// returns through the caller's stack.
+#[inline(never)]
+fn follow_flow6<C: PacketBuf + Nat6>(ctx: &C, obs: &mut Observation) -> Reason {
+    match try_follow_flow6(ctx, obs) {
+        Ok(reason) | Err(reason) => reason,
+    }
+}
+
+#[inline(always)]
+fn try_follow_flow6<C: PacketBuf + Nat6>(ctx: &C, obs: &mut Observation) -> Result<Reason, Reason> {
+    // Index 0 of a one-entry array always exists.
+    let scratch = LB6_SCRATCH.get_ptr_mut(0).ok_or(Reason::DropRewrite)?;
+    // SAFETY: this CPU's scratch entry; nothing else runs on it meanwhile.
+    let flow = unsafe { &mut (*scratch).flow };
+    match parse::parse_ipv6(ctx, flow)? {
+        Packet6::Flow => {}
+        Packet6::OtherL4 => return Ok(Reason::PassOtherL4),
+        Packet6::Fragment => return Ok(Reason::PassFragment),
+        Packet6::ExtHeaderLimit => return Ok(Reason::PassExtHeaderLimit),
+    }
+    // The addresses do not fit the (IPv4) observation: traces of IPv6
+    // flows carry ports, protocol and ids only.
+    obs.src_port = flow.key.src_port;
+    obs.dst_port = flow.key.dst_port;
+    obs.proto = flow.key.proto;
+    let Some(entry_ptr) = ct::lookup6(&flow.key) else {
+        return Ok(Reason::PassNotService);
+    };
+    {
+        // SAFETY: a map value; this reference ends before touch6 writes.
+        let entry = unsafe { &*entry_ptr };
+        // As for IPv4: a SYN reusing a forward tuple keeps the old choice
+        // only while that backend is still programmed.
+        if entry.direction == DIR_FORWARD && flow.is_syn() && !ct::backend_still_valid6(entry) {
+            return Ok(Reason::PassNotService);
+        }
+        obs.service_id = entry.service_id;
+        obs.backend_id = entry.backend_id;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    ct::touch6(entry_ptr, flow.tcp_flags, ctx.len(), now);
+    // SAFETY: a map value, read from here on.
+    let entry = unsafe { &*entry_ptr };
+    let forward = entry.direction == DIR_FORWARD;
+    ctx.rewrite6(flow, entry)?;
+    Ok(if forward {
+        Reason::CtForward
+    } else {
+        Reason::CtReply
+    })
+}
+
+/// Whether the IPv6 packet [`follow_flow6`] passed as "other L4" is ICMPv6
+/// (the parser left its protocol and offset in the scratch space).
+#[inline(always)]
+fn parsed_icmp6() -> bool {
+    LB6_SCRATCH
+        .get(0)
+        .is_some_and(|scratch| scratch.flow.key.proto == lb_common::PROTO_ICMPV6)
+}
+
+/// Whether an IPv6 drop is answered with ICMPv6 port unreachable, as for
+/// IPv4: a connection attempt to a frontend without any endpoint (a Local
+/// one without a local endpoint drops, so load balancers go elsewhere), or
+/// to a ClusterIP port no service port defines (only connection attempts
+/// get that reason).
+#[inline(always)]
+fn rejects6(reason: Reason) -> bool {
+    reason == Reason::DropUnknownPort
+        || reason == Reason::DropNoBackend
+            && LB6_SCRATCH
+                .get(0)
+                .is_some_and(|scratch| scratch.flow.is_connection_attempt())
+}
+
+/// The IPv6 path, second half: balances the untracked flow that
+/// [`follow_flow6`] left in the scratch space, if it is for a service.
+#[inline(never)]
+fn balance_new_flow6<C: PacketBuf + Nat6>(ctx: &C, hook: Hook, obs: &mut Observation) -> Reason {
+    match try_balance_new_flow6(ctx, hook, obs) {
+        Ok(reason) | Err(reason) => reason,
+    }
+}
+
+#[inline(always)]
+fn try_balance_new_flow6<C: PacketBuf + Nat6>(
+    ctx: &C,
+    hook: Hook,
+    obs: &mut Observation,
+) -> Result<Reason, Reason> {
+    let scratch = LB6_SCRATCH.get_ptr_mut(0).ok_or(Reason::DropRewrite)?;
+    // SAFETY: this CPU's scratch entry, filled by follow_flow6 for this
+    // packet; nothing else runs on it meanwhile.
+    let (flow, entry, reply_key) = unsafe {
+        (
+            &(*scratch).flow,
+            &mut (*scratch).entry,
+            &mut (*scratch).reply_key,
+        )
+    };
+    let Some(service) = service::lookup_service6(&flow.key, hook) else {
+        // As for IPv4: a connection attempt to a ClusterIP port no service
+        // port defines is refused.
+        if flow.is_connection_attempt() && service::is_service_address6(&flow.key) {
+            return Err(Reason::DropUnknownPort);
+        }
+        if flow.is_syn() {
+            ct::forget_stale_reply6(flow, reply_key);
+        }
+        return Ok(Reason::PassNotService);
+    };
+    obs.service(&service);
+    policy::check_source_range6(&service, &flow.key.src_addr)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (backend_id, backend, how) = service::select_backend6(&service, &flow.key, now)?;
+    obs.backend_id = backend_id;
+    obs.backend_port = backend.port;
+    let snat = policy::snat6_for(&service, &backend, &flow.key.src_addr, hook)?;
+    let chosen = (backend_id, &backend);
+    ct::create6(flow, &service, chosen, (entry, reply_key), snat, ctx.len())?;
+    ctx.rewrite6(flow, entry)?;
+    Ok(match how {
+        service::Selection::Affinity => Reason::NewFlowAffinity,
+        service::Selection::Maglev => Reason::NewFlowMaglev,
+        service::Selection::Random => Reason::NewFlow,
+    })
 }
 
 #[cfg(target_arch = "bpf")]

@@ -4,15 +4,18 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_diff,
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
     PROTO_UDP,
-    conntrack::{Lb4CtEntry, REWRITE_DST, REWRITE_HAIRPIN, REWRITE_SRC},
+    conntrack::{Lb4CtEntry, Lb6CtEntry, REWRITE_DST, REWRITE_HAIRPIN, REWRITE_SRC},
     stats::Reason,
 };
 
-use crate::parse::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, ptr_at};
+use crate::parse::{
+    Flow, Flow6, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, ptr_at,
+};
 
 /// One endpoint (address and port) of the packet, before and after.
 #[derive(Clone, Copy)]
@@ -242,6 +245,154 @@ pub fn csum_replace4(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
         + u16::from_be_bytes([new[0], new[1]]) as u32
         + u16::from_be_bytes([new[2], new[3]]) as u32;
     !fold(sum)
+}
+
+/// Rewrites an IPv6 packet as its conntrack entry says. IPv6 has no
+/// header checksum; the addresses reach the L4 checksum through the
+/// pseudo-header, so each rewritten address and port is folded into it.
+pub trait Nat6 {
+    fn rewrite6(&self, flow: &Flow6, entry: &Lb6CtEntry) -> Result<(), Reason>;
+}
+
+impl Nat6 for TcContext {
+    /// Through the skb helpers, like [`apply_tc`]: the address change goes
+    /// in as a `bpf_csum_diff` of the 16 bytes with `BPF_F_PSEUDO_HDR`
+    /// (size 0: "by difference"), which also keeps partial checksums of
+    /// locally sent packets and a CHECKSUM_COMPLETE skb's sum right.
+    #[inline(always)]
+    fn rewrite6(&self, flow: &Flow6, entry: &Lb6CtEntry) -> Result<(), Reason> {
+        let k = &flow.key;
+        let udp = k.proto == PROTO_UDP;
+        if entry.rewrite & REWRITE_SRC != 0 {
+            let old = (&k.src_addr, k.src_port);
+            let new = (&entry.src_addr, entry.src_port);
+            rewrite6_tc(self, flow, udp, (IP6_SRC_OFF, flow.l4_off), old, new)?;
+        }
+        if entry.rewrite & REWRITE_DST != 0 {
+            let old = (&k.dst_addr, k.dst_port);
+            let new = (&entry.dst_addr, entry.dst_port);
+            rewrite6_tc(self, flow, udp, (IP6_DST_OFF, flow.l4_off + 2), old, new)?;
+        }
+        Ok(())
+    }
+}
+
+/// One endpoint of an IPv6 packet, `(address offset, port offset)`, from
+/// `old` to `new` (address, port).
+#[inline(always)]
+fn rewrite6_tc(
+    ctx: &TcContext,
+    flow: &Flow6,
+    udp: bool,
+    (addr_off, port_off): (usize, usize),
+    (old_addr, old_port): (&[u8; 16], u16),
+    (new_addr, new_port): (&[u8; 16], u16),
+) -> Result<(), Reason> {
+    // A UDP checksum of zero means "none" and must stay zero.
+    let mangled = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    if old_addr != new_addr {
+        // SAFETY: both buffers are 16 readable bytes (stack or map value).
+        let diff = unsafe {
+            bpf_csum_diff(
+                old_addr.as_ptr() as *mut u32,
+                16,
+                new_addr.as_ptr() as *mut u32,
+                16,
+                0,
+            )
+        };
+        if diff < 0 {
+            return Err(Reason::DropRewrite);
+        }
+        ctx.l4_csum_replace(
+            flow.csum_off,
+            0,
+            diff as u64,
+            BPF_F_PSEUDO_HDR as u64 | mangled,
+        )
+        .map_err(|_| Reason::DropRewrite)?;
+        ctx.store(addr_off, new_addr, 0)
+            .map_err(|_| Reason::DropRewrite)?;
+    }
+    if old_port != new_port {
+        let (old_p, new_p) = (old_port.to_be() as u64, new_port.to_be() as u64);
+        ctx.l4_csum_replace(flow.csum_off, old_p, new_p, mangled | 2)
+            .map_err(|_| Reason::DropRewrite)?;
+        ctx.store(port_off, &new_port.to_be_bytes(), 0)
+            .map_err(|_| Reason::DropRewrite)?;
+    }
+    Ok(())
+}
+
+impl Nat6 for XdpContext {
+    /// By direct writes, like [`apply_xdp`] (RFC 1624 updates).
+    #[inline(always)]
+    fn rewrite6(&self, flow: &Flow6, entry: &Lb6CtEntry) -> Result<(), Reason> {
+        let k = &flow.key;
+        // Offsets that come back from a non-inlined call are plain numbers
+        // to the verifier: the masks bound them (the walk keeps them below
+        // 1024).
+        let csum_off = flow.csum_off & 0x3ff;
+        let l4_off = flow.l4_off & 0x3ff;
+        let l4_csum = ptr_at::<XdpContext, [u8; 2]>(self, csum_off)?;
+        let src_port = ptr_at::<XdpContext, [u8; 2]>(self, l4_off)?;
+        let dst_port = ptr_at::<XdpContext, [u8; 2]>(self, l4_off + 2)?;
+        let src = ptr_at::<XdpContext, [u8; 16]>(self, IP6_SRC_OFF)?;
+        let dst = ptr_at::<XdpContext, [u8; 16]>(self, IP6_DST_OFF)?;
+        // SAFETY: every pointer was bounds-checked against data_end above.
+        unsafe {
+            let mut sum = u16::from_be_bytes(*l4_csum);
+            // A UDP datagram without checksum keeps none.
+            let udp = k.proto == PROTO_UDP;
+            let sum_on = !(udp && sum == 0);
+            if entry.rewrite & REWRITE_SRC != 0 {
+                if sum_on {
+                    sum = csum_replace16(sum, &k.src_addr, &entry.src_addr)?;
+                    sum = csum_replace2(sum, k.src_port, entry.src_port);
+                }
+                *src = entry.src_addr;
+                *src_port = entry.src_port.to_be_bytes();
+            }
+            if entry.rewrite & REWRITE_DST != 0 {
+                if sum_on {
+                    sum = csum_replace16(sum, &k.dst_addr, &entry.dst_addr)?;
+                    sum = csum_replace2(sum, k.dst_port, entry.dst_port);
+                }
+                *dst = entry.dst_addr;
+                *dst_port = entry.dst_port.to_be_bytes();
+            }
+            if sum_on && udp && sum == 0 {
+                // A computed zero is sent as all ones (RFC 768).
+                sum = 0xffff;
+            }
+            *l4_csum = sum.to_be_bytes();
+        }
+        Ok(())
+    }
+}
+
+/// [`csum_replace4`] for a 128-bit field, through `bpf_csum_diff`: one
+/// helper call, where sixteen byte loads per side (the addresses are byte
+/// arrays) would spill past the stack budget. The helper sums in memory
+/// order; the one's-complement sum commutes with the byte swap, so the
+/// host-order `check` goes in and comes out swapped.
+#[inline(always)]
+pub fn csum_replace16(check: u16, old: &[u8; 16], new: &[u8; 16]) -> Result<u16, Reason> {
+    let seed = !check.to_be() as u32;
+    // SAFETY: both buffers are 16 readable bytes (scratch or map value).
+    let sum = unsafe {
+        bpf_csum_diff(
+            old.as_ptr() as *mut u32,
+            16,
+            new.as_ptr() as *mut u32,
+            16,
+            seed,
+        )
+    };
+    if sum < 0 {
+        return Err(Reason::DropRewrite);
+    }
+    Ok(u16::from_be(!fold(sum as u32)))
 }
 
 /// Sends a hairpin packet straight back out of the device it came in on

@@ -1,11 +1,35 @@
-//! Header parsing: Ethernet -> IPv4 -> TCP/UDP. Every read goes through
-//! [`ptr_at`], the one bounds-checked accessor.
+//! Header parsing: Ethernet -> IPv4 -> TCP/UDP, and Ethernet -> IPv6 ->
+//! extension headers -> TCP/UDP. Every read goes through [`ptr_at`], the
+//! one bounds-checked accessor.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use lb_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, conntrack::Lb4CtKey, stats::Reason};
+use lb_common::{
+    PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    conntrack::{Lb4CtKey, Lb6CtKey},
+    stats::Reason,
+};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+/// Offsets inside the IPv6 header (fixed 40 bytes; no header checksum).
+pub const IP6_HLEN: usize = 40;
+pub const IP6_SRC_OFF: usize = ETH_HLEN + 8;
+pub const IP6_DST_OFF: usize = ETH_HLEN + 24;
+/// IPv6 extension headers the parser walks (RFC 8200 section 4).
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+/// Extension headers walked before giving up (a constant bound for the
+/// verifier); real traffic carries one or two.
+const MAX_EXT_HEADERS: usize = 6;
+/// The L4 header must start within this many bytes of the frame start
+/// (bounds every offset the walk computes).
+const MAX_L4_OFF6: usize = 512;
+/// Bytes made directly readable for the IPv6 walk on TC.
+const MAX_HEADERS6: u32 = (MAX_L4_OFF6 + 20) as u32;
 /// Offsets inside the IPv4 header.
 pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
@@ -76,8 +100,50 @@ impl Flow {
     }
 }
 
+/// An IPv6 TCP or UDP packet: [`Flow`] with 128-bit addresses. It lives
+/// in the per-CPU scratch map (`LB6_SCRATCH`), not on the stack.
+#[repr(C)]
+pub struct Flow6 {
+    /// The 5-tuple as on the wire (ports host order, `proto` the L4's).
+    pub key: Lb6CtKey,
+    /// Offset of the L4 header (after every extension header).
+    pub l4_off: usize,
+    /// Offset of the L4 checksum field.
+    pub csum_off: usize,
+    /// TCP flags byte, 0 for UDP.
+    pub tcp_flags: u8,
+}
+
+impl Flow6 {
+    /// A connection opener (SYN without ACK).
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.key.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    /// What a reject answers: a TCP SYN, or any UDP datagram.
+    #[inline(always)]
+    pub fn is_connection_attempt(&self) -> bool {
+        self.key.proto == PROTO_UDP || self.is_syn()
+    }
+}
+
+/// What the IPv6 parser found.
+pub enum Packet6 {
+    /// TCP or UDP: the [`Flow6`] given to the parser is filled in.
+    Flow,
+    /// Neither TCP nor UDP (ICMPv6 included: neighbour discovery passes).
+    OtherL4,
+    /// A non-first fragment: no L4 header, its bytes are payload.
+    Fragment,
+    /// More extension headers than the walk follows.
+    ExtHeaderLimit,
+}
+
 pub enum Packet {
     NotIpv4,
+    /// IPv6: `crate::process_ipv6` parses it in its own stack frame.
+    Ipv6,
     OtherL4,
     Fragment,
     Flow(Flow),
@@ -93,6 +159,8 @@ pub trait PacketBuf {
     fn len(&self) -> u32;
     /// Makes the first `MAX_HEADERS` bytes directly readable, if possible.
     fn pull_headers(&self) {}
+    /// The same for the longer run an IPv6 extension-header walk may read.
+    fn pull_headers6(&self) {}
 }
 
 impl PacketBuf for TcContext {
@@ -114,6 +182,18 @@ impl PacketBuf for TcContext {
     fn pull_headers(&self) {
         let len = TcContext::len(self);
         let want = if len < MAX_HEADERS { len } else { MAX_HEADERS };
+        if ((self.data_end() - self.data()) as u32) < want {
+            let _ = self.pull_data(want);
+        }
+    }
+    #[inline(always)]
+    fn pull_headers6(&self) {
+        let len = TcContext::len(self);
+        let want = if len < MAX_HEADERS6 {
+            len
+        } else {
+            MAX_HEADERS6
+        };
         if ((self.data_end() - self.data()) as u32) < want {
             let _ = self.pull_data(want);
         }
@@ -187,12 +267,49 @@ pub fn ptr_at<C: PacketBuf, T>(ctx: &C, off: usize) -> Result<*mut T, Reason> {
     Ok((start + off) as *mut T)
 }
 
+/// What both families read of a TCP or UDP header.
+struct L4Fields {
+    src: [u8; 2],
+    dst: [u8; 2],
+    /// Offset of the checksum field.
+    csum_off: usize,
+    /// TCP flags byte, 0 for UDP.
+    tcp_flags: u8,
+}
+
+/// The TCP (`proto` is `PROTO_TCP`) or UDP header at `l4_off`.
+#[inline(always)]
+fn l4_at<C: PacketBuf>(ctx: &C, l4_off: usize, proto: u8) -> Result<L4Fields, Reason> {
+    let ports = ptr_at::<C, L4Ports>(ctx, l4_off)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let (src, dst) = unsafe { ((*ports).src, (*ports).dst) };
+    let (csum_off, tcp_flags) = if proto == PROTO_TCP {
+        // The full fixed TCP header must be present to touch its checksum.
+        let tcp = ptr_at::<C, [u8; 20]>(ctx, l4_off)?;
+        (l4_off + TCP_CSUM_OFF, unsafe { (*tcp)[TCP_FLAGS_OFF] })
+    } else {
+        ptr_at::<C, [u8; 8]>(ctx, l4_off)?;
+        (l4_off + UDP_CSUM_OFF, 0)
+    };
+    Ok(L4Fields {
+        src,
+        dst,
+        csum_off,
+        tcp_flags,
+    })
+}
+
 #[inline(always)]
 pub fn parse_packet<C: PacketBuf>(ctx: &C) -> Result<Packet, Reason> {
     ctx.pull_headers();
     let eth = ptr_at::<C, EthHdr>(ctx, 0)?;
-    if u16::from_be_bytes(unsafe { (*eth).ether_type }) != ETH_P_IP {
-        return Ok(Packet::NotIpv4);
+    let ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
+    if ether_type != ETH_P_IP {
+        return Ok(if ether_type == ETH_P_IPV6 {
+            Packet::Ipv6
+        } else {
+            Packet::NotIpv4
+        });
     }
     let Some(Ipv4Fields {
         ihl,
@@ -220,16 +337,12 @@ pub fn parse_packet<C: PacketBuf>(ctx: &C) -> Result<Packet, Reason> {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Ok(Packet::OtherL4);
     }
-    let ports = ptr_at::<C, L4Ports>(ctx, l4_off)?;
-    let (src, dst) = unsafe { ((*ports).src, (*ports).dst) };
-    let (csum_off, tcp_flags) = if proto == PROTO_TCP {
-        // The full fixed TCP header must be present to touch its checksum.
-        let tcp = ptr_at::<C, [u8; 20]>(ctx, l4_off)?;
-        (l4_off + TCP_CSUM_OFF, unsafe { (*tcp)[TCP_FLAGS_OFF] })
-    } else {
-        ptr_at::<C, [u8; 8]>(ctx, l4_off)?;
-        (l4_off + UDP_CSUM_OFF, 0)
-    };
+    let L4Fields {
+        src,
+        dst,
+        csum_off,
+        tcp_flags,
+    } = l4_at(ctx, l4_off, proto)?;
     Ok(Packet::Flow(Flow {
         key: Lb4CtKey {
             src_addr: saddr,
@@ -243,4 +356,108 @@ pub fn parse_packet<C: PacketBuf>(ctx: &C) -> Result<Packet, Reason> {
         csum_off,
         tcp_flags,
     }))
+}
+
+/// The first fixed bytes of the IPv6 header the parser reads.
+#[repr(C)]
+struct Ipv6Hdr {
+    version_tc_flow: [u8; 4],
+    payload_len: [u8; 2],
+    next_header: u8,
+    hop_limit: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+/// Parses an IPv6 packet (the EtherType was checked): the fixed header,
+/// then up to [`MAX_EXT_HEADERS`] hop-by-hop, routing, fragment,
+/// authentication and destination-options headers, then TCP or UDP. A
+/// fragment header with a non-zero offset ends the walk: what follows is
+/// payload, never read as ports. A first fragment is parsed like a whole
+/// packet (it carries the L4 header).
+#[inline(always)]
+pub fn parse_ipv6<C: PacketBuf>(ctx: &C, flow: &mut Flow6) -> Result<Packet6, Reason> {
+    ctx.pull_headers6();
+    let ip = ptr_at::<C, Ipv6Hdr>(ctx, ETH_HLEN)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let (version, mut next) = unsafe { ((*ip).version_tc_flow[0] >> 4, (*ip).next_header) };
+    if version != 6 {
+        return Err(Reason::DropMalformed);
+    }
+    let mut off = ETH_HLEN + IP6_HLEN;
+    let mut walked = 0;
+    while walked < MAX_EXT_HEADERS {
+        let len = match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let hdr = ptr_at::<C, [u8; 2]>(ctx, off)?;
+                // SAFETY: bounds-checked by ptr_at.
+                let hdr = unsafe { *hdr };
+                next = hdr[0];
+                (hdr[1] as usize + 1) * 8
+            }
+            NEXTHDR_AUTH => {
+                let hdr = ptr_at::<C, [u8; 2]>(ctx, off)?;
+                // SAFETY: bounds-checked by ptr_at.
+                let hdr = unsafe { *hdr };
+                next = hdr[0];
+                (hdr[1] as usize + 2) * 4
+            }
+            NEXTHDR_FRAGMENT => {
+                let hdr = ptr_at::<C, [u8; 8]>(ctx, off)?;
+                // SAFETY: bounds-checked by ptr_at.
+                let hdr = unsafe { *hdr };
+                if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 {
+                    return Ok(Packet6::Fragment);
+                }
+                next = hdr[0];
+                8
+            }
+            _ => break,
+        };
+        off += len;
+        // Bounds the offset for the verifier, and the walk for us.
+        if off > MAX_L4_OFF6 {
+            return Ok(Packet6::ExtHeaderLimit);
+        }
+        walked += 1;
+    }
+    if next != PROTO_TCP && next != PROTO_UDP {
+        // What follows, for the ICMPv6 error translation.
+        flow.key.proto = next;
+        flow.l4_off = off & 0x3ff;
+        return Ok(if walked == MAX_EXT_HEADERS && is_extension_header(next) {
+            Packet6::ExtHeaderLimit
+        } else {
+            Packet6::OtherL4
+        });
+    }
+    let l4_off = off & 0x3ff;
+    let L4Fields {
+        src,
+        dst,
+        csum_off,
+        tcp_flags,
+    } = l4_at(ctx, l4_off, next)?;
+    // SAFETY: bounds-checked by ptr_at (the whole fixed header).
+    unsafe {
+        flow.key.src_addr = (*ip).saddr;
+        flow.key.dst_addr = (*ip).daddr;
+    }
+    flow.key.src_port = u16::from_be_bytes(src);
+    flow.key.dst_port = u16::from_be_bytes(dst);
+    flow.key.proto = next;
+    flow.key._pad = [0; 3];
+    flow.l4_off = l4_off;
+    flow.csum_off = csum_off;
+    flow.tcp_flags = tcp_flags;
+    Ok(Packet6::Flow)
+}
+
+/// A next-header value the walk would follow.
+#[inline(always)]
+fn is_extension_header(next: u8) -> bool {
+    matches!(
+        next,
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_AUTH | NEXTHDR_DEST
+    )
 }

@@ -5,14 +5,15 @@
 //!
 //! The reply is built inside the packet itself (no copy on the stack) and
 //! in functions that are not inlined, so the main path keeps its share of
-//! the verifier's 512-byte stack.
+//! the verifier's 512-byte stack. IPv6 gets ICMPv6 destination unreachable
+//! / port unreachable (RFC 4443) the same way.
 
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, xdp_action},
-    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{PROTO_ICMP, stats::Reason};
+use lb_common::{PROTO_ICMP, PROTO_ICMPV6, stats::Reason};
 
 use crate::parse::{ETH_HLEN, PacketBuf, ptr_at};
 
@@ -103,10 +104,122 @@ fn checksum(frame: &[u8; REPLY_LEN], start: usize, len: usize) -> u16 {
     !(sum as u16)
 }
 
-/// Turns the packet into the ICMP error and sends it back out of its
-/// device: the TC verdict to return.
-#[inline(never)]
+/// IPv6 header + ICMPv6 header + the original IPv6 header and the 8 bytes
+/// after it (RFC 4443 allows any quote that keeps the error within the
+/// minimum MTU; this one names the flow).
+const IPV6_HLEN: usize = 40;
+const QUOTED6: usize = IPV6_HLEN + 8;
+const REPLY6_LEN: usize = ETH_HLEN + IPV6_HLEN + ICMP_HLEN + QUOTED6;
+const ICMP6: usize = IP + IPV6_HLEN;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+
+/// Whether the packet to answer is IPv6 (the EtherType; the parser let
+/// nothing else through to a reject).
+#[inline(always)]
+fn is_ipv6<C: PacketBuf>(ctx: &C) -> Result<bool, Reason> {
+    let ether_type = ptr_at::<C, [u8; 2]>(ctx, 12)?;
+    // SAFETY: bounds-checked by ptr_at.
+    Ok(unsafe { *ether_type } == [0x86, 0xdd])
+}
+
+/// Rewrites a frame of exactly `REPLY6_LEN` bytes whose start still holds
+/// the original Ethernet and IPv6 headers and 8 bytes after them into the
+/// ICMPv6 error.
+#[inline(always)]
+fn build6_in_place(frame: &mut [u8; REPLY6_LEN]) {
+    // The quote first, back to front: it overlaps where it comes from.
+    let mut i = QUOTED6;
+    while i > 0 {
+        i -= 1;
+        frame[ICMP6 + ICMP_HLEN + i] = frame[IP + i];
+    }
+    let mut m = 0;
+    while m < 6 {
+        frame.swap(m, m + 6);
+        m += 1;
+    }
+    // From the address the client tried, to the client (in the quote:
+    // source at 8, destination at 24).
+    let q = ICMP6 + ICMP_HLEN;
+    let mut a = 0;
+    while a < 16 {
+        frame[IP + 8 + a] = frame[q + 24 + a];
+        frame[IP + 24 + a] = frame[q + 8 + a];
+        a += 1;
+    }
+    frame[IP..IP + 4].copy_from_slice(&[0x60, 0, 0, 0]);
+    let payload = (ICMP_HLEN + QUOTED6) as u16;
+    frame[IP + 4..IP + 6].copy_from_slice(&payload.to_be_bytes());
+    frame[IP + 6] = PROTO_ICMPV6;
+    frame[IP + 7] = 64;
+    frame[ICMP6..ICMP6 + ICMP_HLEN].copy_from_slice(&[
+        ICMPV6_DEST_UNREACH,
+        ICMPV6_PORT_UNREACH,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]);
+    // The ICMPv6 checksum covers the pseudo-header: both addresses, the
+    // length and the next header. Summed by `bpf_csum_diff` over the frame
+    // (byte loops here would spill past the stack budget); the helper sums
+    // in memory order, which the one's-complement sum survives as a byte
+    // swap.
+    let base = frame.as_mut_ptr();
+    // SAFETY: both ranges lie inside the frame, whose bounds the caller
+    // checked; the sizes are multiples of 4 as the helper wants.
+    let sum = unsafe {
+        let addrs = bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            base.add(IP + 8) as *mut u32,
+            32,
+            0,
+        );
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            base.add(ICMP6) as *mut u32,
+            (ICMP_HLEN + QUOTED6) as u32,
+            addrs as u32,
+        )
+    };
+    let mut folded = sum as u32;
+    folded = (folded & 0xffff) + (folded >> 16);
+    folded = (folded & 0xffff) + (folded >> 16);
+    let mut sum = u16::from_be(folded as u16) as u32 + payload as u32 + PROTO_ICMPV6 as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    frame[ICMP6 + 2..ICMP6 + 4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+/// Turns the packet into the ICMP (ICMPv6) error and sends it back out of
+/// its device: the TC verdict to return. Each family's builder has its own
+/// frame on top of the entry point's.
+#[inline(always)]
 pub fn reply_tc(ctx: &TcContext) -> Result<i32, Reason> {
+    if is_ipv6(ctx)? {
+        reply6_tc(ctx)
+    } else {
+        reply4_tc(ctx)
+    }
+}
+
+/// The same for XDP: the XDP verdict to return (XDP_TX).
+#[inline(always)]
+pub fn reply_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
+    if is_ipv6(ctx)? {
+        reply6_xdp(ctx)
+    } else {
+        reply4_xdp(ctx)
+    }
+}
+
+#[inline(never)]
+fn reply4_tc(ctx: &TcContext) -> Result<i32, Reason> {
     check_original(ctx)?;
     // SAFETY: plain helper calls on the program's own skb.
     unsafe {
@@ -118,6 +231,28 @@ pub fn reply_tc(ctx: &TcContext) -> Result<i32, Reason> {
     let frame = ptr_at::<TcContext, [u8; REPLY_LEN]>(ctx, 0)?;
     // SAFETY: bounds-checked by ptr_at; TC may write packet data directly.
     unsafe { build_in_place(&mut *frame) };
+    redirect_back(ctx)
+}
+
+#[inline(never)]
+fn reply6_tc(ctx: &TcContext) -> Result<i32, Reason> {
+    // The quote must be there to copy.
+    ptr_at::<TcContext, [u8; ETH_HLEN + QUOTED6]>(ctx, 0)?;
+    // SAFETY: plain helper calls on the program's own skb.
+    unsafe {
+        if bpf_skb_change_tail(ctx.skb.skb, REPLY6_LEN as u32, 0) != 0 {
+            return Err(Reason::DropRewrite);
+        }
+    }
+    let frame = ptr_at::<TcContext, [u8; REPLY6_LEN]>(ctx, 0)?;
+    // SAFETY: bounds-checked by ptr_at; TC may write packet data directly.
+    unsafe { build6_in_place(&mut *frame) };
+    redirect_back(ctx)
+}
+
+/// Out of the device the packet came in on.
+#[inline(always)]
+fn redirect_back(ctx: &TcContext) -> Result<i32, Reason> {
     // SAFETY: reading the ingress ifindex of the program's own skb.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let action = unsafe { bpf_redirect(ifindex, 0) };
@@ -127,9 +262,8 @@ pub fn reply_tc(ctx: &TcContext) -> Result<i32, Reason> {
     Ok(action as i32)
 }
 
-/// The same for XDP: the XDP verdict to return (XDP_TX).
 #[inline(never)]
-pub fn reply_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
+fn reply4_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     check_original(ctx)?;
     let delta = REPLY_LEN as i32 - (ctx.data_end() - ctx.data()) as i32;
     // SAFETY: plain helper call on the program's own frame.
@@ -139,5 +273,19 @@ pub fn reply_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     let frame = ptr_at::<XdpContext, [u8; REPLY_LEN]>(ctx, 0)?;
     // SAFETY: bounds-checked by ptr_at after the resize.
     unsafe { build_in_place(&mut *frame) };
+    Ok(xdp_action::XDP_TX)
+}
+
+#[inline(never)]
+fn reply6_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
+    ptr_at::<XdpContext, [u8; ETH_HLEN + QUOTED6]>(ctx, 0)?;
+    let delta = REPLY6_LEN as i32 - (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: plain helper call on the program's own frame.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return Err(Reason::DropRewrite);
+    }
+    let frame = ptr_at::<XdpContext, [u8; REPLY6_LEN]>(ctx, 0)?;
+    // SAFETY: bounds-checked by ptr_at after the resize.
+    unsafe { build6_in_place(&mut *frame) };
     Ok(xdp_action::XDP_TX)
 }

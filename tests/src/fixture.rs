@@ -4,7 +4,7 @@
 //! for XDP). The kernel does not reset the packet between repeats, so each
 //! case runs once per packet.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
@@ -14,7 +14,7 @@ use lb_agent::{
 use lb_common::{config::LbConfig, stats::Reason};
 use xtask::BpffsDir;
 
-use crate::{packet::Packet, require_root};
+use crate::{packet::Packet, packet6::Packet6, require_root};
 
 /// TC verdicts.
 pub const TC_ACT_OK: u32 = 0;
@@ -108,6 +108,14 @@ impl Fixture {
         );
     }
 
+    /// Sets the node IPv6 address IPv6 SNAT uses.
+    pub fn set_node_address6(&mut self, addr: Ipv6Addr) {
+        let config = lb_common::config::Lb6Config {
+            node_addr6: addr.octets(),
+        };
+        self.tables.set_config6(&config).expect("write config6");
+    }
+
     /// Sets the node address SNAT uses.
     pub fn set_node_address(&mut self, addr: Ipv4Addr) {
         let config = LbConfig {
@@ -158,12 +166,39 @@ impl Fixture {
 
     /// Runs `packet` and expects it dropped.
     pub fn dropped(&mut self, hook: Hook, packet: &Packet) {
-        let (verdict, _) = self.run(hook, &packet.emit());
+        self.dropped_frame(hook, &packet.emit(), &format!("{packet:?}"));
+    }
+
+    /// [`Self::pass`] for an IPv6 packet: the output's L4 checksum was
+    /// verified by [`Packet6::parse`].
+    pub fn pass6(&mut self, hook: Hook, packet: &Packet6) -> Packet6 {
+        let (verdict, out) = self.run(hook, &packet.emit());
+        assert_eq!(
+            verdict,
+            hook.pass(),
+            "{hook:?}: packet {packet:?} was not passed"
+        );
+        Packet6::parse(&out)
+            .unwrap_or_else(|e| panic!("{hook:?}: output of {packet:?} is broken: {e}"))
+    }
+
+    /// Runs an IPv6 packet and expects it dropped.
+    pub fn dropped6(&mut self, hook: Hook, packet: &Packet6) {
+        self.dropped_frame(hook, &packet.emit(), &format!("{packet:?}"));
+    }
+
+    fn dropped_frame(&mut self, hook: Hook, frame: &[u8], what: &str) {
+        let (verdict, _) = self.run(hook, frame);
         assert_eq!(
             verdict,
             hook.drop(),
-            "{hook:?}: packet {packet:?} was not dropped"
+            "{hook:?}: packet {what} was not dropped"
         );
+    }
+
+    /// The pin directory of the fixture's maps (for `lbctl --bpffs`).
+    pub fn pins(&self) -> &std::path::Path {
+        self._pins.path()
     }
 
     /// Packets counted under `reason` so far.
@@ -180,6 +215,33 @@ pub fn spec(
     kind: FrontendKind,
     backends: &[(Ipv4Addr, u16, bool)],
 ) -> FrontendSpec {
+    let backends: Vec<_> = backends
+        .iter()
+        .map(|(a, p, l)| (IpAddr::V4(*a), *p, *l))
+        .collect();
+    spec_of(name, port_name, kind, &backends)
+}
+
+/// [`spec`] with IPv6 backends.
+pub fn spec6(
+    name: &str,
+    port_name: &str,
+    kind: FrontendKind,
+    backends: &[(Ipv6Addr, u16, bool)],
+) -> FrontendSpec {
+    let backends: Vec<_> = backends
+        .iter()
+        .map(|(a, p, l)| (IpAddr::V6(*a), *p, *l))
+        .collect();
+    spec_of(name, port_name, kind, &backends)
+}
+
+fn spec_of(
+    name: &str,
+    port_name: &str,
+    kind: FrontendKind,
+    backends: &[(IpAddr, u16, bool)],
+) -> FrontendSpec {
     FrontendSpec {
         service: ServiceRef {
             namespace: "default".into(),
@@ -190,7 +252,7 @@ pub fn spec(
         backends: backends
             .iter()
             .map(|(addr, port, local)| Backend {
-                addr: IpAddr::V4(*addr),
+                addr: *addr,
                 port: *port,
                 node_local: *local,
                 terminating: false,

@@ -7,6 +7,7 @@ pub mod apiserver;
 pub mod cluster;
 pub mod fixture;
 pub mod packet;
+pub mod packet6;
 
 /// Panics with a clear message unless the test runs as root: the datapath
 /// and network-namespace tests load BPF programs and create namespaces.

@@ -90,56 +90,14 @@ impl Packet {
     }
 
     fn protocol(&self) -> u8 {
-        match self.transport {
-            Transport::Tcp { .. } => 6,
-            Transport::Udp { .. } => 17,
-            Transport::Other { protocol } => protocol,
-        }
+        self.transport.protocol()
     }
 
     /// The frame as it would be on the wire.
     pub fn emit(&self) -> Vec<u8> {
-        let mut l4 = match self.transport {
-            Transport::Tcp {
-                src_port,
-                dst_port,
-                flags,
-                seq,
-            } => {
-                let mut h = vec![0u8; TCP_HLEN];
-                h[0..2].copy_from_slice(&src_port.to_be_bytes());
-                h[2..4].copy_from_slice(&dst_port.to_be_bytes());
-                h[4..8].copy_from_slice(&seq.to_be_bytes());
-                h[12] = ((TCP_HLEN / 4) as u8) << 4;
-                h[13] = flags;
-                h[14..16].copy_from_slice(&65535u16.to_be_bytes());
-                h
-            }
-            Transport::Udp { src_port, dst_port } => {
-                let mut h = vec![0u8; UDP_HLEN];
-                h[0..2].copy_from_slice(&src_port.to_be_bytes());
-                h[2..4].copy_from_slice(&dst_port.to_be_bytes());
-                let len = (UDP_HLEN + self.payload.len()) as u16;
-                h[4..6].copy_from_slice(&len.to_be_bytes());
-                h
-            }
-            Transport::Other { .. } => Vec::new(),
-        };
-        l4.extend_from_slice(&self.payload);
-        match self.transport {
-            Transport::Tcp { .. } => {
-                let sum = l4_checksum(self.src, self.dst, 6, &l4);
-                l4[16..18].copy_from_slice(&sum.to_be_bytes());
-            }
-            Transport::Udp { .. } if !self.udp_zero_checksum => {
-                let mut sum = l4_checksum(self.src, self.dst, 17, &l4);
-                if sum == 0 {
-                    sum = 0xffff;
-                }
-                l4[6..8].copy_from_slice(&sum.to_be_bytes());
-            }
-            _ => {}
-        }
+        let mut l4 = l4_bytes(&self.transport, &self.payload);
+        let pseudo = pseudo_sum(self.src, self.dst, self.protocol(), l4.len());
+        set_l4_checksum(&self.transport, &mut l4, pseudo, self.udp_zero_checksum);
 
         let mut ip = vec![0u8; IPV4_HLEN];
         ip[0] = 0x45;
@@ -154,24 +112,12 @@ impl Packet {
         let sum = fold(sum_words(&ip));
         ip[10..12].copy_from_slice(&(!sum).to_be_bytes());
 
-        let mut frame = Vec::with_capacity(ETH_HLEN + ip.len() + l4.len());
-        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // dst MAC
-        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // src MAC
-        frame.extend_from_slice(&0x0800u16.to_be_bytes());
-        frame.extend_from_slice(&ip);
-        frame.extend_from_slice(&l4);
-        frame
+        ethernet_frame(0x0800, &[&ip, &l4])
     }
 
     /// Parses a frame, verifying both checksums; the error says which is wrong.
     pub fn parse(frame: &[u8]) -> Result<Packet, String> {
-        if frame.len() < ETH_HLEN + IPV4_HLEN {
-            return Err(format!("frame of {} bytes is too short", frame.len()));
-        }
-        if frame[12..14] != [0x08, 0x00] {
-            return Err("not IPv4".into());
-        }
-        let ip = &frame[ETH_HLEN..];
+        let ip = ip_part(frame, (0x0800, "IPv4"), IPV4_HLEN)?;
         let ihl = ((ip[0] & 0x0f) as usize) * 4;
         let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
         if ip[0] >> 4 != 4 || ihl < IPV4_HLEN || total > ip.len() || total < ihl {
@@ -184,45 +130,8 @@ impl Packet {
         let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
         let protocol = ip[9];
         let l4 = &ip[ihl..total];
-        let (transport, payload, udp_zero_checksum) = match protocol {
-            6 => {
-                if l4.len() < TCP_HLEN {
-                    return Err("TCP header truncated".into());
-                }
-                if fold(sum_words(l4) + pseudo_sum(src, dst, 6, l4.len())) != 0xffff {
-                    return Err("TCP checksum is wrong".into());
-                }
-                let off = ((l4[12] >> 4) as usize) * 4;
-                (
-                    Transport::Tcp {
-                        src_port: u16::from_be_bytes([l4[0], l4[1]]),
-                        dst_port: u16::from_be_bytes([l4[2], l4[3]]),
-                        flags: l4[13],
-                        seq: u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]),
-                    },
-                    l4[off.min(l4.len())..].to_vec(),
-                    false,
-                )
-            }
-            17 => {
-                if l4.len() < UDP_HLEN {
-                    return Err("UDP header truncated".into());
-                }
-                let zero = l4[6..8] == [0, 0];
-                if !zero && fold(sum_words(l4) + pseudo_sum(src, dst, 17, l4.len())) != 0xffff {
-                    return Err("UDP checksum is wrong".into());
-                }
-                (
-                    Transport::Udp {
-                        src_port: u16::from_be_bytes([l4[0], l4[1]]),
-                        dst_port: u16::from_be_bytes([l4[2], l4[3]]),
-                    },
-                    l4[UDP_HLEN..].to_vec(),
-                    zero,
-                )
-            }
-            other => (Transport::Other { protocol: other }, l4.to_vec(), false),
-        };
+        let pseudo = pseudo_sum(src, dst, protocol, l4.len());
+        let (transport, payload, udp_zero_checksum) = parse_l4(protocol, l4, pseudo)?;
         Ok(Packet {
             src,
             dst,
@@ -244,7 +153,148 @@ pub fn arp_request() -> Vec<u8> {
     frame
 }
 
-fn sum_words(bytes: &[u8]) -> u32 {
+/// An Ethernet frame (fixed test MAC addresses) of `ether_type` carrying
+/// `parts` one after the other.
+pub(crate) fn ethernet_frame(ether_type: u16, parts: &[&[u8]]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(ETH_HLEN + parts.iter().map(|p| p.len()).sum::<usize>());
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // dst MAC
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // src MAC
+    frame.extend_from_slice(&ether_type.to_be_bytes());
+    for part in parts {
+        frame.extend_from_slice(part);
+    }
+    frame
+}
+
+/// What follows the Ethernet header of a frame of `ether_type` (named
+/// `family`) holding at least `min_len` bytes of it; `Err` says what is
+/// wrong.
+pub(crate) fn ip_part<'a>(
+    frame: &'a [u8],
+    (ether_type, family): (u16, &str),
+    min_len: usize,
+) -> Result<&'a [u8], String> {
+    if frame.len() < ETH_HLEN + min_len {
+        return Err(format!("frame of {} bytes is too short", frame.len()));
+    }
+    if frame[12..14] != ether_type.to_be_bytes() {
+        return Err(format!("not {family}"));
+    }
+    Ok(&frame[ETH_HLEN..])
+}
+
+impl Transport {
+    /// The IP protocol number (IPv4) or last next-header (IPv6).
+    pub fn protocol(&self) -> u8 {
+        match self {
+            Transport::Tcp { .. } => 6,
+            Transport::Udp { .. } => 17,
+            Transport::Other { protocol } => *protocol,
+        }
+    }
+}
+
+/// The TCP or UDP header (checksum zero) and the payload.
+pub(crate) fn l4_bytes(transport: &Transport, payload: &[u8]) -> Vec<u8> {
+    let mut l4 = match *transport {
+        Transport::Tcp {
+            src_port,
+            dst_port,
+            flags,
+            seq,
+        } => {
+            let mut h = vec![0u8; TCP_HLEN];
+            h[0..2].copy_from_slice(&src_port.to_be_bytes());
+            h[2..4].copy_from_slice(&dst_port.to_be_bytes());
+            h[4..8].copy_from_slice(&seq.to_be_bytes());
+            h[12] = ((TCP_HLEN / 4) as u8) << 4;
+            h[13] = flags;
+            h[14..16].copy_from_slice(&65535u16.to_be_bytes());
+            h
+        }
+        Transport::Udp { src_port, dst_port } => {
+            let mut h = vec![0u8; UDP_HLEN];
+            h[0..2].copy_from_slice(&src_port.to_be_bytes());
+            h[2..4].copy_from_slice(&dst_port.to_be_bytes());
+            let len = (UDP_HLEN + payload.len()) as u16;
+            h[4..6].copy_from_slice(&len.to_be_bytes());
+            h
+        }
+        Transport::Other { .. } => Vec::new(),
+    };
+    l4.extend_from_slice(payload);
+    l4
+}
+
+/// Fills in the TCP or UDP checksum of `l4`, whose pseudo-header sums to
+/// `pseudo`.
+pub(crate) fn set_l4_checksum(transport: &Transport, l4: &mut [u8], pseudo: u32, udp_zero: bool) {
+    match transport {
+        Transport::Tcp { .. } => {
+            let sum = !fold(sum_words(l4) + pseudo);
+            l4[16..18].copy_from_slice(&sum.to_be_bytes());
+        }
+        Transport::Udp { .. } if !udp_zero => {
+            let mut sum = !fold(sum_words(l4) + pseudo);
+            if sum == 0 {
+                sum = 0xffff;
+            }
+            l4[6..8].copy_from_slice(&sum.to_be_bytes());
+        }
+        _ => {}
+    }
+}
+
+/// Reads a TCP or UDP header, verifying its checksum against the
+/// pseudo-header sum `pseudo`: (transport, payload, UDP sent without
+/// checksum).
+pub(crate) fn parse_l4(
+    protocol: u8,
+    l4: &[u8],
+    pseudo: u32,
+) -> Result<(Transport, Vec<u8>, bool), String> {
+    Ok(match protocol {
+        6 => {
+            if l4.len() < TCP_HLEN {
+                return Err("TCP header truncated".into());
+            }
+            if fold(sum_words(l4) + pseudo) != 0xffff {
+                return Err("TCP checksum is wrong".into());
+            }
+            let off = ((l4[12] >> 4) as usize) * 4;
+            (
+                Transport::Tcp {
+                    src_port: u16::from_be_bytes([l4[0], l4[1]]),
+                    dst_port: u16::from_be_bytes([l4[2], l4[3]]),
+                    flags: l4[13],
+                    seq: u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]),
+                },
+                l4[off.min(l4.len())..].to_vec(),
+                false,
+            )
+        }
+        17 => {
+            if l4.len() < UDP_HLEN {
+                return Err("UDP header truncated".into());
+            }
+            let zero = l4[6..8] == [0, 0];
+            if !zero && fold(sum_words(l4) + pseudo) != 0xffff {
+                return Err("UDP checksum is wrong".into());
+            }
+            (
+                Transport::Udp {
+                    src_port: u16::from_be_bytes([l4[0], l4[1]]),
+                    dst_port: u16::from_be_bytes([l4[2], l4[3]]),
+                },
+                l4[UDP_HLEN..].to_vec(),
+                zero,
+            )
+        }
+        other => (Transport::Other { protocol: other }, l4.to_vec(), false),
+    })
+}
+
+pub(crate) fn sum_words(bytes: &[u8]) -> u32 {
     bytes
         .chunks(2)
         .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
@@ -255,15 +305,11 @@ fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, len: usize) -> u32 {
     sum_words(&src.octets()) + sum_words(&dst.octets()) + protocol as u32 + len as u32
 }
 
-fn fold(mut sum: u32) -> u16 {
+pub(crate) fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     sum as u16
-}
-
-fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4: &[u8]) -> u16 {
-    !fold(sum_words(l4) + pseudo_sum(src, dst, protocol, l4.len()))
 }
 
 #[cfg(test)]

@@ -7,13 +7,14 @@ use std::{collections::BTreeMap, mem::size_of, process::Command};
 
 use lb_agent::datapath::EBPF_OBJECT;
 use lb_common::{
-    backend::Lb4Backend,
-    config::LbConfig,
-    conntrack::{Lb4CtEntry, Lb4CtKey},
+    affinity::Lb6AffinityKey,
+    backend::{Lb4Backend, Lb6Backend},
+    config::{Lb6Config, LbConfig},
+    conntrack::{Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
     maglev::{Lb4MaglevChunk, Lb4MaglevKey},
-    service::{Lb4Service, Lb4ServiceKey},
+    service::{Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{Lb4Slot, Lb4SlotKey},
-    source_range::{Lb4SourceRange, Lb4SourceRangeKey},
+    source_range::{Lb4SourceRange, Lb4SourceRangeKey, Lb6SourceRangeKey},
     stats::Counter,
 };
 use lb_common::{service_name::LbServiceName, service_stats::LbServiceStats, trace::TraceEvent};
@@ -132,6 +133,42 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             packets,
             bytes
         }),
+        host_layout!(Lb6ServiceKey {
+            addr,
+            port,
+            proto,
+            scope
+        }),
+        host_layout!(Lb6Backend {
+            addr,
+            port,
+            proto,
+            flags
+        }),
+        host_layout!(Lb6CtKey {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto,
+            _pad
+        }),
+        host_layout!(Lb6CtEntry {
+            dst_addr,
+            dst_port,
+            direction,
+            rewrite,
+            src_addr,
+            src_port,
+            tcp_flags,
+            _pad,
+            service_id,
+            backend_id,
+            created_ns,
+            last_seen_ns,
+            packets,
+            bytes
+        }),
         host_layout!(Lb4SourceRangeKey {
             service_id_be,
             addr
@@ -142,6 +179,12 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             flags,
             maglev_table_size
         }),
+        host_layout!(Lb6Config { node_addr6 }),
+        host_layout!(Lb6SourceRangeKey {
+            service_id_be,
+            addr
+        }),
+        host_layout!(Lb6AffinityKey { client, service_id }),
         host_layout!(Lb4MaglevKey {
             service_id,
             table_size,

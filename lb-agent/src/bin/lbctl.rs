@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
@@ -15,15 +15,15 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::maps::{Map, MapData, RingBuf};
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_agent::datapath::KernelTables;
+use lb_agent::datapath::{BackendEntry, KernelTables, ServiceKey};
 use lb_common::{
     PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    backend::{FLAG_LOCAL, FLAG_TERMINATING, Lb4Backend},
+    backend::{FLAG_LOCAL, FLAG_TERMINATING},
     config::FLAG_TRACE,
-    conntrack::{DIR_FORWARD, Lb4CtEntry, Lb4CtKey, REWRITE_SRC, TCP_FIN, TCP_RST},
+    conntrack::{DIR_FORWARD, REWRITE_SRC, TCP_FIN, TCP_RST},
     service::{
         FLAG_ADDRESS, FLAG_LOCAL_ONLY, FLAG_MAGLEV, KIND_CLUSTER_IP, KIND_EXTERNAL_IP,
-        KIND_LOAD_BALANCER, KIND_NODE_PORT, SCOPE_INTERNAL,
+        KIND_LOAD_BALANCER, KIND_NODE_PORT, Lb4Service, SCOPE_INTERNAL,
     },
     service_name::LbServiceName,
     slot::Lb4SlotKey,
@@ -111,8 +111,76 @@ fn kind_name(kind: u32) -> &'static str {
     }
 }
 
-fn endpoint(addr: [u8; 4], port: u16) -> String {
-    format!("{}:{port}", Ipv4Addr::from(addr))
+/// `10.96.0.10:80`, `[fd00::10]:80`.
+fn endpoint(addr: impl Into<IpAddr>, port: u16) -> String {
+    SocketAddr::new(addr.into(), port).to_string()
+}
+
+/// A frontend key of either family's service map.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct FrontendRow {
+    addr: IpAddr,
+    port: u16,
+    proto: u8,
+    scope: u8,
+}
+
+/// A backend of either family's backend map.
+#[derive(Clone, Copy)]
+struct BackendRow {
+    addr: IpAddr,
+    port: u16,
+    proto: u8,
+    flags: u8,
+}
+
+// The IPv4 and IPv6 map types share their field names: one conversion
+// each serves both.
+macro_rules! frontend_row {
+    ($k:expr) => {
+        FrontendRow {
+            addr: IpAddr::from($k.addr),
+            port: $k.port,
+            proto: $k.proto,
+            scope: $k.scope,
+        }
+    };
+}
+macro_rules! backend_row {
+    ($b:expr) => {
+        BackendRow {
+            addr: IpAddr::from($b.addr),
+            port: $b.port,
+            proto: $b.proto,
+            flags: $b.flags,
+        }
+    };
+}
+
+/// Every frontend entry of both families, IPv4 first, each sorted.
+fn all_services(tables: &KernelTables) -> anyhow::Result<Vec<(FrontendRow, Lb4Service)>> {
+    let mut rows: Vec<(FrontendRow, Lb4Service)> = tables
+        .dump_all_services()?
+        .into_iter()
+        .map(|(key, svc)| match key {
+            ServiceKey::V4(k) => (frontend_row!(k), svc),
+            ServiceKey::V6(k) => (frontend_row!(k), svc),
+        })
+        .collect();
+    rows.sort_by_key(|(k, _)| *k);
+    Ok(rows)
+}
+
+/// Every backend of both families by id (ids are one space).
+fn all_backends(tables: &KernelTables) -> anyhow::Result<BTreeMap<u32, BackendRow>> {
+    Ok(tables
+        .dump_all_backends()?
+        .into_iter()
+        .map(|(id, b)| match b {
+            BackendEntry::V4(b) => (id, backend_row!(b)),
+            BackendEntry::V6(b) => (id, backend_row!(b)),
+        })
+        .collect())
 }
 
 /// `namespace/name` and the port name of a service id, from the name map.
@@ -145,7 +213,7 @@ impl Names {
     }
 }
 
-fn backend_json(id: u32, b: &Lb4Backend) -> Value {
+fn backend_json(id: u32, b: &BackendRow) -> Value {
     let state = if b.flags & FLAG_TERMINATING != 0 {
         "terminating"
     } else {
@@ -163,20 +231,15 @@ fn backend_json(id: u32, b: &Lb4Backend) -> Value {
 fn services(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> {
     let table_size = tables.config()?.maglev_table_size;
     let slots = tables.dump_slots()?;
-    let backends = tables.dump_backends()?;
+    let backends = all_backends(tables)?;
     let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for range in tables.dump_source_ranges()? {
         ranges
-            .entry(u32::from_be_bytes(range.key.service_id_be))
+            .entry(range.service_id)
             .or_default()
-            .push(format!(
-                "{}/{}",
-                Ipv4Addr::from(range.key.addr),
-                range.prefix_len
-            ));
+            .push(format!("{}/{}", range.addr, range.prefix_len));
     }
-    let mut services = tables.dump_services()?;
-    services.sort_by_key(|(k, _)| *k);
+    let services = all_services(tables)?;
     Ok(services
         .iter()
         // Address markers (port 0) say "this is a ClusterIP"; not frontends.
@@ -217,7 +280,7 @@ fn services(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> 
                 .collect();
             json!({
                 "frontend": format!("{}/{}", endpoint(key.addr, key.port), proto_name(key.proto)),
-                "address": Ipv4Addr::from(key.addr).to_string(),
+                "address": key.addr.to_string(),
                 "port": key.port,
                 "protocol": proto_name(key.proto),
                 "type": kind_name(svc.kind),
@@ -240,7 +303,7 @@ fn services(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> 
 fn backends(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> {
     let mut used_by: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     let slots = tables.dump_slots()?;
-    for (_, svc) in tables.dump_services()? {
+    for (_, svc) in all_services(tables)? {
         for slot in 0..svc.backend_count {
             let key = Lb4SlotKey {
                 service_id: svc.service_id,
@@ -258,8 +321,7 @@ fn backends(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> 
             }
         }
     }
-    Ok(tables
-        .dump_backends()?
+    Ok(all_backends(tables)?
         .iter()
         .map(|(id, b)| {
             let mut row = backend_json(*id, b);
@@ -286,7 +348,7 @@ fn seconds_since(now: u64, then: u64) -> f64 {
 
 /// A flow's state from what both directions saw: RST or FIN flags, and
 /// whether anything came back yet.
-fn flow_state(proto: u8, forward: &Lb4CtEntry, reply: Option<&Lb4CtEntry>) -> &'static str {
+fn flow_state(proto: u8, forward: &CtSide, reply: Option<&CtSide>) -> &'static str {
     let flags = forward.tcp_flags | reply.map_or(0, |r| r.tcp_flags);
     let replied = reply.is_some_and(|r| r.packets > 0);
     if proto != PROTO_TCP {
@@ -306,6 +368,57 @@ fn flow_state(proto: u8, forward: &Lb4CtEntry, reply: Option<&Lb4CtEntry>) -> &'
     }
 }
 
+/// A conntrack key of either family: (source, destination, source port,
+/// destination port, protocol), in the maps' order.
+type CtTuple = (IpAddr, IpAddr, u16, u16, u8);
+
+/// A conntrack entry of either family, addresses widened.
+struct CtSide {
+    dst_addr: IpAddr,
+    dst_port: u16,
+    direction: u8,
+    rewrite: u8,
+    src_addr: IpAddr,
+    src_port: u16,
+    tcp_flags: u8,
+    service_id: u32,
+    backend_id: u32,
+    created_ns: u64,
+    last_seen_ns: u64,
+    packets: u64,
+    bytes: u64,
+}
+
+// The IPv4 and IPv6 conntrack types share their field names.
+macro_rules! ct_row {
+    ($k:expr, $e:expr) => {
+        (
+            (
+                IpAddr::from($k.src_addr),
+                IpAddr::from($k.dst_addr),
+                $k.src_port,
+                $k.dst_port,
+                $k.proto,
+            ),
+            CtSide {
+                dst_addr: IpAddr::from($e.dst_addr),
+                dst_port: $e.dst_port,
+                direction: $e.direction,
+                rewrite: $e.rewrite,
+                src_addr: IpAddr::from($e.src_addr),
+                src_port: $e.src_port,
+                tcp_flags: $e.tcp_flags,
+                service_id: $e.service_id,
+                backend_id: $e.backend_id,
+                created_ns: $e.created_ns,
+                last_seen_ns: $e.last_seen_ns,
+                packets: $e.packets,
+                bytes: $e.bytes,
+            },
+        )
+    };
+}
+
 fn conntrack(
     tables: &KernelTables,
     names: &Names,
@@ -313,32 +426,39 @@ fn conntrack(
     limit: Option<usize>,
 ) -> anyhow::Result<Vec<Value>> {
     let wanted = service.map(|s| names.ids_of(s));
-    let all: BTreeMap<Lb4CtKey, Lb4CtEntry> = tables.dump_conntrack()?.into_iter().collect();
+    let v4 = tables
+        .dump_conntrack()?
+        .into_iter()
+        .map(|(k, e)| ct_row!(k, e));
+    let v6 = tables
+        .dump_conntrack6()?
+        .into_iter()
+        .map(|(k, e)| ct_row!(k, e));
+    let all: BTreeMap<CtTuple, CtSide> = v4.chain(v6).collect();
     let now = monotonic_ns();
     Ok(all
         .iter()
         .filter(|(_, e)| e.direction == DIR_FORWARD)
         .filter(|(_, e)| wanted.as_ref().is_none_or(|ids| ids.contains(&e.service_id)))
         .take(limit.unwrap_or(usize::MAX))
-        .map(|(k, e)| {
+        .map(|(&(src, dst, sport, dport, proto), e)| {
             let snat = e.rewrite & REWRITE_SRC != 0;
             // The reply comes from the backend to the client, or to the SNAT address.
-            let reply_key = Lb4CtKey {
-                src_addr: e.dst_addr,
-                dst_addr: if snat { e.src_addr } else { k.src_addr },
-                src_port: e.dst_port,
-                dst_port: if snat { e.src_port } else { k.src_port },
-                proto: k.proto,
-                _pad: [0; 3],
-            };
+            let reply_key = (
+                e.dst_addr,
+                if snat { e.src_addr } else { src },
+                e.dst_port,
+                if snat { e.src_port } else { sport },
+                proto,
+            );
             let reply = all.get(&reply_key);
             json!({
-                "client": endpoint(k.src_addr, k.src_port),
-                "frontend": endpoint(k.dst_addr, k.dst_port),
+                "client": endpoint(src, sport),
+                "frontend": endpoint(dst, dport),
                 "backend": endpoint(e.dst_addr, e.dst_port),
                 "snat": snat.then(|| endpoint(e.src_addr, e.src_port)),
-                "protocol": proto_name(k.proto),
-                "state": flow_state(k.proto, e, reply),
+                "protocol": proto_name(proto),
+                "state": flow_state(proto, e, reply),
                 "service": names.service(e.service_id),
                 "service_id": e.service_id,
                 "backend_id": e.backend_id,
@@ -355,21 +475,28 @@ fn conntrack(
 
 /// The session-affinity entries, with how long ago each was last used.
 fn affinity_rows(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> {
-    let backends = tables.dump_backends()?;
-    let services: BTreeMap<u32, u32> = tables
-        .dump_services()?
+    let backends = all_backends(tables)?;
+    let services: BTreeMap<u32, u32> = all_services(tables)?
         .into_iter()
         .map(|(_, s)| (s.service_id, s.affinity_timeout))
         .collect();
     let now = monotonic_ns();
+    let v4 = tables
+        .dump_affinity()?
+        .into_iter()
+        .map(|(k, v)| (IpAddr::from(k.client), k.service_id, v));
+    let v6 = tables
+        .dump_affinity6()?
+        .into_iter()
+        .map(|(k, v)| (IpAddr::from(k.client), k.service_id, v));
     let mut rows = Vec::new();
-    for (key, value) in tables.dump_affinity()? {
+    for (client, service_id, value) in v4.chain(v6) {
         let age = seconds_since(now, value.last_seen_ns);
-        let timeout = services.get(&key.service_id).copied();
+        let timeout = services.get(&service_id).copied();
         rows.push(json!({
-            "client": Ipv4Addr::from(key.client).to_string(),
-            "service": names.service(key.service_id),
-            "service_id": key.service_id,
+            "client": client.to_string(),
+            "service": names.service(service_id),
+            "service_id": service_id,
             "backend_id": value.backend_id,
             "backend": backends.get(&value.backend_id).map(|b| endpoint(b.addr, b.port)),
             "age_s": age,
@@ -393,6 +520,12 @@ fn map_fill(tables: &KernelTables, bpffs: &std::path::Path) -> anyhow::Result<Ve
         (lb_common::backend::NAME, tables.backends.keys().count()),
         (lb_common::member::NAME, tables.members.keys().count()),
         (lb_common::conntrack::NAME, tables.conntrack.keys().count()),
+        (lb_common::service::NAME6, tables.services6.keys().count()),
+        (lb_common::backend::NAME6, tables.backends6.keys().count()),
+        (
+            lb_common::conntrack::NAME6,
+            tables.conntrack6.keys().count(),
+        ),
         (lb_common::affinity::NAME, tables.affinity.keys().count()),
         (lb_common::maglev::NAME, tables.maglev.keys().count()),
         (lb_common::sock::NAME, tables.sock_revnat.keys().count()),

@@ -1,7 +1,7 @@
 //! Typed handles on the pinned maps, for the agent (writes) and for readers
 //! such as `lbctl` and the tests (reads of a running datapath).
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -13,16 +13,16 @@ use aya::{
 };
 use lb_common::{
     PROTO_UDP,
-    affinity::{self, Lb4Affinity, Lb4AffinityKey},
-    backend::{self, Lb4Backend},
-    config::{self, LbConfig},
-    conntrack::{self, Lb4CtEntry, Lb4CtKey},
+    affinity::{self, Lb4Affinity, Lb4AffinityKey, Lb6AffinityKey},
+    backend::{self, Lb4Backend, Lb6Backend},
+    config::{self, Lb6Config, LbConfig},
+    conntrack::{self, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
     maglev::{self, Lb4MaglevChunk, Lb4MaglevKey},
     member::{self, Lb4Member, Lb4MemberKey},
-    service::{self, Lb4Service, Lb4ServiceKey},
+    service::{self, Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
     sock::{self, Lb4SockKey, Lb4SockRevnat},
-    source_range::{self, Lb4SourceRange, Lb4SourceRangeKey, SERVICE_ID_BITS},
+    source_range::{self, Lb4SourceRange, Lb4SourceRangeKey, Lb6SourceRangeKey, SERVICE_ID_BITS},
     stats::{self, Counter, Reason},
 };
 // Inspection maps (lbctl): names and per-service counters.
@@ -31,7 +31,9 @@ use lb_common::{
     service_stats::{self, LbServiceStats},
 };
 
-use super::programmer::{RemovedUdpBackend, SourceRangeEntry, TableWriter};
+use super::programmer::{
+    BackendEntry, RemovedUdpBackend, ServiceKey, SourceRangeEntry, TableWriter,
+};
 
 /// The service, slot, backend and conntrack maps, plus the stats.
 pub struct KernelTables {
@@ -39,9 +41,18 @@ pub struct KernelTables {
     pub slots: HashMap<MapData, Lb4SlotKey, Lb4Slot>,
     pub backends: HashMap<MapData, u32, Lb4Backend>,
     pub conntrack: HashMap<MapData, Lb4CtKey, Lb4CtEntry>,
+    /// IPv6 frontends, backends and conntrack (slots and memberships are
+    /// shared with IPv4).
+    pub services6: HashMap<MapData, Lb6ServiceKey, Lb4Service>,
+    pub backends6: HashMap<MapData, u32, Lb6Backend>,
+    pub conntrack6: HashMap<MapData, Lb6CtKey, Lb6CtEntry>,
     pub source_ranges: LpmTrie<MapData, Lb4SourceRangeKey, Lb4SourceRange>,
+    pub source_ranges6: LpmTrie<MapData, Lb6SourceRangeKey, Lb4SourceRange>,
     pub config: Array<MapData, LbConfig>,
+    /// The node's IPv6 address (SNAT source).
+    pub config6: Array<MapData, Lb6Config>,
     pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
+    pub affinity6: HashMap<MapData, Lb6AffinityKey, Lb4Affinity>,
     pub members: HashMap<MapData, Lb4MemberKey, Lb4Member>,
     /// Socket-level balancing: (cookie, backend) -> service address.
     pub sock_revnat: HashMap<MapData, Lb4SockKey, Lb4SockRevnat>,
@@ -97,11 +108,22 @@ impl KernelTables {
                 .with_context(|| layout(backend::NAME))?,
             conntrack: HashMap::try_from(get(conntrack::NAME)?)
                 .with_context(|| layout(conntrack::NAME))?,
+            services6: HashMap::try_from(get(service::NAME6)?)
+                .with_context(|| layout(service::NAME6))?,
+            backends6: HashMap::try_from(get(backend::NAME6)?)
+                .with_context(|| layout(backend::NAME6))?,
+            conntrack6: HashMap::try_from(get(conntrack::NAME6)?)
+                .with_context(|| layout(conntrack::NAME6))?,
             source_ranges: LpmTrie::try_from(get(source_range::NAME)?)
                 .with_context(|| layout(source_range::NAME))?,
+            source_ranges6: LpmTrie::try_from(get(source_range::NAME6)?)
+                .with_context(|| layout(source_range::NAME6))?,
             config: Array::try_from(get(config::NAME)?).with_context(|| layout(config::NAME))?,
+            config6: Array::try_from(get(config::NAME6)?).with_context(|| layout(config::NAME6))?,
             affinity: HashMap::try_from(get(affinity::NAME)?)
                 .with_context(|| layout(affinity::NAME))?,
+            affinity6: HashMap::try_from(get(affinity::NAME6)?)
+                .with_context(|| layout(affinity::NAME6))?,
             members: HashMap::try_from(get(member::NAME)?).with_context(|| layout(member::NAME))?,
             maglev: HashMap::try_from(get(maglev::NAME)?).with_context(|| layout(maglev::NAME))?,
             sock_revnat: HashMap::try_from(get(sock::NAME)?).with_context(|| layout(sock::NAME))?,
@@ -149,6 +171,21 @@ impl KernelTables {
         Ok(self.services.iter().collect::<Result<_, _>>()?)
     }
 
+    /// Every IPv6 frontend entry.
+    pub fn dump_services6(&self) -> anyhow::Result<Vec<(Lb6ServiceKey, Lb4Service)>> {
+        Ok(self.services6.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Every frontend entry of both families, as the programmer adopts them.
+    pub fn dump_all_services(&self) -> anyhow::Result<Vec<(ServiceKey, Lb4Service)>> {
+        let v4 = self.dump_services()?.into_iter();
+        let v6 = self.dump_services6()?.into_iter();
+        Ok(v4
+            .map(|(k, v)| (ServiceKey::V4(k), v))
+            .chain(v6.map(|(k, v)| (ServiceKey::V6(k), v)))
+            .collect())
+    }
+
     /// Every slot entry.
     pub fn dump_slots(&self) -> anyhow::Result<BTreeMap<Lb4SlotKey, Lb4Slot>> {
         Ok(self.slots.iter().collect::<Result<_, _>>()?)
@@ -159,17 +196,39 @@ impl KernelTables {
         Ok(self.backends.iter().collect::<Result<_, _>>()?)
     }
 
-    /// Every source-range entry.
+    /// Every IPv6 backend entry.
+    pub fn dump_backends6(&self) -> anyhow::Result<BTreeMap<u32, Lb6Backend>> {
+        Ok(self.backends6.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Every backend entry of both families, as the programmer adopts them.
+    pub fn dump_all_backends(&self) -> anyhow::Result<Vec<(u32, BackendEntry)>> {
+        let v4 = self.dump_backends()?.into_iter();
+        let v6 = self.dump_backends6()?.into_iter();
+        Ok(v4
+            .map(|(id, b)| (id, BackendEntry::V4(b)))
+            .chain(v6.map(|(id, b)| (id, BackendEntry::V6(b))))
+            .collect())
+    }
+
+    /// Every source-range entry of both tries.
     pub fn dump_source_ranges(&self) -> anyhow::Result<Vec<SourceRangeEntry>> {
-        self.source_ranges
-            .iter()
-            .map(|entry| {
-                let (key, _) = entry?;
-                Ok(SourceRangeEntry {
-                    key: key.data(),
-                    prefix_len: key.prefix_len().saturating_sub(SERVICE_ID_BITS) as u8,
+        // The two key types share their field names.
+        macro_rules! entries {
+            ($trie:expr) => {
+                $trie.iter().map(|entry| {
+                    let (key, _) = entry?;
+                    let data = key.data();
+                    Ok(SourceRangeEntry {
+                        service_id: u32::from_be_bytes(data.service_id_be),
+                        addr: IpAddr::from(data.addr),
+                        prefix_len: key.prefix_len().saturating_sub(SERVICE_ID_BITS) as u8,
+                    })
                 })
-            })
+            };
+        }
+        entries!(self.source_ranges)
+            .chain(entries!(self.source_ranges6))
             .collect()
     }
 
@@ -183,31 +242,43 @@ impl KernelTables {
         Ok(self.config.set(0, value, 0)?)
     }
 
+    /// The node-wide IPv6 settings.
+    pub fn config6(&self) -> anyhow::Result<Lb6Config> {
+        Ok(self.config6.get(&0, 0)?)
+    }
+
+    /// Writes the node-wide IPv6 settings.
+    pub fn set_config6(&mut self, value: &Lb6Config) -> anyhow::Result<()> {
+        Ok(self.config6.set(0, value, 0)?)
+    }
+
     /// Removes the UDP conntrack entries (both directions) of flows that
     /// `removed` (service id, backend id) pairs carried, so a client that
     /// keeps sending from the same port is balanced afresh to a live
     /// backend (kube-proxy flushes UDP conntrack the same way). TCP flows
-    /// are left to finish. Returns how many entries went.
+    /// are left to finish. Both families' tables. Returns how many entries
+    /// went.
     pub fn flush_udp_conntrack(&mut self, removed: &[(u32, u32)]) -> anyhow::Result<usize> {
         if removed.is_empty() {
             return Ok(0);
         }
-        let doomed: Vec<Lb4CtKey> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(key, entry)| {
-                key.proto == PROTO_UDP && removed.contains(&(entry.service_id, entry.backend_id))
-            })
-            .map(|(key, _)| key)
-            .collect();
-        let mut flushed = 0;
-        for key in &doomed {
-            // An entry the LRU evicted meanwhile is already gone.
-            if self.conntrack.remove(key).is_ok() {
-                flushed += 1;
-            }
+        // The two families' tables hold entries with the same field names.
+        macro_rules! flush {
+            ($map:expr) => {{
+                let doomed: Vec<_> = $map
+                    .iter()
+                    .filter_map(Result::ok)
+                    .filter(|(key, entry)| {
+                        key.proto == PROTO_UDP
+                            && removed.contains(&(entry.service_id, entry.backend_id))
+                    })
+                    .map(|(key, _)| key)
+                    .collect();
+                // An entry the LRU evicted meanwhile is already gone.
+                doomed.iter().filter(|key| $map.remove(key).is_ok()).count()
+            }};
         }
+        let flushed = flush!(self.conntrack) + flush!(self.conntrack6);
         Ok(flushed)
     }
 
@@ -262,6 +333,11 @@ impl KernelTables {
         Ok(self.affinity.iter().collect::<Result<_, _>>()?)
     }
 
+    /// Every IPv6 session-affinity entry.
+    pub fn dump_affinity6(&self) -> anyhow::Result<Vec<(Lb6AffinityKey, Lb4Affinity)>> {
+        Ok(self.affinity6.iter().collect::<Result<_, _>>()?)
+    }
+
     /// Every service id's Kubernetes name.
     pub fn dump_service_names(&self) -> anyhow::Result<BTreeMap<u32, LbServiceName>> {
         Ok(self.service_names.iter().collect::<Result<_, _>>()?)
@@ -285,6 +361,11 @@ impl KernelTables {
     pub fn dump_conntrack(&self) -> anyhow::Result<Vec<(Lb4CtKey, Lb4CtEntry)>> {
         Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
     }
+
+    /// Every IPv6 conntrack entry (both directions).
+    pub fn dump_conntrack6(&self) -> anyhow::Result<Vec<(Lb6CtKey, Lb6CtEntry)>> {
+        Ok(self.conntrack6.iter().collect::<Result<_, _>>()?)
+    }
 }
 
 impl TableWriter for KernelTables {
@@ -294,6 +375,20 @@ impl TableWriter for KernelTables {
     }
     fn delete_service(&mut self, key: &Lb4ServiceKey) -> anyhow::Result<()> {
         Ok(self.services.remove(key)?)
+    }
+    fn put_service6(&mut self, key: &Lb6ServiceKey, value: &Lb4Service) -> anyhow::Result<()> {
+        let result = self.services6.insert(key, value, 0);
+        self.inserted(service::NAME6, result)
+    }
+    fn delete_service6(&mut self, key: &Lb6ServiceKey) -> anyhow::Result<()> {
+        Ok(self.services6.remove(key)?)
+    }
+    fn put_backend6(&mut self, id: u32, value: &Lb6Backend) -> anyhow::Result<()> {
+        let result = self.backends6.insert(id, value, 0);
+        self.inserted(backend::NAME6, result)
+    }
+    fn delete_backend6(&mut self, id: u32) -> anyhow::Result<()> {
+        Ok(self.backends6.remove(&id)?)
     }
     fn put_slot(&mut self, key: &Lb4SlotKey, value: &Lb4Slot) -> anyhow::Result<()> {
         let result = self.slots.insert(key, value, 0);
@@ -330,15 +425,23 @@ impl TableWriter for KernelTables {
         Ok(self.service_names.remove(&service_id)?)
     }
     fn put_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
-        let key = Key::new(SERVICE_ID_BITS + u32::from(range.prefix_len), range.key);
-        let result = self
-            .source_ranges
-            .insert(&key, Lb4SourceRange { allow: 1 }, 0);
-        self.inserted(source_range::NAME, result)
+        let allow = Lb4SourceRange { allow: 1 };
+        match trie_key(range) {
+            TrieKey::V4(key) => {
+                let result = self.source_ranges.insert(&key, allow, 0);
+                self.inserted(source_range::NAME, result)
+            }
+            TrieKey::V6(key) => {
+                let result = self.source_ranges6.insert(&key, allow, 0);
+                self.inserted(source_range::NAME6, result)
+            }
+        }
     }
     fn delete_source_range(&mut self, range: &SourceRangeEntry) -> anyhow::Result<()> {
-        let key = Key::new(SERVICE_ID_BITS + u32::from(range.prefix_len), range.key);
-        Ok(self.source_ranges.remove(&key)?)
+        match trie_key(range) {
+            TrieKey::V4(key) => Ok(self.source_ranges.remove(&key)?),
+            TrieKey::V6(key) => Ok(self.source_ranges6.remove(&key)?),
+        }
     }
     fn put_maglev_chunk(
         &mut self,
@@ -350,6 +453,33 @@ impl TableWriter for KernelTables {
     }
     fn delete_maglev_chunk(&mut self, key: &Lb4MaglevKey) -> anyhow::Result<()> {
         Ok(self.maglev.remove(key)?)
+    }
+}
+
+/// A source range's key in its family's trie.
+enum TrieKey {
+    V4(Key<Lb4SourceRangeKey>),
+    V6(Key<Lb6SourceRangeKey>),
+}
+
+fn trie_key(range: &SourceRangeEntry) -> TrieKey {
+    let bits = SERVICE_ID_BITS + u32::from(range.prefix_len);
+    let service_id_be = range.service_id.to_be_bytes();
+    match range.addr {
+        IpAddr::V4(addr) => TrieKey::V4(Key::new(
+            bits,
+            Lb4SourceRangeKey {
+                service_id_be,
+                addr: addr.octets(),
+            },
+        )),
+        IpAddr::V6(addr) => TrieKey::V6(Key::new(
+            bits,
+            Lb6SourceRangeKey {
+                service_id_be,
+                addr: addr.octets(),
+            },
+        )),
     }
 }
 

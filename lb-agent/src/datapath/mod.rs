@@ -30,7 +30,10 @@ use lb_common::{
 
 pub use devices::{accept_local_sources, glob_match, interface_addresses, list_interfaces};
 pub use maps::{KernelTables, StatsReader};
-pub use programmer::{ApplyReport, Programmer, RemovedUdpBackend, SourceRangeEntry, TableWriter};
+pub use programmer::{
+    ApplyReport, BackendEntry, Programmer, RemovedUdpBackend, ServiceKey, SourceRangeEntry,
+    TableWriter,
+};
 
 /// The kernel programs, built by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -106,11 +109,19 @@ impl Default for MapSizes {
 }
 
 /// Every map the programs use, with its pinned name.
-pub const MAP_NAMES: [&str; 14] = [
+pub const MAP_NAMES: [&str; 20] = [
     service::NAME,
     slot::NAME,
     backend::NAME,
     conntrack::NAME,
+    // IPv6: the maps keyed or valued by an address; slots and memberships
+    // are shared with IPv4 (ids are one space).
+    service::NAME6,
+    backend::NAME6,
+    conntrack::NAME6,
+    config::NAME6,
+    affinity::NAME6,
+    source_range::NAME6,
     affinity::NAME,
     member::NAME,
     maglev::NAME,
@@ -147,6 +158,9 @@ impl Datapath {
             .map_max_entries(slot::NAME, sizes.slots)
             .map_max_entries(backend::NAME, sizes.backends)
             .map_max_entries(conntrack::NAME, sizes.conntrack)
+            .map_max_entries(service::NAME6, sizes.services)
+            .map_max_entries(backend::NAME6, sizes.backends)
+            .map_max_entries(conntrack::NAME6, sizes.conntrack)
             .map_max_entries(maglev::NAME, sizes.maglev_chunks)
             // One membership per backend of a service: as many as the slots
             // of one revision, so --max-slots bounds both.

@@ -13,24 +13,28 @@
 //! (`crate::maglev`); it is rewritten in place, only the chunks that hold
 //! changed slots, after new backends are written and before the service
 //! entry (see `lb_common::maglev` for why that order is safe).
+//!
+//! Both families are programmed by one image: IPv4 frontends and backends
+//! into the `LB4_*` maps, IPv6 ones into `LB6_*`, with service and backend
+//! ids handed out from one space, so the slot and membership maps (keyed by
+//! ids) serve both.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use lb_common::service_name::LbServiceName;
 use lb_common::{
-    backend::{FLAG_LOCAL, FLAG_TERMINATING, Lb4Backend},
+    backend::{FLAG_LOCAL, FLAG_TERMINATING, Lb4Backend, Lb6Backend},
     maglev::{Lb4MaglevChunk, Lb4MaglevKey, chunk_count},
     member::Lb4MemberKey,
     service::{
         FLAG_ADDRESS, FLAG_HAS_INTERNAL, FLAG_LOCAL_ONLY, FLAG_MAGLEV, FLAG_SOURCE_RANGES,
         KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER, KIND_NODE_PORT, Lb4Service,
-        Lb4ServiceKey, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+        Lb4ServiceKey, Lb6ServiceKey, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     },
     slot::{Lb4Slot, Lb4SlotKey},
-    source_range::Lb4SourceRangeKey,
 };
 
 use crate::maglev::{self, BackendIdentity};
@@ -45,6 +49,12 @@ pub trait TableWriter {
     fn delete_slot(&mut self, key: &Lb4SlotKey) -> anyhow::Result<()>;
     fn put_backend(&mut self, id: u32, value: &Lb4Backend) -> anyhow::Result<()>;
     fn delete_backend(&mut self, id: u32) -> anyhow::Result<()>;
+    /// The IPv6 frontend map (`LB6_SERVICES_V1`).
+    fn put_service6(&mut self, key: &Lb6ServiceKey, value: &Lb4Service) -> anyhow::Result<()>;
+    fn delete_service6(&mut self, key: &Lb6ServiceKey) -> anyhow::Result<()>;
+    /// The IPv6 backend map (`LB6_BACKENDS_V1`).
+    fn put_backend6(&mut self, id: u32, value: &Lb6Backend) -> anyhow::Result<()>;
+    fn delete_backend6(&mut self, id: u32) -> anyhow::Result<()>;
     /// Backend `key.backend_id` is part of service `key.service_id`.
     fn put_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()>;
     fn delete_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()>;
@@ -70,10 +80,12 @@ pub trait TableWriter {
     }
 }
 
-/// One loadBalancerSourceRanges entry as the trie holds it.
+/// One loadBalancerSourceRanges entry, in its family's trie.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SourceRangeEntry {
-    pub key: Lb4SourceRangeKey,
+    pub service_id: u32,
+    /// The network address; its family picks the trie.
+    pub addr: IpAddr,
     /// Prefix length of the address part (the service id's 32 bits come on top).
     pub prefix_len: u8,
 }
@@ -87,8 +99,6 @@ pub struct ApplyReport {
     pub backends: usize,
     /// Map entries written or deleted.
     pub writes: usize,
-    /// Frontends the datapath does not serve yet (IPv6), left unprogrammed.
-    pub unsupported: usize,
     /// Failures, each naming the service; the service keeps its previous
     /// programming and every other service is unaffected.
     pub errors: Vec<String>,
@@ -124,15 +134,99 @@ struct ProgrammedService {
 }
 
 /// Backend identity: what makes two endpoints the same backend.
-type BackendKey = ([u8; 4], u16, u8);
+type BackendKey = (IpAddr, u16, u8);
+
+/// A frontend's key in its family's service map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ServiceKey {
+    /// `LB4_SERVICES_V1`.
+    V4(Lb4ServiceKey),
+    /// `LB6_SERVICES_V1`.
+    V6(Lb6ServiceKey),
+}
+
+impl ServiceKey {
+    fn proto(&self) -> u8 {
+        match self {
+            ServiceKey::V4(k) => k.proto,
+            ServiceKey::V6(k) => k.proto,
+        }
+    }
+
+    fn is_ipv4(&self) -> bool {
+        matches!(self, ServiceKey::V4(_))
+    }
+
+    fn put(&self, maps: &mut impl TableWriter, entry: &Lb4Service) -> anyhow::Result<()> {
+        match self {
+            ServiceKey::V4(k) => maps.put_service(k, entry),
+            ServiceKey::V6(k) => maps.put_service6(k, entry),
+        }
+    }
+
+    fn delete(&self, maps: &mut impl TableWriter) -> anyhow::Result<()> {
+        match self {
+            ServiceKey::V4(k) => maps.delete_service(k),
+            ServiceKey::V6(k) => maps.delete_service6(k),
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServiceKey::V4(k) => write!(f, "{:?}:{}/{}", k.addr, k.port, k.proto),
+            ServiceKey::V6(k) => write!(
+                f,
+                "[{}]:{}/{}",
+                std::net::Ipv6Addr::from(k.addr),
+                k.port,
+                k.proto
+            ),
+        }
+    }
+}
+
+/// A backend as its family's backend map holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendEntry {
+    /// `LB4_BACKENDS_V1`.
+    V4(Lb4Backend),
+    /// `LB6_BACKENDS_V1`.
+    V6(Lb6Backend),
+}
+
+impl BackendEntry {
+    fn identity(&self) -> BackendKey {
+        match self {
+            BackendEntry::V4(b) => (IpAddr::from(b.addr), b.port, b.proto),
+            BackendEntry::V6(b) => (IpAddr::from(b.addr), b.port, b.proto),
+        }
+    }
+
+    fn put(&self, maps: &mut impl TableWriter, id: u32) -> anyhow::Result<()> {
+        match self {
+            BackendEntry::V4(b) => maps.put_backend(id, b),
+            BackendEntry::V6(b) => maps.put_backend6(id, b),
+        }
+    }
+
+    fn delete(&self, maps: &mut impl TableWriter, id: u32) -> anyhow::Result<()> {
+        match self {
+            BackendEntry::V4(_) => maps.delete_backend(id),
+            BackendEntry::V6(_) => maps.delete_backend6(id),
+        }
+    }
+}
 
 /// The agent's image of what the maps hold.
 #[derive(Debug)]
 pub struct Programmer {
-    services: BTreeMap<Lb4ServiceKey, ProgrammedService>,
-    /// ClusterIP addresses with a marker entry (port 0, protocol 0).
-    markers: BTreeSet<[u8; 4]>,
-    backends: BTreeMap<BackendKey, (u32, Lb4Backend)>,
+    services: BTreeMap<ServiceKey, ProgrammedService>,
+    /// ClusterIP addresses (both families) with a marker entry (port 0,
+    /// protocol 0).
+    markers: BTreeSet<IpAddr>,
+    backends: BTreeMap<BackendKey, (u32, BackendEntry)>,
     next_service_id: u32,
     next_backend_id: u32,
     /// Inspection only: names written to the service-name map, by service
@@ -178,20 +272,28 @@ impl Default for Programmer {
     }
 }
 
-/// The map key of an IPv4 frontend (`None` for IPv6, not served yet).
-fn service_key(frontend: &Frontend) -> Option<Lb4ServiceKey> {
-    let IpAddr::V4(addr) = frontend.addr else {
-        return None;
+/// The map key of a frontend, in its family's map.
+fn service_key(frontend: &Frontend) -> ServiceKey {
+    let port = frontend.port;
+    let proto = frontend.protocol.number();
+    let scope = match frontend.scope {
+        Scope::External => SCOPE_EXTERNAL,
+        Scope::Internal => SCOPE_INTERNAL,
     };
-    Some(Lb4ServiceKey {
-        addr: addr.octets(),
-        port: frontend.port,
-        proto: frontend.protocol.number(),
-        scope: match frontend.scope {
-            Scope::External => SCOPE_EXTERNAL,
-            Scope::Internal => SCOPE_INTERNAL,
-        },
-    })
+    match frontend.addr {
+        IpAddr::V4(addr) => ServiceKey::V4(Lb4ServiceKey {
+            addr: addr.octets(),
+            port,
+            proto,
+            scope,
+        }),
+        IpAddr::V6(addr) => ServiceKey::V6(Lb6ServiceKey {
+            addr: addr.octets(),
+            port,
+            proto,
+            scope,
+        }),
+    }
 }
 
 fn kind_code(kind: FrontendKind) -> u32 {
@@ -223,7 +325,7 @@ impl Programmer {
         &mut self,
         chunks: impl IntoIterator<Item = (Lb4MaglevKey, Lb4MaglevChunk)>,
     ) -> Vec<Lb4MaglevKey> {
-        let by_id: BTreeMap<u32, Lb4ServiceKey> = self
+        let by_id: BTreeMap<u32, ServiceKey> = self
             .services
             .iter()
             .map(|(key, s)| (s.entry.service_id, *key))
@@ -272,29 +374,32 @@ impl Programmer {
     /// first apply rewrites only what changed and ids stay the same. Slots
     /// of other revisions (a half-finished update) are deleted by the apply.
     pub fn adopt(
-        services: impl IntoIterator<Item = (Lb4ServiceKey, Lb4Service)>,
+        services: impl IntoIterator<Item = (ServiceKey, Lb4Service)>,
         slots: &BTreeMap<Lb4SlotKey, Lb4Slot>,
-        backends: impl IntoIterator<Item = (u32, Lb4Backend)>,
+        backends: impl IntoIterator<Item = (u32, BackendEntry)>,
         ranges: impl IntoIterator<Item = SourceRangeEntry>,
     ) -> (Self, Vec<Lb4SlotKey>) {
         let mut ranges_by_service: BTreeMap<u32, Vec<SourceRangeEntry>> = BTreeMap::new();
         for range in ranges {
             ranges_by_service
-                .entry(u32::from_be_bytes(range.key.service_id_be))
+                .entry(range.service_id)
                 .or_default()
                 .push(range);
         }
         let mut me = Self::default();
         for (id, backend) in backends {
             me.next_backend_id = me.next_backend_id.max(id.saturating_add(1));
-            let identity = (backend.addr, backend.port, backend.proto);
+            let identity = backend.identity();
             me.backends.insert(identity, (id, backend));
             me.backend_keys.insert(id, identity);
         }
         let mut live_slots = BTreeSet::new();
         for (key, entry) in services {
             if entry.flags & FLAG_ADDRESS != 0 {
-                me.markers.insert(key.addr);
+                me.markers.insert(match key {
+                    ServiceKey::V4(k) => IpAddr::from(k.addr),
+                    ServiceKey::V6(k) => IpAddr::from(k.addr),
+                });
                 continue;
             }
             me.next_service_id = me.next_service_id.max(entry.service_id.saturating_add(1));
@@ -353,10 +458,9 @@ impl Programmer {
         // this apply adds.
         for key in &changes.removed {
             if let Err(e) = self.remove_service(key, maps, &mut report) {
-                report.errors.push(format!(
-                    "removing frontend {:?}:{}/{}: {e:#}",
-                    key.addr, key.port, key.proto
-                ));
+                report
+                    .errors
+                    .push(format!("removing frontend {key}: {e:#}"));
             }
         }
         for frontend in &changes.gone {
@@ -377,16 +481,13 @@ impl Programmer {
         }
         if changes.cluster_ips || self.markers_retry {
             // ClusterIP -> its Service, for errors.
-            let cluster_ips: BTreeMap<[u8; 4], String> = desired
+            let cluster_ips: BTreeMap<IpAddr, String> = desired
                 .frontends
                 .iter()
                 .filter(|(f, spec)| {
                     f.scope == Scope::External && spec.kind == FrontendKind::ClusterIp
                 })
-                .filter_map(|(f, spec)| match f.addr {
-                    IpAddr::V4(addr) => Some((addr.octets(), spec.service.to_string())),
-                    IpAddr::V6(_) => None,
-                })
+                .map(|(f, spec)| (f.addr, spec.service.to_string()))
                 .collect();
             let errors_before = report.errors.len();
             self.sync_markers(&cluster_ips, maps, &mut report);
@@ -394,7 +495,6 @@ impl Programmer {
         }
         self.collect_backends(maps, &mut report);
         self.full_sync = false;
-        report.unsupported = changes.unsupported;
         report.frontends = self.services.len();
         report.backends = self.backends.len();
         report
@@ -409,8 +509,7 @@ impl Programmer {
         let mut changes = Changes::default();
         let mut dirty: BTreeSet<&'a Frontend> = BTreeSet::new();
         if self.full_sync {
-            let wanted: BTreeSet<Lb4ServiceKey> =
-                desired.frontends.keys().filter_map(service_key).collect();
+            let wanted: BTreeSet<ServiceKey> = desired.frontends.keys().map(service_key).collect();
             changes.removed = self
                 .services
                 .keys()
@@ -441,7 +540,7 @@ impl Programmer {
                         let Some((frontend, spec)) = old.next() else {
                             break;
                         };
-                        changes.removed.extend(service_key(frontend));
+                        changes.removed.push(service_key(frontend));
                         changes.gone.push(frontend.clone());
                         changes.cluster_ips |= spec.kind == FrontendKind::ClusterIp;
                         if frontend.scope == Scope::Internal {
@@ -488,16 +587,10 @@ impl Programmer {
             }
         }
         for frontend in dirty {
-            // IPv6 frontends pass too: remembered as applied, not programmed.
             if let Some(spec) = desired.frontends.get(frontend) {
                 changes.programmed.push((frontend, spec));
             }
         }
-        changes.unsupported = desired
-            .frontends
-            .keys()
-            .filter(|f| f.addr.is_ipv6())
-            .count();
         changes
     }
 
@@ -510,9 +603,7 @@ impl Programmer {
         maps: &mut impl TableWriter,
         report: &mut ApplyReport,
     ) {
-        let Some(key) = service_key(frontend) else {
-            return;
-        };
+        let key = service_key(frontend);
         let what = || format!("{} port {} ({frontend})", spec.service, spec.port_name);
         let has_internal = frontend.scope == Scope::External
             && desired.frontends.contains_key(&Frontend {
@@ -551,16 +642,14 @@ impl Programmer {
 
     fn ensure_backends(
         &mut self,
-        key: &Lb4ServiceKey,
+        key: &ServiceKey,
         spec: &FrontendSpec,
         maps: &mut impl TableWriter,
         writes: &mut usize,
     ) -> anyhow::Result<Vec<u32>> {
         let mut ids = Vec::with_capacity(spec.backends.len());
+        let proto = key.proto();
         for backend in &spec.backends {
-            let IpAddr::V4(addr) = backend.addr else {
-                continue;
-            };
             let mut flags = 0;
             if backend.node_local {
                 flags |= FLAG_LOCAL;
@@ -568,27 +657,42 @@ impl Programmer {
             if backend.terminating {
                 flags |= FLAG_TERMINATING;
             }
-            let value = Lb4Backend {
-                addr: addr.octets(),
-                port: backend.port,
-                proto: key.proto,
-                flags,
+            // A frontend's backends are of its family (the model keeps
+            // them so); anything else is skipped.
+            let value = match (key, backend.addr) {
+                (ServiceKey::V4(_), IpAddr::V4(addr)) => BackendEntry::V4(Lb4Backend {
+                    addr: addr.octets(),
+                    port: backend.port,
+                    proto,
+                    flags,
+                }),
+                (ServiceKey::V6(_), IpAddr::V6(addr)) => BackendEntry::V6(Lb6Backend {
+                    addr: addr.octets(),
+                    port: backend.port,
+                    proto,
+                    flags,
+                }),
+                _ => continue,
             };
-            let identity = (value.addr, value.port, value.proto);
+            let identity = value.identity();
             let id = match self.backends.get(&identity) {
                 Some((id, current)) if *current == value => *id,
                 Some((id, _)) => {
                     // Same backend, new state: update in place, same id.
                     let id = *id;
-                    maps.put_backend(id, &value)?;
+                    value.put(maps, id)?;
                     *writes += 1;
                     self.backends.insert(identity, (id, value));
                     id
                 }
                 None => {
                     let id = self.next_backend_id;
-                    maps.put_backend(id, &value)
-                        .map_err(|e| e.context(format!("backend {addr}:{}", backend.port)))?;
+                    value.put(maps, id).map_err(|e| {
+                        e.context(format!(
+                            "backend {}",
+                            SocketAddr::new(backend.addr, backend.port)
+                        ))
+                    })?;
                     *writes += 1;
                     self.next_backend_id += 1;
                     self.backends.insert(identity, (id, value));
@@ -610,7 +714,7 @@ impl Programmer {
     /// call added and leaves the previous programming in force.
     fn program_service(
         &mut self,
-        key: Lb4ServiceKey,
+        key: ServiceKey,
         spec: &FrontendSpec,
         has_internal: bool,
         ids: Vec<u32>,
@@ -621,18 +725,15 @@ impl Programmer {
         let service_id = current
             .as_ref()
             .map_or(self.next_service_id, |c| c.entry.service_id);
+        // The ranges of the frontend's family go into its trie.
         let ranges: Vec<SourceRangeEntry> = spec
             .source_ranges
             .iter()
-            .filter_map(|range| match range.addr {
-                IpAddr::V4(addr) => Some(SourceRangeEntry {
-                    key: Lb4SourceRangeKey {
-                        service_id_be: service_id.to_be_bytes(),
-                        addr: addr.octets(),
-                    },
-                    prefix_len: range.prefix_len,
-                }),
-                IpAddr::V6(_) => None,
+            .filter(|range| range.addr.is_ipv4() == key.is_ipv4())
+            .map(|range| SourceRangeEntry {
+                service_id,
+                addr: range.addr,
+                prefix_len: range.prefix_len,
             })
             .collect();
         let mut flags = 0;
@@ -642,12 +743,14 @@ impl Programmer {
         if has_internal {
             flags |= FLAG_HAS_INTERNAL;
         }
-        if !ranges.is_empty() {
+        // An IPv6 frontend whose ranges are all IPv4 admits nobody (fail
+        // closed); an IPv4 one keeps the behaviour it always had.
+        if !ranges.is_empty() || (!key.is_ipv4() && !spec.source_ranges.is_empty()) {
             flags |= FLAG_SOURCE_RANGES;
         }
         let ids_changed = current.as_ref().is_none_or(|c| c.backend_ids != ids);
         let old_table: &[u32] = current.as_ref().map_or(&[], |c| &c.maglev);
-        let table = self.plan_maglev(current.as_ref(), spec, &ids, ids_changed, report);
+        let table = self.plan_maglev(current.as_ref(), (&key, spec), &ids, ids_changed, report);
         if !matches!(table, TablePlan::None) {
             flags |= FLAG_MAGLEV;
         }
@@ -727,7 +830,7 @@ impl Programmer {
             return Err(e);
         }
         let entry_changed = current.as_ref().is_none_or(|c| c.entry != entry);
-        if entry_changed && let Err(e) = maps.put_service(&key, &entry) {
+        if entry_changed && let Err(e) = key.put(maps, &entry) {
             if let TablePlan::Write(new_table) = &table {
                 restore_table(service_id, old_table, new_table, maps);
             }
@@ -794,7 +897,7 @@ impl Programmer {
     fn plan_maglev(
         &self,
         current: Option<&ProgrammedService>,
-        spec: &FrontendSpec,
+        (key, spec): (&ServiceKey, &FrontendSpec),
         ids: &[u32],
         ids_changed: bool,
         report: &mut ApplyReport,
@@ -812,11 +915,12 @@ impl Programmer {
         {
             return TablePlan::Keep;
         }
-        // The same order as `ids` (`ensure_backends` keeps IPv4 backends).
+        // The same order as `ids` (`ensure_backends` keeps the backends of
+        // the frontend's family).
         let identities: Vec<BackendIdentity> = spec
             .backends
             .iter()
-            .filter(|b| b.addr.is_ipv4())
+            .filter(|b| b.addr.is_ipv4() == key.is_ipv4())
             .map(|b| BackendIdentity {
                 addr: b.addr,
                 port: b.port,
@@ -847,7 +951,7 @@ impl Programmer {
 
     fn remove_service(
         &mut self,
-        key: &Lb4ServiceKey,
+        key: &ServiceKey,
         maps: &mut impl TableWriter,
         report: &mut ApplyReport,
     ) -> anyhow::Result<()> {
@@ -855,7 +959,7 @@ impl Programmer {
             return Ok(());
         };
         // Entry first: after it is gone no packet reaches the rest.
-        if let Err(e) = maps.delete_service(key) {
+        if let Err(e) = key.delete(maps) {
             self.services.insert(*key, current);
             return Err(e);
         }
@@ -894,7 +998,11 @@ impl Programmer {
 
     /// Records a UDP backend leaving a frontend (the backend is still in
     /// the image: unreferenced backends are collected at the end).
-    fn note_removed_udp(&self, key: &Lb4ServiceKey, backend_id: u32, report: &mut ApplyReport) {
+    /// IPv4 only: socket-level balancing is.
+    fn note_removed_udp(&self, key: &ServiceKey, backend_id: u32, report: &mut ApplyReport) {
+        let ServiceKey::V4(key) = key else {
+            return;
+        };
         if key.proto != lb_common::PROTO_UDP {
             return;
         }
@@ -902,7 +1010,7 @@ impl Programmer {
             .backend_keys
             .get(&backend_id)
             .and_then(|k| self.backends.get(k));
-        if let Some((_, backend)) = backend {
+        if let Some((_, BackendEntry::V4(backend))) = backend {
             report.removed_udp.push(RemovedUdpBackend {
                 frontend: (key.addr, key.port),
                 backend: (backend.addr, backend.port),
@@ -915,15 +1023,23 @@ impl Programmer {
     /// port defines.
     fn sync_markers(
         &mut self,
-        wanted: &BTreeMap<[u8; 4], String>,
+        wanted: &BTreeMap<IpAddr, String>,
         maps: &mut impl TableWriter,
         report: &mut ApplyReport,
     ) {
-        let marker_key = |addr: [u8; 4]| Lb4ServiceKey {
-            addr,
-            port: 0,
-            proto: 0,
-            scope: SCOPE_EXTERNAL,
+        let marker_key = |addr: IpAddr| match addr {
+            IpAddr::V4(addr) => ServiceKey::V4(Lb4ServiceKey {
+                addr: addr.octets(),
+                port: 0,
+                proto: 0,
+                scope: SCOPE_EXTERNAL,
+            }),
+            IpAddr::V6(addr) => ServiceKey::V6(Lb6ServiceKey {
+                addr: addr.octets(),
+                port: 0,
+                proto: 0,
+                scope: SCOPE_EXTERNAL,
+            }),
         };
         let marker = Lb4Service {
             service_id: 0,
@@ -933,14 +1049,14 @@ impl Programmer {
             flags: FLAG_ADDRESS,
             affinity_timeout: 0,
         };
-        let stale: Vec<[u8; 4]> = self
+        let stale: Vec<IpAddr> = self
             .markers
             .iter()
             .filter(|addr| !wanted.contains_key(*addr))
             .copied()
             .collect();
         for addr in &stale {
-            if maps.delete_service(&marker_key(*addr)).is_ok() {
+            if marker_key(*addr).delete(maps).is_ok() {
                 report.writes += 1;
             }
             self.markers.remove(addr);
@@ -949,15 +1065,14 @@ impl Programmer {
             if self.markers.contains(addr) {
                 continue;
             }
-            match maps.put_service(&marker_key(*addr), &marker) {
+            match marker_key(*addr).put(maps, &marker) {
                 Ok(()) => {
                     report.writes += 1;
                     self.markers.insert(*addr);
                 }
-                Err(e) => report.errors.push(format!(
-                    "{service}: marking {} as a ClusterIP: {e:#}",
-                    std::net::Ipv4Addr::from(*addr)
-                )),
+                Err(e) => report
+                    .errors
+                    .push(format!("{service}: marking {addr} as a ClusterIP: {e:#}")),
             }
         }
     }
@@ -966,7 +1081,7 @@ impl Programmer {
     /// it is not the one written last (inspection only, see `names`).
     fn sync_service_name(
         &mut self,
-        key: &Lb4ServiceKey,
+        key: &ServiceKey,
         spec: &FrontendSpec,
         maps: &mut impl TableWriter,
     ) -> anyhow::Result<()> {
@@ -1004,13 +1119,17 @@ impl Programmer {
     /// those that lost a reference or were written in this apply).
     fn collect_backends(&mut self, maps: &mut impl TableWriter, report: &mut ApplyReport) {
         let candidates = std::mem::take(&mut self.maybe_unused);
-        let unused: Vec<(BackendKey, u32)> = candidates
+        let unused: Vec<(BackendKey, u32, BackendEntry)> = candidates
             .into_iter()
             .filter(|id| !self.backend_refs.contains_key(id))
-            .filter_map(|id| self.backend_keys.get(&id).map(|k| (*k, id)))
+            .filter_map(|id| {
+                let identity = self.backend_keys.get(&id)?;
+                let (_, entry) = self.backends.get(identity)?;
+                Some((*identity, id, *entry))
+            })
             .collect();
-        for (identity, id) in unused {
-            match maps.delete_backend(id) {
+        for (identity, id, entry) in unused {
+            match entry.delete(maps, id) {
                 Ok(()) => {
                     report.writes += 1;
                     self.backends.remove(&identity);
@@ -1029,15 +1148,13 @@ impl Programmer {
 #[derive(Default)]
 struct Changes<'a> {
     /// Programmed frontends to remove.
-    removed: Vec<Lb4ServiceKey>,
+    removed: Vec<ServiceKey>,
     /// Frontends of the last apply that `desired` no longer has.
     gone: Vec<Frontend>,
     /// New or changed frontends, in order.
     programmed: Vec<(&'a Frontend, &'a FrontendSpec)>,
     /// Whether the set of ClusterIP addresses may have changed.
     cluster_ips: bool,
-    /// IPv6 frontends in `desired` (not served yet).
-    unsupported: usize,
 }
 
 /// See [`Programmer::plan_maglev`].
@@ -1192,8 +1309,10 @@ mod tests {
     #[derive(Default)]
     struct CheckedMaps {
         services: BTreeMap<Lb4ServiceKey, Lb4Service>,
+        services6: BTreeMap<Lb6ServiceKey, Lb4Service>,
         slots: BTreeMap<Lb4SlotKey, Lb4Slot>,
         backends: BTreeMap<u32, Lb4Backend>,
+        backends6: BTreeMap<u32, Lb6Backend>,
         ranges: BTreeSet<SourceRangeEntry>,
         members: BTreeSet<Lb4MemberKey>,
         maglev: BTreeMap<Lb4MaglevKey, Lb4MaglevChunk>,
@@ -1206,7 +1325,14 @@ mod tests {
 
     impl CheckedMaps {
         fn check(&self) {
-            for (key, svc) in &self.services {
+            let v4 = self.services.iter().map(|(k, s)| (ServiceKey::V4(*k), s));
+            let v6 = self.services6.iter().map(|(k, s)| (ServiceKey::V6(*k), s));
+            for (key, svc) in v4.chain(v6) {
+                // A slot's backend id is read in its service's family's map.
+                let backend_exists = |id: &u32| match key {
+                    ServiceKey::V4(_) => self.backends.contains_key(id),
+                    ServiceKey::V6(_) => self.backends6.contains_key(id),
+                };
                 for slot in 0..svc.backend_count {
                     let k = Lb4SlotKey {
                         service_id: svc.service_id,
@@ -1236,7 +1362,7 @@ mod tests {
                         )
                     });
                     assert!(
-                        self.backends.contains_key(&s.backend_id),
+                        backend_exists(&s.backend_id),
                         "after op {}: slot {k:?} points at missing backend {}",
                         self.ops,
                         s.backend_id
@@ -1251,7 +1377,7 @@ mod tests {
                         .iter()
                         .filter(|(k, _)| k.service_id == svc.service_id)
                         .flat_map(|(_, chunk)| chunk.backend_ids)
-                        .find(|id| *id != 0 && !self.backends.contains_key(id));
+                        .find(|id| *id != 0 && !backend_exists(id));
                     assert_eq!(
                         dangling, None,
                         "after op {}: {key:?}'s Maglev table names a missing backend",
@@ -1259,11 +1385,11 @@ mod tests {
                     );
                 }
                 // A restricted service with no allowed range would drop
-                // every client.
-                if svc.flags & FLAG_SOURCE_RANGES != 0 {
-                    let id = svc.service_id.to_be_bytes();
+                // every client (an IPv6 one whose ranges are all IPv4 does,
+                // on purpose).
+                if svc.flags & FLAG_SOURCE_RANGES != 0 && key.is_ipv4() {
                     assert!(
-                        self.ranges.iter().any(|r| r.key.service_id_be == id),
+                        self.ranges.iter().any(|r| r.service_id == svc.service_id),
                         "after op {}: {key:?} is restricted but has no range",
                         self.ops
                     );
@@ -1287,6 +1413,24 @@ mod tests {
             }
             table.truncate(m as usize);
             table
+        }
+        /// The frontends of both families, as `Programmer::adopt` takes them.
+        fn all_services(&self) -> Vec<(ServiceKey, Lb4Service)> {
+            let v4 = self.services.iter().map(|(k, v)| (ServiceKey::V4(*k), *v));
+            let v6 = self.services6.iter().map(|(k, v)| (ServiceKey::V6(*k), *v));
+            v4.chain(v6).collect()
+        }
+        /// The backends of both families, as `Programmer::adopt` takes them.
+        fn all_backends(&self) -> Vec<(u32, BackendEntry)> {
+            let v4 = self
+                .backends
+                .iter()
+                .map(|(id, b)| (*id, BackendEntry::V4(*b)));
+            let v6 = self
+                .backends6
+                .iter()
+                .map(|(id, b)| (*id, BackendEntry::V6(*b)));
+            v4.chain(v6).collect()
         }
         /// Counts a write and checks what a packet would see now.
         fn wrote(&mut self) -> anyhow::Result<()> {
@@ -1377,6 +1521,22 @@ mod tests {
         }
         fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
             self.backends.remove(&id);
+            self.wrote()
+        }
+        fn put_service6(&mut self, key: &Lb6ServiceKey, value: &Lb4Service) -> anyhow::Result<()> {
+            self.services6.insert(*key, *value);
+            self.wrote()
+        }
+        fn delete_service6(&mut self, key: &Lb6ServiceKey) -> anyhow::Result<()> {
+            self.services6.remove(key);
+            self.wrote()
+        }
+        fn put_backend6(&mut self, id: u32, value: &Lb6Backend) -> anyhow::Result<()> {
+            self.backends6.insert(id, *value);
+            self.wrote()
+        }
+        fn delete_backend6(&mut self, id: u32) -> anyhow::Result<()> {
+            self.backends6.remove(&id);
             self.wrote()
         }
     }
@@ -1548,9 +1708,9 @@ mod tests {
         Programmer::default().apply(&desired, &mut maps);
 
         let (mut adopted, stale) = Programmer::adopt(
-            maps.services.clone(),
+            maps.all_services(),
             &maps.slots.clone(),
-            maps.backends.clone(),
+            maps.all_backends(),
             maps.ranges.clone(),
         );
         assert!(stale.is_empty());
@@ -1593,8 +1753,8 @@ mod tests {
         prog.apply(&tables(&[(frontend(10, 80), lb.clone())]), &mut maps);
         assert_eq!(maps.ranges.len(), 1);
         assert_eq!(
-            maps.ranges.iter().next().map(|r| r.key.addr),
-            Some([203, 0, 113, 0])
+            maps.ranges.iter().next().map(|r| r.addr),
+            Some("203.0.113.0".parse().expect("addr"))
         );
 
         // Open the service again: flag off first, then the range goes.
@@ -1768,9 +1928,9 @@ mod tests {
             .apply(&desired, &mut maps);
         let adopt = |maps: &CheckedMaps, m: Option<u32>| {
             let (prog, stale) = Programmer::adopt(
-                maps.services.clone(),
+                maps.all_services(),
                 &maps.slots.clone(),
-                maps.backends.clone(),
+                maps.all_backends(),
                 maps.ranges.clone(),
             );
             assert!(stale.is_empty());
@@ -2022,9 +2182,9 @@ mod tests {
             &mut maps,
         );
         let (mut adopted, _) = Programmer::adopt(
-            maps.services.clone(),
+            maps.all_services(),
             &maps.slots.clone(),
-            maps.backends.clone(),
+            maps.all_backends(),
             maps.ranges.clone(),
         );
         adopted.apply(&tables(&[(frontend(10, 80), spec("a", &[11]))]), &mut maps);
@@ -2038,6 +2198,169 @@ mod tests {
         assert!(
             !maps.services.contains_key(&marker),
             "stale ClusterIP marker"
+        );
+    }
+
+    fn frontend6(last: u16, port: u16) -> Frontend {
+        Frontend::new(
+            IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, last)),
+            port,
+            Protocol::Tcp,
+        )
+    }
+
+    /// [`spec`] with IPv6 pods fd00:244::<pod>.
+    fn spec6(name: &str, pods: &[u16]) -> FrontendSpec {
+        let mut spec = spec(name, &[]);
+        spec.backends = pods
+            .iter()
+            .map(|p| Backend {
+                addr: IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, *p)),
+                port: 8080,
+                node_local: true,
+                terminating: false,
+                pod: None,
+            })
+            .collect();
+        spec
+    }
+
+    fn key6(last: u16, port: u16) -> Lb6ServiceKey {
+        Lb6ServiceKey {
+            addr: std::net::Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, last).octets(),
+            port,
+            proto: 6,
+            scope: SCOPE_EXTERNAL,
+        }
+    }
+
+    #[test]
+    fn a_dual_stack_service_gets_one_entry_per_family_with_ids_from_one_space() {
+        let mut maps = CheckedMaps::default();
+        let mut prog = Programmer::default();
+        let desired = tables(&[
+            (frontend(10, 80), spec("web", &[11, 12])),
+            (frontend6(10, 80), spec6("web", &[11, 12, 13])),
+        ]);
+        let report = prog.apply(&desired, &mut maps);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(report.frontends, 2);
+        assert_eq!(report.backends, 5);
+        let v4 = maps.services[&key(10, 80)];
+        let v6 = maps.services6[&key6(10, 80)];
+        assert_ne!(v4.service_id, v6.service_id, "service ids are one space");
+        assert_eq!(v6.backend_count, 3);
+        assert_eq!(maps.backends.len(), 2);
+        assert_eq!(maps.backends6.len(), 3);
+        assert!(
+            maps.backends
+                .keys()
+                .all(|id| !maps.backends6.contains_key(id)),
+            "backend ids are one space"
+        );
+        // The IPv6 slots live in the shared slot map and name IPv6 backends.
+        let mut pods: Vec<u8> = (0..v6.backend_count)
+            .map(|slot| {
+                let k = Lb4SlotKey {
+                    service_id: v6.service_id,
+                    revision: v6.revision,
+                    slot,
+                };
+                maps.backends6[&maps.slots[&k].backend_id].addr[15]
+            })
+            .collect();
+        pods.sort_unstable();
+        assert_eq!(pods, vec![11, 12, 13]);
+        // Both ClusterIPs are marked, so unknown ports are rejected.
+        let marker6 = maps.services6[&Lb6ServiceKey {
+            proto: 0,
+            ..key6(10, 0)
+        }];
+        assert_ne!(marker6.flags & FLAG_ADDRESS, 0, "no IPv6 ClusterIP marker");
+        assert!(
+            maps.services
+                .keys()
+                .any(|k| k.port == 0 && k.addr == [10, 96, 0, 10])
+        );
+    }
+
+    #[test]
+    fn an_ipv6_frontend_changes_and_goes_like_an_ipv4_one() {
+        let mut maps = CheckedMaps::default();
+        let mut prog = Programmer::default();
+        prog.apply(
+            &tables(&[(frontend6(10, 80), spec6("web", &[11, 12]))]),
+            &mut maps,
+        );
+        let before = maps.services6[&key6(10, 80)];
+        let report = prog.apply(
+            &tables(&[(frontend6(10, 80), spec6("web", &[12, 13]))]),
+            &mut maps,
+        );
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let after = maps.services6[&key6(10, 80)];
+        assert_eq!(after.service_id, before.service_id);
+        assert_eq!(after.revision, before.revision.wrapping_add(1));
+        let addrs: BTreeSet<u8> = maps.backends6.values().map(|b| b.addr[15]).collect();
+        assert_eq!(addrs, BTreeSet::from([12, 13]), "pod 11 is collected");
+        // A restart adopts both families and writes nothing.
+        let (mut adopted, stale) = Programmer::adopt(
+            maps.all_services(),
+            &maps.slots.clone(),
+            maps.all_backends(),
+            maps.ranges.clone(),
+        );
+        assert!(stale.is_empty(), "IPv6 slots are live: {stale:?}");
+        let report = adopted.apply(
+            &tables(&[(frontend6(10, 80), spec6("web", &[12, 13]))]),
+            &mut maps,
+        );
+        assert_eq!(report.writes, 0, "adopted IPv6 state rewritten");
+        let report = adopted.apply(&tables(&[]), &mut maps);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(maps.services6.is_empty());
+        assert!(maps.backends6.is_empty());
+        assert!(maps.slots.is_empty());
+        assert!(maps.members.is_empty());
+    }
+
+    #[test]
+    fn ipv6_source_ranges_go_into_their_trie_and_other_families_fail_closed() {
+        let mut maps = CheckedMaps::default();
+        let mut prog = Programmer::default();
+        let range = |addr: &str, prefix_len| crate::model::SourceRange {
+            addr: addr.parse().expect("addr"),
+            prefix_len,
+        };
+        let mut restricted = spec6("lb", &[11]);
+        restricted.kind = FrontendKind::LoadBalancer;
+        restricted.source_ranges = vec![range("2001:db8::", 32), range("198.51.100.0", 24)];
+        let mut v4_only = spec6("lb4", &[11]);
+        v4_only.kind = FrontendKind::LoadBalancer;
+        v4_only.source_ranges = vec![range("198.51.100.0", 24)];
+        let report = prog.apply(
+            &tables(&[
+                (frontend6(20, 443), restricted),
+                (frontend6(21, 443), v4_only),
+            ]),
+            &mut maps,
+        );
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let entry = maps.services6[&key6(20, 443)];
+        assert_ne!(entry.flags & FLAG_SOURCE_RANGES, 0);
+        let written: Vec<_> = maps.ranges.iter().collect();
+        assert_eq!(written.len(), 1, "only the IPv6 range: {written:?}");
+        assert_eq!(written[0].service_id, entry.service_id);
+        assert_eq!(
+            written[0].addr,
+            "2001:db8::".parse::<IpAddr>().expect("addr")
+        );
+        assert_eq!(written[0].prefix_len, 32);
+        let other = maps.services6[&key6(21, 443)];
+        assert_ne!(
+            other.flags & FLAG_SOURCE_RANGES,
+            0,
+            "IPv4-only ranges on an IPv6 frontend must not admit everybody"
         );
     }
 }

@@ -520,6 +520,8 @@ struct CapacityMaps {
     services: BTreeMap<Lb4ServiceKey, Lb4Service>,
     slots: BTreeMap<Lb4SlotKey, Lb4Slot>,
     backends: BTreeMap<u32, Lb4Backend>,
+    services6: BTreeMap<lb_common::service::Lb6ServiceKey, Lb4Service>,
+    backends6: BTreeMap<u32, lb_common::backend::Lb6Backend>,
     members: std::collections::BTreeSet<Lb4MemberKey>,
     capacity: (usize, usize, usize),
 }
@@ -566,6 +568,28 @@ impl TableWriter for CapacityMaps {
     }
     fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
         self.backends.remove(&id);
+        Ok(())
+    }
+    fn put_service6(
+        &mut self,
+        key: &lb_common::service::Lb6ServiceKey,
+        value: &Lb4Service,
+    ) -> anyhow::Result<()> {
+        put(&mut self.services6, self.capacity.0, key, value)
+    }
+    fn delete_service6(&mut self, key: &lb_common::service::Lb6ServiceKey) -> anyhow::Result<()> {
+        self.services6.remove(key);
+        Ok(())
+    }
+    fn put_backend6(
+        &mut self,
+        id: u32,
+        value: &lb_common::backend::Lb6Backend,
+    ) -> anyhow::Result<()> {
+        put(&mut self.backends6, self.capacity.2, &id, value)
+    }
+    fn delete_backend6(&mut self, id: u32) -> anyhow::Result<()> {
+        self.backends6.remove(&id);
         Ok(())
     }
     fn put_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()> {
