@@ -17,14 +17,17 @@ use crate::{
     parse::{self, Flow, Flow6},
 };
 
-/// SNAT source ports are taken from this range (the kernel's default
+/// SNAT source ports are taken from 61000-65522 (the kernel's default
 /// ephemeral range sits below it, so the node's own connections and ours
-/// do not meet).
+/// do not meet). The count is prime, so every probe step visits the whole
+/// range.
 const SNAT_PORT_MIN: u16 = 61000;
-const SNAT_PORT_COUNT: u16 = 4000;
+const SNAT_PORT_COUNT: u32 = 4523;
 /// Candidates tried before giving up on a port (a constant bound for the
-/// verifier).
-const SNAT_PORT_TRIES: u16 = 8;
+/// verifier). Probes follow a per-flow step (double hashing), so a range
+/// three quarters full still finds a free port within a few tries; 64
+/// misses in a row only happen when it is nearly exhausted.
+const SNAT_PORT_TRIES: u32 = 64;
 
 /// Source translation of a new flow.
 #[derive(Clone, Copy)]
@@ -180,11 +183,19 @@ pub fn create(
     } else {
         entry.rewrite |= REWRITE_DST | hairpin;
         reply_key.dst_addr = snat_addr;
-        // A port whose reply tuple is free; hashing the client spreads
-        // clients over the range, probing resolves collisions.
-        let seed = u16::from_be_bytes([k.src_addr[2], k.src_addr[3]]) ^ k.src_port;
+        // A port whose reply tuple is free: the client's address and port
+        // hashed give the first candidate and the probe step, so flows
+        // that collide once take different paths afterwards (linear
+        // probing piles them into clusters that fill long before the range).
+        let hash = (u32::from_be_bytes(k.src_addr)
+            ^ (u32::from(k.src_port) << 16)
+            ^ u32::from(k.src_port))
+        .wrapping_mul(0x9e37_79b1);
+        let first = (hash >> 8) % SNAT_PORT_COUNT;
+        let step = 1 + (hash.rotate_left(13) % (SNAT_PORT_COUNT - 1));
         for i in 0..SNAT_PORT_TRIES {
-            let candidate = SNAT_PORT_MIN + (seed.wrapping_add(i) % SNAT_PORT_COUNT);
+            let offset = (first + i * step) % SNAT_PORT_COUNT;
+            let candidate = SNAT_PORT_MIN + offset as u16;
             reply_key.dst_port = candidate;
             if LB4_CT_V2
                 .insert(reply_key, entry, BPF_NOEXIST as u64)

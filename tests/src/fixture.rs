@@ -78,7 +78,9 @@ impl Fixture {
             services: 64,
             slots: 256,
             backends: 64,
-            conntrack: 4096,
+            // Room for both directions of every SNAT port of one backend
+            // (datapath_north_south fills the range), LRU slack included.
+            conntrack: 16_384,
             maglev_chunks: 8192,
         };
         let mut datapath = Datapath::load(pins.path(), sizes).expect("load datapath");
