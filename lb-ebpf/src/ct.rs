@@ -29,6 +29,24 @@ const SNAT_PORT_COUNT: u32 = 4523;
 /// misses in a row only happen when it is nearly exhausted.
 const SNAT_PORT_TRIES: u32 = 64;
 
+/// The client's address and port hashed: the first SNAT candidate and the
+/// probe step come from it, so flows that collide once take different paths
+/// afterwards (linear probing piles them into clusters that fill long
+/// before the range).
+#[inline(always)]
+fn snat_hash(addr: [u8; 4], port: u16) -> u32 {
+    (u32::from_be_bytes(addr) ^ (u32::from(port) << 16) ^ u32::from(port)).wrapping_mul(0x9e37_79b1)
+}
+
+/// The `i`-th SNAT port candidate of a flow (double hashing: the count is
+/// prime, so every step visits the whole range).
+#[inline(always)]
+fn snat_candidate(hash: u32, i: u32) -> u16 {
+    let first = (hash >> 8) % SNAT_PORT_COUNT;
+    let step = 1 + (hash.rotate_left(13) % (SNAT_PORT_COUNT - 1));
+    SNAT_PORT_MIN + ((first + i * step) % SNAT_PORT_COUNT) as u16
+}
+
 /// Source translation of a new flow.
 #[derive(Clone, Copy)]
 pub enum Snat {
@@ -183,19 +201,10 @@ pub fn create(
     } else {
         entry.rewrite |= REWRITE_DST | hairpin;
         reply_key.dst_addr = snat_addr;
-        // A port whose reply tuple is free: the client's address and port
-        // hashed give the first candidate and the probe step, so flows
-        // that collide once take different paths afterwards (linear
-        // probing piles them into clusters that fill long before the range).
-        let hash = (u32::from_be_bytes(k.src_addr)
-            ^ (u32::from(k.src_port) << 16)
-            ^ u32::from(k.src_port))
-        .wrapping_mul(0x9e37_79b1);
-        let first = (hash >> 8) % SNAT_PORT_COUNT;
-        let step = 1 + (hash.rotate_left(13) % (SNAT_PORT_COUNT - 1));
+        // A port whose reply tuple is free.
+        let hash = snat_hash(k.src_addr, k.src_port);
         for i in 0..SNAT_PORT_TRIES {
-            let offset = (first + i * step) % SNAT_PORT_COUNT;
-            let candidate = SNAT_PORT_MIN + offset as u16;
+            let candidate = snat_candidate(hash, i);
             reply_key.dst_port = candidate;
             if LB4_CT_V2
                 .insert(reply_key, entry, BPF_NOEXIST as u64)
@@ -351,9 +360,16 @@ pub fn create6(
             // The reply goes back to the client too.
             entry.rewrite |= REWRITE_DST;
             reply_key.dst_addr = *node;
-            let seed = u16::from_be_bytes([k.src_addr[14], k.src_addr[15]]) ^ k.src_port;
+            // The client's low 32 address bits: as for IPv4.
+            let low = [
+                k.src_addr[12],
+                k.src_addr[13],
+                k.src_addr[14],
+                k.src_addr[15],
+            ];
+            let hash = snat_hash(low, k.src_port);
             for i in 0..SNAT_PORT_TRIES {
-                let candidate = SNAT_PORT_MIN + (seed.wrapping_add(i) % SNAT_PORT_COUNT);
+                let candidate = snat_candidate(hash, i);
                 reply_key.dst_port = candidate;
                 if LB6_CT_V1
                     .insert(&*reply_key, &*entry, BPF_NOEXIST as u64)

@@ -301,8 +301,8 @@ fn ipv6_node_port_to_a_remote_backend_is_sent_from_the_node_address() {
         let (snat_port, dst_port) = out.ports().expect("ports");
         assert_eq!(dst_port, 8080, "{hook:?}: dst port");
         assert!(
-            (61000..65000).contains(&snat_port),
-            "{hook:?}: SNAT port {snat_port} outside 61000-64999"
+            (61000..=65522).contains(&snat_port),
+            "{hook:?}: SNAT port {snat_port} outside 61000-65522"
         );
         // The reply comes back from the other node through this one's
         // device: back to the frontend and to the client.
