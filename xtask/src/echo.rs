@@ -9,7 +9,7 @@
 //! - UDP: every datagram gets an answer.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -52,23 +52,48 @@ impl EchoServer {
         tcp_ports: &[u16],
         udp_ports: &[u16],
     ) -> Result<EchoServer> {
+        EchoServer::bind(ns, pod_name, &["0.0.0.0"], tcp_ports, udp_ports)
+    }
+
+    /// The same on 0.0.0.0 and [::], for a pod of a dual-stack node (whose
+    /// namespace has `net.ipv6.bindv6only=1`, so the two binds coexist and
+    /// IPv4 peers keep their plain IPv4 addresses).
+    pub fn start_dual_stack(
+        ns: &NetNs,
+        pod_name: &str,
+        tcp_ports: &[u16],
+        udp_ports: &[u16],
+    ) -> Result<EchoServer> {
+        EchoServer::bind(ns, pod_name, &["0.0.0.0", "::"], tcp_ports, udp_ports)
+    }
+
+    fn bind(
+        ns: &NetNs,
+        pod_name: &str,
+        hosts: &[&'static str],
+        tcp_ports: &[u16],
+        udp_ports: &[u16],
+    ) -> Result<EchoServer> {
         let (tcp_owned, udp_owned) = (tcp_ports.to_vec(), udp_ports.to_vec());
+        let hosts = hosts.to_vec();
         let (listeners, udp_sockets) = ns
             .run(move || -> Result<(Vec<TcpListener>, Vec<UdpSocket>)> {
-                let listeners = tcp_owned
-                    .iter()
-                    .map(|&port| {
-                        TcpListener::bind(("0.0.0.0", port))
-                            .with_context(|| format!("binding TCP port {port}"))
-                    })
-                    .collect::<Result<_>>()?;
-                let udp_sockets = udp_owned
-                    .iter()
-                    .map(|&port| {
-                        UdpSocket::bind(("0.0.0.0", port))
-                            .with_context(|| format!("binding UDP port {port}"))
-                    })
-                    .collect::<Result<_>>()?;
+                let mut listeners = Vec::new();
+                let mut udp_sockets = Vec::new();
+                for host in hosts {
+                    for &port in &tcp_owned {
+                        listeners.push(
+                            TcpListener::bind((host, port))
+                                .with_context(|| format!("binding TCP {host} port {port}"))?,
+                        );
+                    }
+                    for &port in &udp_owned {
+                        udp_sockets.push(
+                            UdpSocket::bind((host, port))
+                                .with_context(|| format!("binding UDP {host} port {port}"))?,
+                        );
+                    }
+                }
                 Ok((listeners, udp_sockets))
             })?
             .with_context(|| format!("echo server for pod {pod_name} in {}", ns.name()))?;
@@ -321,14 +346,15 @@ fn remaining(deadline: Instant, what: &str) -> Result<Duration> {
 
 /// `GET /` over HTTP/1.0 from inside `ns`; returns the response body. Fails
 /// on anything but a 200.
-pub fn http_get(ns: &NetNs, addr: SocketAddrV4, timeout: Duration) -> Result<String> {
+pub fn http_get(ns: &NetNs, addr: impl Into<SocketAddr>, timeout: Duration) -> Result<String> {
+    let addr = addr.into();
     ns.run(move || http_get_here(addr, timeout))?
         .with_context(|| format!("GET http://{addr}/ from {}", ns.name()))
 }
 
-fn http_get_here(addr: SocketAddrV4, timeout: Duration) -> Result<String> {
+fn http_get_here(addr: SocketAddr, timeout: Duration) -> Result<String> {
     let deadline = Instant::now() + timeout;
-    let mut stream = TcpStream::connect_timeout(&addr.into(), timeout).context("connecting")?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).context("connecting")?;
     stream.set_write_timeout(Some(remaining(deadline, "before sending")?))?;
     stream
         .write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
@@ -359,13 +385,18 @@ fn http_get_here(addr: SocketAddrV4, timeout: Duration) -> Result<String> {
 /// so only an answer from `addr` itself counts) and returns the answer.
 pub fn udp_request(
     ns: &NetNs,
-    addr: SocketAddrV4,
+    addr: impl Into<SocketAddr>,
     payload: &[u8],
     timeout: Duration,
 ) -> Result<String> {
+    let addr = addr.into();
     let payload = payload.to_vec();
     ns.run(move || -> Result<String> {
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        let socket = UdpSocket::bind(if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        })?;
         socket.connect(addr)?;
         socket.set_read_timeout(Some(timeout))?;
         socket.send(&payload).context("sending")?;
@@ -389,15 +420,20 @@ pub fn udp_request(
 pub struct HoldConnection {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
-    peer: SocketAddrV4,
+    peer: SocketAddr,
 }
 
 impl HoldConnection {
     /// Connects from inside `ns`; `timeout` also bounds every later `ask`.
-    pub fn open(ns: &NetNs, addr: SocketAddrV4, timeout: Duration) -> Result<HoldConnection> {
+    pub fn open(
+        ns: &NetNs,
+        addr: impl Into<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<HoldConnection> {
+        let addr = addr.into();
         let stream = ns
             .run(move || -> Result<TcpStream> {
-                let mut stream = TcpStream::connect_timeout(&addr.into(), timeout)?;
+                let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
                 stream.set_read_timeout(Some(timeout))?;
                 stream.set_write_timeout(Some(timeout))?;
                 stream.write_all(format!("{HOLD_LINE}\n").as_bytes())?;

@@ -26,6 +26,16 @@
 //!   `10.244.K.1`, and a route `10.244.J.0/24 via 198.51.100.(10+J)` for every
 //!   other node J (host-gw style). Forwarding on, rp_filter off (all,
 //!   default, eth0).
+//! - dual stack: every address above has an IPv6 twin. The underlay is
+//!   2001:db8:100::/64 (documentation prefix): node K is
+//!   `2001:db8:100::(10+K)`, the external client `2001:db8:100::100`. Pod
+//!   addresses are the [`mirror6`] of the IPv4 ones in the ULA prefix
+//!   (`10.244.K.N` -> `fd00:10:244:K::N`, gateway `fd00:10:244:K::1`, pod
+//!   CIDR `fd00:10:244:K::/64`), with the same /128 host routes, default
+//!   route and host-gw routes `fd00:10:244:J::/64 via 2001:db8:100::(10+J)`.
+//!   IPv6 forwarding is on in the nodes, DAD off everywhere (addresses are
+//!   usable at once), MLD snooping off on br0. Services use
+//!   [`SERVICE_CIDR6`]. [`SingleNode`] stays IPv4 only.
 //! - external client `ext`: `eth0` with `198.51.100.100/24` and no default
 //!   route: it reaches the underlay segment and whatever
 //!   [`Cluster::route_via`] points at a node (LoadBalancer IPs, externalIPs),
@@ -51,7 +61,7 @@
 //! veths keep their offloads: TC programs (the ones on `lbvJ`) handle
 //! partial checksums correctly.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use anyhow::{Context, Result, bail, ensure};
 
@@ -64,11 +74,33 @@ pub const SINGLE_NODE_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 /// Glob matching the host-side veths, for the agent's `--pod-devices`.
 pub const POD_DEVICE_GLOB: &str = "lbv*";
 
+/// The IPv6 address mirroring an IPv4 one in the ULA prefix fd00::/8: the
+/// four decimal octets become the last four hextets' digits, read as hex
+/// (`10.244.1.11` -> `fd00:10:244:1::11`, `10.244.2.0/24` ->
+/// `fd00:10:244:2::/64`). Readable at a glance, one-to-one on the
+/// addresses the topologies use.
+pub fn mirror6(ip: Ipv4Addr) -> Ipv6Addr {
+    let hextet = |octet: u8| {
+        u16::from_str_radix(&octet.to_string(), 16).expect("decimal digits are hex digits")
+    };
+    let [a, b, c, d] = ip.octets();
+    Ipv6Addr::new(0xfd00, hextet(a), hextet(b), hextet(c), 0, 0, 0, hextet(d))
+}
+
+/// Turns duplicate address detection off in `ns` (for devices created or
+/// moved in later): test addresses are unique by construction and must be
+/// usable the moment they are added.
+fn no_dad(ns: &NetNs) -> Result<()> {
+    ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+    ns.sysctl("net.ipv6.conf.default.accept_dad", "0")
+}
+
 /// One pod: its namespace and how it is attached to its node.
 #[derive(Debug)]
 pub struct Pod {
     name: String,
     ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
     host_if: String,
     ns: NetNs,
 }
@@ -86,6 +118,20 @@ impl Pod {
     /// The pod's address with a port.
     pub fn addr(&self, port: u16) -> SocketAddrV4 {
         SocketAddrV4::new(self.ip, port)
+    }
+
+    /// The pod's IPv6 address ([`mirror6`] of its IPv4 one) on a
+    /// dual-stack node ([`Cluster`]); `None` on an IPv4-only one.
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.ip6
+    }
+
+    /// The pod's IPv6 address with a port; panics on an IPv4-only node.
+    pub fn addr6(&self, port: u16) -> SocketAddrV6 {
+        let ip6 = self
+            .ip6
+            .unwrap_or_else(|| panic!("pod {} has no IPv6 address", self.name));
+        SocketAddrV6::new(ip6, port, 0, 0)
     }
 
     /// Host-side veth in the node namespace (`lbvK`).
@@ -107,6 +153,8 @@ pub struct Node {
     ns: NetNs,
     name: String,
     gateway: Ipv4Addr,
+    /// Dual-stack nodes only: the IPv6 pod gateway ([`mirror6`] of `gateway`).
+    gateway6: Option<Ipv6Addr>,
     prefix: String,
     next_veth: u32,
 }
@@ -116,16 +164,32 @@ impl Node {
     /// filtering off (pods answer from service addresses the node never
     /// routed to them).
     pub fn new(prefix: &str, name: &str, gateway: Ipv4Addr) -> Result<Node> {
+        Node::create(prefix, name, gateway, false)
+    }
+
+    /// The same, dual-stack: IPv6 forwarding on as well, and every pod
+    /// also gets the IPv6 [`mirror6`] of its address, with the gateway's
+    /// mirror as its IPv6 gateway.
+    pub fn dual_stack(prefix: &str, name: &str, gateway: Ipv4Addr) -> Result<Node> {
+        Node::create(prefix, name, gateway, true)
+    }
+
+    fn create(prefix: &str, name: &str, gateway: Ipv4Addr, dual_stack: bool) -> Result<Node> {
         let ns = NetNs::with_prefix(prefix, name)?;
         // Before any veth exists: new devices copy conf.default.
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        if dual_stack {
+            no_dad(&ns)?;
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
         Ok(Node {
             pods: Vec::new(),
             ns,
             name: name.to_owned(),
             gateway,
+            gateway6: dual_stack.then(|| mirror6(gateway)),
             prefix: prefix.to_owned(),
             next_veth: 1,
         })
@@ -143,6 +207,11 @@ impl Node {
     /// The pod gateway address present on every host-side veth.
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway
+    }
+
+    /// The IPv6 pod gateway of a dual-stack node.
+    pub fn gateway6(&self) -> Option<Ipv6Addr> {
+        self.gateway6
     }
 
     pub fn pods(&self) -> &[Pod] {
@@ -172,6 +241,7 @@ impl Node {
         self.pods.push(Pod {
             name: name.to_owned(),
             ip,
+            ip6: self.gateway6.map(|_| mirror6(ip)),
             host_if,
             ns: pod_ns,
         });
@@ -205,6 +275,44 @@ impl Node {
         pod_ns.ip(&["link", "set", "eth0", "up"])?;
         pod_ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
         pod_ns.ip(&["route", "add", "default", "via", &gateway, "dev", "eth0"])?;
+        if let Some(gateway6) = self.gateway6 {
+            self.attach6(pod_ns, host_if, gateway6, mirror6(ip))?;
+        }
+        Ok(())
+    }
+
+    /// The IPv6 half of [`Node::attach`], the same shape: the gateway /128
+    /// on the host side, the pod's /128 routed to it, a default route via
+    /// the gateway in the pod. No DAD anywhere (addresses usable at once).
+    fn attach6(
+        &self,
+        pod_ns: &NetNs,
+        host_if: &str,
+        gateway6: Ipv6Addr,
+        ip6: Ipv6Addr,
+    ) -> Result<()> {
+        let gateway = gateway6.to_string();
+        let pod_addr = format!("{ip6}/128");
+        self.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{gateway}/128"),
+            "dev",
+            host_if,
+            "nodad",
+        ])?;
+        self.ns
+            .ip(&["-6", "route", "add", &pod_addr, "dev", host_if])?;
+        no_dad(pod_ns)?;
+        pod_ns.sysctl("net.ipv6.conf.eth0.accept_dad", "0")?;
+        // Servers bind 0.0.0.0 and [::] separately (IPv4 peers stay IPv4).
+        pod_ns.sysctl("net.ipv6.bindv6only", "1")?;
+        pod_ns.ip(&["-6", "addr", "add", &pod_addr, "dev", "eth0", "nodad"])?;
+        pod_ns.ip(&["-6", "route", "add", &gateway, "dev", "eth0"])?;
+        pod_ns.ip(&[
+            "-6", "route", "add", "default", "via", &gateway, "dev", "eth0",
+        ])?;
         Ok(())
     }
 }
@@ -269,6 +377,13 @@ pub const UNDERLAY_BRIDGE: &str = "br0";
 pub const UNDERLAY_PREFIX_LEN: u8 = 24;
 /// The external client's address on the underlay.
 pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 100);
+/// The external client's IPv6 address on the underlay.
+pub const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x100);
+/// Prefix length of the IPv6 underlay segment 2001:db8:100::/64.
+pub const UNDERLAY_PREFIX6_LEN: u8 = 64;
+/// The IPv6 service range the manifests of dual-stack tests use (the
+/// mirror of 10.96.0.0/16's first /112).
+pub const SERVICE_CIDR6: &str = "fd00:10:96::/112";
 /// Underlay-side port of the external client's veth.
 const EXTERNAL_PORT: &str = "ext0";
 /// Most nodes a [`Cluster`] can have: node K is 198.51.100.(10+K), below the
@@ -282,6 +397,13 @@ pub fn cluster_node_ip(k: usize) -> Ipv4Addr {
         "node index {k} outside 1..={MAX_CLUSTER_NODES}"
     );
     Ipv4Addr::new(198, 51, 100, 10 + k as u8)
+}
+
+/// IPv6 underlay address of node `k` (1-based): 2001:db8:100::(10+k),
+/// the digits of the IPv4 one.
+pub fn cluster_node_ip6(k: usize) -> Ipv6Addr {
+    let last = mirror6(cluster_node_ip(k)).segments()[7];
+    Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, last)
 }
 
 /// Pod gateway of node `k` (1-based): 10.244.k.1; its pod CIDR is 10.244.k.0/24.
@@ -319,8 +441,18 @@ impl Cluster {
         );
         let underlay = NetNs::with_prefix(prefix, "underlay")?;
         underlay.sysctl("net.ipv4.ip_forward", "0")?;
+        // No MLD snooping: IPv6 neighbour discovery is multicast, and no
+        // querier runs on this segment.
         underlay
-            .ip(&["link", "add", UNDERLAY_BRIDGE, "type", "bridge"])
+            .ip(&[
+                "link",
+                "add",
+                UNDERLAY_BRIDGE,
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ])
             .context("creating the underlay bridge")?;
         underlay.ip(&["link", "set", UNDERLAY_BRIDGE, "up"])?;
 
@@ -331,17 +463,23 @@ impl Cluster {
             external,
             underlay,
         };
+        no_dad(&cluster.external)?;
         cluster
-            .plug(&cluster.external, EXTERNAL_PORT, EXTERNAL_IP)
+            .plug(&cluster.external, EXTERNAL_PORT, EXTERNAL_IP, EXTERNAL_IP6)
             .context("attaching the external client")?;
 
         for k in 1..=nodes {
             let name = format!("node-{k}");
-            let node = Node::new(prefix, &name, cluster_pod_gateway(k))?;
+            let node = Node::dual_stack(prefix, &name, cluster_pod_gateway(k))?;
             cluster.nodes.push(node);
             let node = cluster.nodes.last().expect("just pushed");
             cluster
-                .plug(node.ns(), &format!("n{k}"), cluster_node_ip(k))
+                .plug(
+                    node.ns(),
+                    &format!("n{k}"),
+                    cluster_node_ip(k),
+                    cluster_node_ip6(k),
+                )
                 .with_context(|| format!("attaching {name} to the underlay"))?;
             node.ns()
                 .sysctl(&format!("net.ipv4.conf.{NODE_DEVICE}.rp_filter"), "0")?;
@@ -354,14 +492,29 @@ impl Cluster {
                 node.ns()
                     .ip(&["route", "add", &cidr, "via", &via, "dev", NODE_DEVICE])
                     .with_context(|| format!("{}: route to node-{j}'s pods", node.name()))?;
+                let cidr6 = format!("{}/64", mirror6(Ipv4Addr::new(10, 244, j as u8, 0)));
+                let via6 = cluster_node_ip6(j).to_string();
+                node.ns()
+                    .ip(&[
+                        "-6",
+                        "route",
+                        "add",
+                        &cidr6,
+                        "via",
+                        &via6,
+                        "dev",
+                        NODE_DEVICE,
+                    ])
+                    .with_context(|| format!("{}: IPv6 route to node-{j}'s pods", node.name()))?;
             }
         }
         Ok(cluster)
     }
 
-    /// Connects `ns` to the underlay: `NODE_DEVICE` in `ns` with `ip`/24, its
-    /// peer `port` a port of br0, TX checksum offload off on `NODE_DEVICE`.
-    fn plug(&self, ns: &NetNs, port: &str, ip: Ipv4Addr) -> Result<()> {
+    /// Connects `ns` to the underlay: `NODE_DEVICE` in `ns` with `ip`/24 and
+    /// `ip6`/64, its peer `port` a port of br0, TX checksum offload off on
+    /// `NODE_DEVICE`.
+    fn plug(&self, ns: &NetNs, port: &str, ip: Ipv4Addr, ip6: Ipv6Addr) -> Result<()> {
         // Created in the underlay, peer placed straight into `ns`: nothing
         // ever appears in the root namespace.
         self.underlay.ip(&[
@@ -385,6 +538,15 @@ impl Cluster {
             &format!("{ip}/{UNDERLAY_PREFIX_LEN}"),
             "dev",
             NODE_DEVICE,
+        ])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/{UNDERLAY_PREFIX6_LEN}"),
+            "dev",
+            NODE_DEVICE,
+            "nodad",
         ])?;
         // See the module documentation: frames on the underlay carry full
         // checksums, as on a real wire.
@@ -427,6 +589,13 @@ impl Cluster {
         cluster_node_ip(k)
     }
 
+    /// IPv6 underlay address of node `k` (1-based): 2001:db8:100::(10+k).
+    /// Panics outside 1..=N.
+    pub fn node_ip6(&self, k: usize) -> Ipv6Addr {
+        let _ = self.node(k);
+        cluster_node_ip6(k)
+    }
+
     /// Creates a pod behind node `k` (1-based). `ip` must lie in the node's
     /// pod CIDR 10.244.k.0/24 (not .0, .1 (the gateway) or .255); pod names
     /// are unique across the cluster.
@@ -463,14 +632,24 @@ impl Cluster {
         EXTERNAL_IP
     }
 
-    /// Routes `prefix` (`203.0.113.0/24`, `203.0.113.10/32`) from the
-    /// external client via node `k` (1-based), the way a router in front
-    /// of the cluster reaches LoadBalancer IPs and externalIPs. Replaces an
-    /// earlier route for the same prefix.
+    /// The external client's IPv6 address, 2001:db8:100::100.
+    pub fn external_ip6(&self) -> Ipv6Addr {
+        EXTERNAL_IP6
+    }
+
+    /// Routes `prefix` (`203.0.113.0/24`, `203.0.113.10/32`, or an IPv6
+    /// one, via the node's IPv6 address) from the external client via node
+    /// `k` (1-based), the way a router in front of the cluster reaches
+    /// LoadBalancer IPs and externalIPs. Replaces an earlier route for the
+    /// same prefix.
     pub fn route_via(&self, prefix: &str, k: usize) -> Result<()> {
         self.index(k)
             .with_context(|| format!("no node {k} in a {}-node cluster", self.nodes.len()))?;
-        let via = cluster_node_ip(k).to_string();
+        let via = if prefix.contains(':') {
+            cluster_node_ip6(k).to_string()
+        } else {
+            cluster_node_ip(k).to_string()
+        };
         self.external
             .ip(&["route", "replace", prefix, "via", &via, "dev", NODE_DEVICE])
             .with_context(|| format!("routing {prefix} via node-{k} on the external client"))
