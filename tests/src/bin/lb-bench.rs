@@ -3,7 +3,8 @@
 //!
 //! - `packet`: per-packet cost of the real programs through
 //!   BPF_PROG_TEST_RUN, next to a trivial XDP/TC program (the floor), at
-//!   several service counts;
+//!   several service counts, each service dual-stack so that every IPv4
+//!   case has an IPv6 twin (`6` suffix) measured in the same repetition;
 //! - `program`: time to install N services x 10 endpoints through the real
 //!   `Programmer` into real maps, one endpoint change, and the delay from a
 //!   change being written to the first packet that picks the new backend;
@@ -20,7 +21,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
@@ -31,8 +32,14 @@ use lb_agent::{
     maglev::{BackendIdentity, build_table},
     model::{Backend, DesiredTables, Frontend, FrontendKind, FrontendSpec, Protocol, ServiceRef},
 };
-use lb_common::{config::LbConfig, stats::Reason};
-use lb_tests::packet::{ACK, Packet, SYN, arp_request};
+use lb_common::{
+    config::{Lb6Config, LbConfig},
+    stats::Reason,
+};
+use lb_tests::{
+    packet::{ACK, Packet, SYN, arp_request},
+    packet6::Packet6,
+};
 use xtask::BpffsDir;
 
 /// Name prefix of the bench's bpffs directories (removed by `cargo xtask clean`).
@@ -52,6 +59,32 @@ const MIRROR_VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 255, 1);
 /// No service listens here.
 const NOT_A_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 111, 255, 2);
 
+/// The IPv6 twins of the addresses above: every generated service is
+/// dual-stack (a frontend per family, the same number of endpoints), and
+/// the mirror service has an IPv6 frontend whose only backend is itself.
+const NODE_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11);
+const POD_CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 2);
+const EXTERNAL_CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+const MIRROR_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x111, 0xffff, 0, 0, 0, 0, 1);
+const NOT_A_SERVICE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x111, 0xffff, 0, 0, 0, 0, 2);
+
+/// The address family of a case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The suffix of the case names (`xdp_established6`).
+    fn suffix(self) -> &'static str {
+        match self {
+            Family::V4 => "",
+            Family::V6 => "6",
+        }
+    }
+}
+
 /// Service `i` (0-based) of a generated set: 10.96.0.0/12 from .0.1 on.
 fn service_vip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i)
@@ -63,9 +96,38 @@ fn endpoint_addr(i: u32, j: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * ENDPOINTS_PER_SERVICE + j)
 }
 
-fn backend(addr: Ipv4Addr, port: u16, local: bool) -> Backend {
+/// The IPv6 frontend of service `i`: fd00:96::/108 from ::1 on.
+fn service_vip6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 1)) + u128::from(i))
+}
+
+/// Endpoint `j` of service `i`, IPv6: fd00:128::/64, never routed.
+fn endpoint_addr6(i: u32, j: u32) -> Ipv6Addr {
+    Ipv6Addr::from(
+        u128::from(Ipv6Addr::new(0xfd00, 0x128, 0, 0, 0, 0, 0, 0))
+            + u128::from(i * ENDPOINTS_PER_SERVICE + j),
+    )
+}
+
+/// Service `i`'s frontend address of `family`.
+fn service_ip(family: Family, i: u32) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(service_vip(i)),
+        Family::V6 => IpAddr::V6(service_vip6(i)),
+    }
+}
+
+/// Endpoint `j` of service `i` of `family`.
+fn endpoint_ip(family: Family, i: u32, j: u32) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(endpoint_addr(i, j)),
+        Family::V6 => IpAddr::V6(endpoint_addr6(i, j)),
+    }
+}
+
+fn backend(addr: impl Into<IpAddr>, port: u16, local: bool) -> Backend {
     Backend {
-        addr: IpAddr::V4(addr),
+        addr: addr.into(),
         port,
         node_local: local,
         terminating: false,
@@ -88,23 +150,41 @@ fn frontend_spec(name: &str, backends: Vec<Backend>) -> FrontendSpec {
     }
 }
 
-/// `services` ClusterIP services with 10 endpoints each, plus the mirror service.
-fn desired(services: u32) -> DesiredTables {
+/// `services` ClusterIP services with 10 endpoints each, plus the mirror
+/// service: IPv4 only, or dual-stack (`families` both).
+fn desired(services: u32, families: &[Family]) -> DesiredTables {
     let mut tables = DesiredTables::default();
-    for i in 0..services {
-        let backends = (0..ENDPOINTS_PER_SERVICE)
-            .map(|j| backend(endpoint_addr(i, j), TARGET_PORT, false))
-            .collect();
+    for &family in families {
+        for i in 0..services {
+            let backends = (0..ENDPOINTS_PER_SERVICE)
+                .map(|j| backend(endpoint_ip(family, i, j), TARGET_PORT, false))
+                .collect();
+            tables.frontends.insert(
+                Frontend::new(service_ip(family, i), SERVICE_PORT, Protocol::Tcp),
+                frontend_spec(&format!("svc-{i}"), backends),
+            );
+        }
+        let mirror = mirror_ip(family);
         tables.frontends.insert(
-            Frontend::new(IpAddr::V4(service_vip(i)), SERVICE_PORT, Protocol::Tcp),
-            frontend_spec(&format!("svc-{i}"), backends),
+            Frontend::new(mirror, SERVICE_PORT, Protocol::Tcp),
+            frontend_spec("mirror", vec![backend(mirror, SERVICE_PORT, true)]),
         );
     }
-    tables.frontends.insert(
-        Frontend::new(IpAddr::V4(MIRROR_VIP), SERVICE_PORT, Protocol::Tcp),
-        frontend_spec("mirror", vec![backend(MIRROR_VIP, SERVICE_PORT, true)]),
-    );
     tables
+}
+
+fn mirror_ip(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(MIRROR_VIP),
+        Family::V6 => IpAddr::V6(MIRROR_VIP6),
+    }
+}
+
+fn not_a_service(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(NOT_A_SERVICE),
+        Family::V6 => IpAddr::V6(NOT_A_SERVICE6),
+    }
 }
 
 fn sizes_for(services: u32, maglev: Option<u32>) -> MapSizes {
@@ -128,6 +208,8 @@ struct Loaded {
     datapath: Datapath,
     tables: KernelTables,
     programmer: Programmer,
+    /// The families of the programmed services and mirror flows.
+    families: Vec<Family>,
     _pins: BpffsDir,
 }
 
@@ -147,35 +229,37 @@ impl Loaded {
             maglev_table_size: maglev.unwrap_or(0),
             ..LbConfig::default()
         })?;
+        tables.set_config6(&Lb6Config {
+            node_addr6: NODE_ADDR6.octets(),
+        })?;
         Ok(Loaded {
             datapath,
             tables,
             programmer: Programmer::default().with_maglev(maglev),
+            families: vec![Family::V4],
             _pins: pins,
         })
     }
 
-    /// `services` programmed, the mirror flow established once per hook (a
-    /// new flow), and a single established run checked to rewrite the
-    /// packet to itself.
-    fn mirrored(services: u32, maglev: Option<u32>) -> Result<Loaded> {
+    /// `services` of each of `families` programmed, the mirror flow of each
+    /// family established once per hook (a new flow), and a single
+    /// established run checked to rewrite the packet to itself.
+    fn mirrored(services: u32, maglev: Option<u32>, families: &[Family]) -> Result<Loaded> {
         let mut one = Self::with_maglev(services, maglev)?;
-        one.apply(&desired(services))?;
-        for hook in [Hook::Xdp, Hook::Tc] {
-            let syn = established_packet(hook, SYN).emit();
-            let (verdict, _, _) = one.run(hook, &syn, 1)?;
-            ensure!(
-                verdict == hook.pass(),
-                "{}: mirror SYN dropped",
-                hook.name()
-            );
-            let ack = established_packet(hook, ACK).emit();
-            let (_, out, _) = one.run(hook, &ack, 1)?;
-            ensure!(
-                out == ack,
-                "{}: the mirror service does not rewrite the packet to itself",
-                hook.name()
-            );
+        one.families = families.to_vec();
+        one.apply(&desired(services, families))?;
+        one.establish_mirrors()?;
+        for &family in families {
+            for hook in [Hook::Xdp, Hook::Tc] {
+                let ack = established_packet(hook, family, ACK);
+                let (_, out, _) = one.run(hook, &ack, 1)?;
+                ensure!(
+                    out == ack,
+                    "{}{}: the mirror service does not rewrite the packet to itself",
+                    hook.name(),
+                    family.suffix()
+                );
+            }
         }
         Ok(one)
     }
@@ -193,22 +277,35 @@ impl Loaded {
         Ok(took)
     }
 
-    /// Empties conntrack (earlier rounds' new flows would otherwise pile
-    /// up and, with SNAT, crowd the node address's ports towards one
-    /// backend), then re-establishes the mirror flow of both hooks.
+    /// Empties conntrack of both families (earlier rounds' new flows would
+    /// otherwise pile up and, with SNAT, crowd the node address's ports
+    /// towards one backend), then re-establishes the mirror flows of both
+    /// hooks.
     fn reset_flows(&mut self) -> Result<()> {
         let keys: Vec<_> = self.tables.conntrack.keys().collect::<Result<_, _>>()?;
         for key in keys {
             let _ = self.tables.conntrack.remove(&key);
         }
-        for hook in [Hook::Xdp, Hook::Tc] {
-            let syn = established_packet(hook, SYN).emit();
-            let (verdict, _, _) = self.run(hook, &syn, 1)?;
-            ensure!(
-                verdict == hook.pass(),
-                "{}: mirror SYN dropped",
-                hook.name()
-            );
+        let keys: Vec<_> = self.tables.conntrack6.keys().collect::<Result<_, _>>()?;
+        for key in keys {
+            let _ = self.tables.conntrack6.remove(&key);
+        }
+        self.establish_mirrors()
+    }
+
+    /// Sends the SYN of the mirror flow of each family through both hooks.
+    fn establish_mirrors(&mut self) -> Result<()> {
+        for family in self.families.clone() {
+            for hook in [Hook::Xdp, Hook::Tc] {
+                let syn = established_packet(hook, family, SYN);
+                let (verdict, _, _) = self.run(hook, &syn, 1)?;
+                ensure!(
+                    verdict == hook.pass(),
+                    "{}{}: mirror SYN dropped",
+                    hook.name(),
+                    family.suffix()
+                );
+            }
         }
         Ok(())
     }
@@ -277,6 +374,18 @@ impl Hook {
         match self {
             Hook::Xdp => EXTERNAL_CLIENT,
             Hook::Tc => POD_CLIENT,
+        }
+    }
+    fn client6(self) -> Ipv6Addr {
+        match self {
+            Hook::Xdp => EXTERNAL_CLIENT6,
+            Hook::Tc => POD_CLIENT6,
+        }
+    }
+    fn client_ip(self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => IpAddr::V4(self.client()),
+            Family::V6 => IpAddr::V6(self.client6()),
         }
     }
 }
@@ -439,14 +548,30 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// The established-flow packet: client -> mirror service, ACK with data.
-fn established_packet(hook: Hook, flags: u8) -> Packet {
-    Packet::tcp(
-        (hook.client(), 40_000),
-        (MIRROR_VIP, SERVICE_PORT),
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
+
+/// The established-flow frame: client -> mirror service, with the request
+/// as payload (the SYN too).
+fn established_packet(hook: Hook, family: Family, flags: u8) -> Vec<u8> {
+    tcp_frame(
+        (hook.client_ip(family), 40_000),
+        mirror_ip(family),
         flags,
-        b"GET / HTTP/1.1\r\n\r\n",
+        REQUEST,
     )
+}
+
+/// A TCP frame to `dst`:80; both addresses of one family.
+fn tcp_frame(src: (IpAddr, u16), dst: IpAddr, flags: u8, payload: &[u8]) -> Vec<u8> {
+    match (src.0, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            Packet::tcp((s, src.1), (d, SERVICE_PORT), flags, payload).emit()
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            Packet6::tcp((s, src.1), (d, SERVICE_PORT), flags, payload).emit()
+        }
+        _ => unreachable!("{src:?} -> {dst}: one family per frame"),
+    }
 }
 
 /// Runs `frame` `repeat` times and checks the verdict, that the output
@@ -491,15 +616,15 @@ const FLOWS_PER_BATCH: u32 = 2000;
 /// counted under `reason` and rewritten to one of its endpoints.
 fn measure_new_flows(
     loaded: &mut Loaded,
-    hook: Hook,
+    (hook, family): (Hook, Family),
     services: u32,
     runs: u32,
     round: u32,
     reason: Reason,
 ) -> Result<f64> {
-    let target = service_vip(services - 1);
-    let endpoints: Vec<Ipv4Addr> = (0..ENDPOINTS_PER_SERVICE)
-        .map(|j| endpoint_addr(services - 1, j))
+    let target = service_ip(family, services - 1);
+    let endpoints: Vec<IpAddr> = (0..ENDPOINTS_PER_SERVICE)
+        .map(|j| endpoint_ip(family, services - 1, j))
         .collect();
     loaded.reset_flows()?;
     let mut before = loaded.count(reason)?;
@@ -515,27 +640,40 @@ fn measure_new_flows(
             before = loaded.count(reason)?;
         }
         // A source no earlier run of any round used: 10.244.(100+round).x
-        // or 198.51.(100+round).x-ish with 50000 ports each.
+        // or 198.51.(100+round).x-ish with 50000 ports each (IPv6: the
+        // client's /64, (100+round) in the last 32 bits).
         let index = k + round * runs;
-        let [a, b, _, _] = hook.client().octets();
-        let src = Ipv4Addr::new(a, b, 100 + (index / 50_000) as u8, 3);
+        let src = match hook.client_ip(family) {
+            IpAddr::V4(client) => {
+                let [a, b, _, _] = client.octets();
+                IpAddr::V4(Ipv4Addr::new(a, b, 100 + (index / 50_000) as u8, 3))
+            }
+            IpAddr::V6(client) => {
+                let prefix = u128::from(client) & !u128::from(u64::MAX);
+                IpAddr::V6(Ipv6Addr::from(prefix | u128::from(100 + index / 50_000)))
+            }
+        };
         let port = 10_000 + (index % 50_000) as u16;
-        let frame = Packet::tcp((src, port), (target, SERVICE_PORT), SYN, b"").emit();
+        let frame = tcp_frame((src, port), target, SYN, b"");
         let snapshot = loaded.snapshot();
         let (verdict, out, ns) = loaded.run(hook, &frame, 1)?;
         ensure!(
             verdict == hook.pass(),
-            "{}: new flow {k} of {runs} not passed: {:?}",
+            "{}{}: new flow {k} of {runs} not passed: {:?}",
             hook.name(),
+            family.suffix(),
             loaded.moved(&snapshot)
         );
         if k == 0 {
-            let parsed = Packet::parse(&out).map_err(|e| anyhow::anyhow!(e))?;
+            let dst = match family {
+                Family::V4 => IpAddr::V4(Packet::parse(&out).map_err(|e| anyhow::anyhow!(e))?.dst),
+                Family::V6 => IpAddr::V6(Packet6::parse(&out).map_err(|e| anyhow::anyhow!(e))?.dst),
+            };
             ensure!(
-                endpoints.contains(&parsed.dst),
-                "{}: new flow to {target} went to {}, not an endpoint",
+                endpoints.contains(&dst),
+                "{}{}: new flow to {target} went to {dst}, not an endpoint",
                 hook.name(),
-                parsed.dst
+                family.suffix()
             );
         }
         total_ns += ns;
@@ -543,8 +681,9 @@ fn measure_new_flows(
     counted += loaded.count(reason)? - before;
     ensure!(
         counted == u64::from(runs),
-        "{}: {counted} of {runs} new-flow runs counted as {}",
+        "{}{}: {counted} of {runs} new-flow runs counted as {}",
         hook.name(),
+        family.suffix(),
         reason.name()
     );
     Ok(total_ns as f64 / f64::from(runs))
@@ -565,30 +704,31 @@ fn packet(options: &Options) -> Result<()> {
     let tc_floor = floor::Program::load(floor::PROG_TYPE_SCHED_CLS, 0)?;
     let mut loaded = Vec::new();
     for &size in &sizes {
-        let one = Loaded::mirrored(size, None)?;
-        eprintln!("lb-bench: {size} services programmed");
+        // Dual-stack: the IPv6 cases beside the IPv4 ones, same maps.
+        let one = Loaded::mirrored(size, None, &[Family::V4, Family::V6])?;
+        eprintln!("lb-bench: {size} dual-stack services programmed");
         loaded.push((size, one));
     }
     let mut maglev = None;
     if maglev_size > 0 {
-        let one = Loaded::mirrored(maglev_size, Some(maglev_m))?;
+        let one = Loaded::mirrored(maglev_size, Some(maglev_m), &[Family::V4])?;
         eprintln!("lb-bench: {maglev_size} services programmed with Maglev (M = {maglev_m})");
         maglev = Some(one);
     }
 
-    let tcp_frame = established_packet(Hook::Tc, ACK).emit();
+    let floor_frame = established_packet(Hook::Tc, Family::V4, ACK);
     for rep in 0..reps {
         for (size, one) in loaded.iter_mut() {
             let size = *size;
             // Floors, measured beside every size so drift shows up.
-            let (verdict, ns) = xdp_floor.test_run(&tcp_frame, repeat)?;
+            let (verdict, ns) = xdp_floor.test_run(&floor_frame, repeat)?;
             ensure!(verdict == 2, "trivial XDP program returned {verdict}");
             result("pkt_ns", "xdp_pass_floor", size, rep, ns as f64);
-            let (verdict, ns) = tc_floor.test_run(&tcp_frame, repeat)?;
+            let (verdict, ns) = tc_floor.test_run(&floor_frame, repeat)?;
             ensure!(verdict == 0, "trivial TC program returned {verdict}");
             result("pkt_ns", "tc_pass_floor", size, rep, ns as f64);
             let single: u64 = (0..new_flows.min(5000))
-                .map(|_| xdp_floor.test_run(&tcp_frame, 1).map(|(_, ns)| ns))
+                .map(|_| xdp_floor.test_run(&floor_frame, 1).map(|(_, ns)| ns))
                 .sum::<Result<u64>>()?;
             result(
                 "pkt_ns",
@@ -608,61 +748,53 @@ fn packet(options: &Options) -> Result<()> {
             )?;
             result("pkt_ns", "xdp_arp", size, rep, ns as f64);
 
-            for hook in [Hook::Xdp, Hook::Tc] {
-                let ack = established_packet(hook, ACK).emit();
-                let ns = measure_repeated(one, hook, &ack, Some(&ack), Reason::CtForward, repeat)?;
-                result(
-                    "pkt_ns",
-                    &format!("{}_established", hook.name()),
-                    size,
-                    rep,
-                    ns as f64,
-                );
+            for family in [Family::V4, Family::V6] {
+                for hook in [Hook::Xdp, Hook::Tc] {
+                    let name = |case: &str| format!("{}_{case}{}", hook.name(), family.suffix());
+                    let ack = established_packet(hook, family, ACK);
+                    let ns =
+                        measure_repeated(one, hook, &ack, Some(&ack), Reason::CtForward, repeat)?;
+                    result("pkt_ns", &name("established"), size, rep, ns as f64);
 
-                let other = Packet::tcp(
-                    (hook.client(), 40_001),
-                    (NOT_A_SERVICE, SERVICE_PORT),
-                    ACK,
-                    b"GET / HTTP/1.1\r\n\r\n",
-                )
-                .emit();
-                let ns = measure_repeated(
-                    one,
-                    hook,
-                    &other,
-                    Some(&other),
-                    Reason::PassNotService,
-                    repeat,
-                )?;
-                result(
-                    "pkt_ns",
-                    &format!("{}_not_service", hook.name()),
-                    size,
-                    rep,
-                    ns as f64,
-                );
+                    let other = tcp_frame(
+                        (hook.client_ip(family), 40_001),
+                        not_a_service(family),
+                        ACK,
+                        REQUEST,
+                    );
+                    let ns = measure_repeated(
+                        one,
+                        hook,
+                        &other,
+                        Some(&other),
+                        Reason::PassNotService,
+                        repeat,
+                    )?;
+                    result("pkt_ns", &name("not_service"), size, rep, ns as f64);
 
-                let ns = measure_new_flows(one, hook, size, new_flows, rep, Reason::NewFlow)?;
-                result(
-                    "pkt_ns",
-                    &format!("{}_new_flow", hook.name()),
-                    size,
-                    rep,
-                    ns,
-                );
+                    let ns = measure_new_flows(
+                        one,
+                        (hook, family),
+                        size,
+                        new_flows,
+                        rep,
+                        Reason::NewFlow,
+                    )?;
+                    result("pkt_ns", &name("new_flow"), size, rep, ns);
+                }
             }
         }
         // Maglev: established flows take the same path (conntrack); new
         // flows look up one table chunk instead of drawing a slot.
         if let Some(one) = maglev.as_mut() {
             for hook in [Hook::Xdp, Hook::Tc] {
-                let ack = established_packet(hook, ACK).emit();
+                let ack = established_packet(hook, Family::V4, ACK);
                 let ns = measure_repeated(one, hook, &ack, Some(&ack), Reason::CtForward, repeat)?;
                 let name = format!("{}_established_maglev", hook.name());
                 result("pkt_ns", &name, maglev_size, rep, ns as f64);
                 let ns = measure_new_flows(
                     one,
-                    hook,
+                    (hook, Family::V4),
                     maglev_size,
                     new_flows,
                     rep,
@@ -700,7 +832,7 @@ fn program(options: &Options) -> Result<()> {
     for rep in 0..reps {
         for &size in &sizes {
             let mut one = Loaded::new(size)?;
-            let tables = desired(size);
+            let tables = desired(size, &[Family::V4]);
             let took = one.apply(&tables)?;
             result("install_ms", "ours", size, rep, took.as_secs_f64() * 1e3);
         }
@@ -708,7 +840,7 @@ fn program(options: &Options) -> Result<()> {
 
     // One endpoint change, then a sustained churn, on one set of maps.
     let mut one = Loaded::new(change_size)?;
-    let mut tables = desired(change_size);
+    let mut tables = desired(change_size, &[Family::V4]);
     one.apply(&tables)?;
     let mut next_addr = u32::from(Ipv4Addr::new(10, 64, 0, 1));
     for rep in 0..reps {
