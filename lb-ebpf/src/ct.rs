@@ -47,6 +47,20 @@ fn snat_candidate(hash: u32, i: u32) -> u16 {
     SNAT_PORT_MIN + ((first + i * step) % SNAT_PORT_COUNT) as u16
 }
 
+/// The first SNAT port of the flow hashed to `hash` that `claim` takes
+/// (`claim(port)` inserts the reply entry at `port` if that tuple is free);
+/// a full table when every try is taken.
+#[inline(always)]
+fn claim_snat_port(hash: u32, mut claim: impl FnMut(u16) -> bool) -> Result<u16, Reason> {
+    for i in 0..SNAT_PORT_TRIES {
+        let candidate = snat_candidate(hash, i);
+        if claim(candidate) {
+            return Ok(candidate);
+        }
+    }
+    Err(Reason::DropCtFull)
+}
+
 /// Source translation of a new flow.
 #[derive(Clone, Copy)]
 pub enum Snat {
@@ -202,21 +216,12 @@ pub fn create(
         entry.rewrite |= REWRITE_DST | hairpin;
         reply_key.dst_addr = snat_addr;
         // A port whose reply tuple is free.
-        let hash = snat_hash(k.src_addr, k.src_port);
-        for i in 0..SNAT_PORT_TRIES {
-            let candidate = snat_candidate(hash, i);
-            reply_key.dst_port = candidate;
-            if LB4_CT_V2
+        snat_port = claim_snat_port(snat_hash(k.src_addr, k.src_port), |port| {
+            reply_key.dst_port = port;
+            LB4_CT_V2
                 .insert(reply_key, entry, BPF_NOEXIST as u64)
                 .is_ok()
-            {
-                snat_port = candidate;
-                break;
-            }
-        }
-        if snat_port == 0 {
-            return Err(Reason::DropCtFull);
-        }
+        })?;
     }
     entry.direction = DIR_FORWARD;
     entry.dst_addr = backend.addr;
@@ -367,21 +372,12 @@ pub fn create6(
                 k.src_addr[14],
                 k.src_addr[15],
             ];
-            let hash = snat_hash(low, k.src_port);
-            for i in 0..SNAT_PORT_TRIES {
-                let candidate = snat_candidate(hash, i);
-                reply_key.dst_port = candidate;
-                if LB6_CT_V1
+            snat_port = claim_snat_port(snat_hash(low, k.src_port), |port| {
+                reply_key.dst_port = port;
+                LB6_CT_V1
                     .insert(&*reply_key, &*entry, BPF_NOEXIST as u64)
                     .is_ok()
-                {
-                    snat_port = candidate;
-                    break;
-                }
-            }
-            if snat_port == 0 {
-                return Err(Reason::DropCtFull);
-            }
+            })?;
         }
     }
     entry.direction = DIR_FORWARD;
