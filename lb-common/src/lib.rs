@@ -41,6 +41,15 @@ pub const PROTO_ICMPV6: u8 = 58;
 /// pod's reply returns through the node to be translated back.
 pub const HAIRPIN_ADDR4: [u8; 4] = [169, 254, 42, 1];
 
+/// [`HAIRPIN_ADDR4`] for IPv6: `fd00:a9fe:2a01::1` (a unique local
+/// address spelling 169.254.42.1 in its second and third groups). Not
+/// link-local: a pod reaches it through its default route, which is what
+/// brings the reply back through the node. Like the IPv4 one it must not
+/// be a pod or service address of the cluster.
+pub const HAIRPIN_ADDR6: [u8; 16] = [
+    0xfd, 0x00, 0xa9, 0xfe, 0x2a, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+];
+
 /// Implements `aya::Pod` for the user-space side of a shared type.
 macro_rules! user_pod {
     ($($ty:ty),* $(,)?) => {

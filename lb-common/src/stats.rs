@@ -81,10 +81,6 @@ pub enum Reason {
     DropNoNodeAddress = 23,
     /// A connection attempt to a ClusterIP on a port no frontend defines.
     DropUnknownPort = 24,
-    /// A pod balanced to itself over IPv6 (hairpin is IPv4-only so far):
-    /// dropped before any state is written, so a retransmission is
-    /// balanced afresh.
-    DropHairpin6 = 26,
     /// Socket-level balancing translated a connect() or a datagram.
     SockTranslated = 8,
     /// Socket-level balancing refused a connect() (no endpoint).
@@ -96,7 +92,7 @@ impl Reason {
     pub const FIRST_DROP: u32 = 16;
 
     /// Every reason, for readers that list all counters.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 22] = [
         Reason::PassNotIpv4,
         Reason::PassOtherL4,
         Reason::PassFragment,
@@ -119,7 +115,6 @@ impl Reason {
         Reason::DropNoNodeAddress,
         Reason::DropUnknownPort,
         Reason::SockRefused,
-        Reason::DropHairpin6,
     ];
 
     /// Stable name for metrics and `lbctl stats`.
@@ -147,7 +142,6 @@ impl Reason {
             Reason::DropNoNodeAddress => "drop_no_node_address",
             Reason::DropUnknownPort => "drop_unknown_port",
             Reason::SockRefused => "sock_refused",
-            Reason::DropHairpin6 => "drop_hairpin6",
         }
     }
 
@@ -157,4 +151,4 @@ impl Reason {
     }
 }
 
-const _: () = assert!((Reason::DropHairpin6 as u32) < MAX_ENTRIES);
+const _: () = assert!((Reason::SockRefused as u32) < MAX_ENTRIES);

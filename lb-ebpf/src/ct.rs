@@ -2,7 +2,7 @@
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    HAIRPIN_ADDR4,
+    HAIRPIN_ADDR4, HAIRPIN_ADDR6,
     backend::{Lb4Backend, Lb6Backend},
     conntrack::{
         DIR_FORWARD, DIR_REPLY, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey, REWRITE_DST,
@@ -69,6 +69,35 @@ pub enum Snat {
     /// A pod balanced to itself: the hairpin address, and back out of the
     /// same device.
     Hairpin,
+}
+
+/// Source translation of a new IPv6 flow, as [`Snat`]; the node address
+/// is the one in `LB6_CONFIG_V1`, read in place.
+#[derive(Clone, Copy)]
+pub enum Snat6 {
+    Node(&'static [u8; 16]),
+    Hairpin,
+}
+
+impl Snat6 {
+    /// The rewrite flags the flow's entries get beyond the address ones.
+    #[inline(always)]
+    fn hairpin_flag(self) -> u8 {
+        match self {
+            Snat6::Node(_) => 0,
+            Snat6::Hairpin => REWRITE_HAIRPIN,
+        }
+    }
+
+    /// Writes the translated source address into `to` (map memory: no
+    /// 16-byte copy on the stack).
+    #[inline(always)]
+    fn write_addr(self, to: &mut [u8; 16]) {
+        match self {
+            Snat6::Node(addr) => *to = *addr,
+            Snat6::Hairpin => *to = HAIRPIN_ADDR6,
+        }
+    }
 }
 
 /// A copy of the flow's entry, if it is tracked.
@@ -317,8 +346,8 @@ pub fn touch6(entry: *mut Lb6CtEntry, tcp_flags: u8, len: u32, now: u64) {
 
 /// Records a new IPv6 flow: the reply entry first, as in [`create`], then
 /// the forward one, which is left in `entry`. With `snat` (the node's
-/// address) the reply entry is inserted at a free port of the SNAT range,
-/// probed as for IPv4. `entry` and `reply_key` are scratch space
+/// address or the hairpin address) the reply entry is inserted at a free
+/// port of the SNAT range, probed as for IPv4. `entry` and `reply_key` are scratch space
 /// (`LB6_SCRATCH`), not stack.
 #[inline(always)]
 // The borrows are the point: the map helpers read the scratch space in
@@ -329,7 +358,7 @@ pub fn create6(
     service: &Lb4Service,
     (backend_id, backend): (u32, &Lb6Backend),
     (entry, reply_key): (&mut Lb6CtEntry, &mut Lb6CtKey),
-    snat: Option<&[u8; 16]>,
+    snat: Option<Snat6>,
     len: u32,
 ) -> Result<(), Reason> {
     let k = &flow.key;
@@ -361,10 +390,10 @@ pub fn create6(
                 .insert(&*reply_key, &*entry, BPF_ANY as u64)
                 .map_err(|_| Reason::DropCtFull)?;
         }
-        Some(node) => {
+        Some(source) => {
             // The reply goes back to the client too.
-            entry.rewrite |= REWRITE_DST;
-            reply_key.dst_addr = *node;
+            entry.rewrite |= REWRITE_DST | source.hairpin_flag();
+            source.write_addr(&mut reply_key.dst_addr);
             // The client's low 32 address bits: as for IPv4.
             let low = [
                 k.src_addr[12],
@@ -391,9 +420,9 @@ pub fn create6(
             entry.src_addr = [0; 16];
             entry.src_port = 0;
         }
-        Some(node) => {
-            entry.rewrite = REWRITE_DST | REWRITE_SRC;
-            entry.src_addr = *node;
+        Some(source) => {
+            entry.rewrite = REWRITE_DST | REWRITE_SRC | source.hairpin_flag();
+            source.write_addr(&mut entry.src_addr);
             entry.src_port = snat_port;
         }
     }

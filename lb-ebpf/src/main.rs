@@ -27,7 +27,7 @@ use lb_common::{
     affinity::{self, Lb4Affinity, Lb4AffinityKey, Lb6AffinityKey},
     backend::{self, Lb4Backend, Lb6Backend},
     config::{self, Lb6Config, LbConfig},
-    conntrack::{self, DIR_FORWARD, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
+    conntrack::{self, DIR_FORWARD, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey, REWRITE_HAIRPIN},
     maglev::{self, Lb4MaglevChunk, Lb4MaglevKey},
     member::{self, Lb4Member, Lb4MemberKey},
     service::{self as svc, Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
@@ -304,7 +304,10 @@ fn process_packet<C: PacketBuf + Nat6>(
             return if reason.is_drop() {
                 Err(reason)
             } else {
-                untouched(reason)
+                Ok((
+                    reason,
+                    Action::forward(Translation::hairpin_only(obs.hairpin)),
+                ))
             };
         }
         Packet::OtherL4 => return untouched(Reason::PassOtherL4),
@@ -448,6 +451,7 @@ fn try_follow_flow6<C: PacketBuf + Nat6>(ctx: &C, obs: &mut Observation) -> Resu
         }
         obs.service_id = entry.service_id;
         obs.backend_id = entry.backend_id;
+        obs.hairpin = entry.rewrite & REWRITE_HAIRPIN != 0;
     }
     let now = unsafe { bpf_ktime_get_ns() };
     ct::touch6(entry_ptr, flow.tcp_flags, ctx.len(), now);
@@ -530,6 +534,7 @@ fn try_balance_new_flow6<C: PacketBuf + Nat6>(
     let snat = policy::snat6_for(&service, &backend, &flow.key.src_addr, hook)?;
     let chosen = (backend_id, &backend);
     ct::create6(flow, &service, chosen, (entry, reply_key), snat, ctx.len())?;
+    obs.hairpin = entry.rewrite & REWRITE_HAIRPIN != 0;
     ctx.rewrite6(flow, entry)?;
     Ok(match how {
         service::Selection::Affinity => Reason::NewFlowAffinity,

@@ -79,6 +79,16 @@ impl Translation {
         }
     }
 
+    /// No rewrite (the IPv6 path has made it already), and the hairpin
+    /// redirect if `hairpin`.
+    #[inline(always)]
+    pub fn hairpin_only(hairpin: bool) -> Self {
+        Self {
+            hairpin,
+            ..Self::none()
+        }
+    }
+
     /// The rewrite a conntrack entry asks for on this flow's packet.
     #[inline(always)]
     pub fn of(flow: &Flow, entry: &Lb4CtEntry) -> Self {

@@ -10,7 +10,10 @@ use lb_common::{
     stats::Reason,
 };
 
-use crate::{Hook, LB_CONFIG_V2, LB4_SRC_RANGES_V1, LB6_CONFIG_V1, LB6_SRC_RANGES_V1, ct::Snat};
+use crate::{
+    Hook, LB_CONFIG_V2, LB4_SRC_RANGES_V1, LB6_CONFIG_V1, LB6_SRC_RANGES_V1,
+    ct::{Snat, Snat6},
+};
 
 /// Drops a new flow whose client is outside the service's
 /// loadBalancerSourceRanges.
@@ -93,24 +96,25 @@ pub fn snat_for(
 
 /// The source translation a new IPv6 flow needs, as [`snat_for`]: the
 /// node's IPv6 address (`LB6_CONFIG_V1`) for traffic from outside to
-/// another node's backend, `drop_no_node_address` when the node has none.
-/// A pod balanced to itself (hairpin, IPv4-only so far) is dropped before
-/// any state is written, so its retransmission is balanced afresh.
+/// another node's backend (`drop_no_node_address` when the node has none),
+/// the IPv6 hairpin address for a pod balanced to itself.
 #[inline(always)]
 pub fn snat6_for(
     service: &Lb4Service,
     backend: &Lb6Backend,
     client: &[u8; 16],
     hook: Hook,
-) -> Result<Option<&'static [u8; 16]>, Reason> {
+) -> Result<Option<Snat6>, Reason> {
     if needs_snat(service, backend.flags, hook) {
         return match LB6_CONFIG_V1.get(0) {
-            Some(config) if config.node_addr6 != [0; 16] => Ok(Some(&config.node_addr6)),
+            Some(config) if config.node_addr6 != [0; 16] => {
+                Ok(Some(Snat6::Node(&config.node_addr6)))
+            }
             _ => Err(Reason::DropNoNodeAddress),
         };
     }
     if hook == Hook::FromPod && backend.addr == *client {
-        return Err(Reason::DropHairpin6);
+        return Ok(Some(Snat6::Hairpin));
     }
     Ok(None)
 }

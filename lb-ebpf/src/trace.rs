@@ -36,6 +36,10 @@ pub struct Observation {
     pub backend_id: u32,
     pub backend_addr: [u8; 4],
     pub backend_port: u16,
+    /// An IPv6 hairpin flow (the IPv6 path rewrites the packet itself and
+    /// leaves the redirect back out of the device to the TC entry point).
+    /// In what was padding: the struct does not grow.
+    pub hairpin: bool,
 }
 
 impl Observation {

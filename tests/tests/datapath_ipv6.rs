@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use lb_agent::model::{DesiredTables, Frontend, FrontendKind, Protocol, Scope, SourceRange};
 use lb_common::{
+    HAIRPIN_ADDR6,
     conntrack::{DIR_FORWARD, DIR_REPLY},
     stats::Reason,
 };
@@ -21,6 +22,11 @@ use lb_tests::{
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 2);
 const VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 const EMPTY_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20);
+/// A ClusterIP whose only endpoint is POD_A.
+const SELF_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x30);
+const HAIRPIN: Ipv6Addr = Ipv6Addr::from_octets(HAIRPIN_ADDR6);
+/// TC's verdict for a packet sent straight back out of its device.
+const TC_ACT_REDIRECT: u32 = 7;
 const POD_A: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x11);
 const POD_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x12);
 /// A pod of another node.
@@ -72,6 +78,10 @@ fn desired() -> DesiredTables {
             (
                 frontend(EMPTY_VIP, 80, Protocol::Tcp),
                 spec6("empty", "http", ci, &[]),
+            ),
+            (
+                frontend(SELF_VIP, 80, Protocol::Tcp),
+                spec6("self", "http", ci, &[(POD_A, 8080, true)]),
             ),
             (
                 frontend(EMPTY_VIP, 53, Protocol::Udp),
@@ -792,4 +802,56 @@ fn ipv6_maglev_picks_the_backend_the_table_and_the_flow_hash_predict() {
         out.dst,
         pods[table[(flow_hash6(&key) % M) as usize] as usize]
     );
+}
+
+#[test]
+fn ipv6_pod_balanced_to_itself_gets_its_replies_through_the_hairpin_address() {
+    let mut fx =
+        fixture("ipv6_pod_balanced_to_itself_gets_its_replies_through_the_hairpin_address");
+    let request = Packet6::tcp((POD_A, 40000), (SELF_VIP, 80), SYN, b"");
+    let sent = request.emit();
+    let (verdict, out) = fx.run(Hook::TcPod, &sent);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "hairpin not sent straight back");
+    let there = Packet6::parse(&out).unwrap_or_else(|e| panic!("hairpin packet: {e}"));
+    assert_eq!(there.dst, POD_A, "dst not translated to the pod");
+    assert_eq!(
+        there.src, HAIRPIN,
+        "src not translated to the hairpin address"
+    );
+    assert_eq!(
+        (&out[0..6], &out[6..12]),
+        (&sent[6..12], &sent[0..6]),
+        "MACs not swapped"
+    );
+    let (snat_port, dport) = there.ports().expect("ports");
+    assert_eq!(dport, 8080);
+
+    // The pod answers the hairpin address; the reply goes back to it from
+    // the service address.
+    let reply = Packet6::tcp((POD_A, 8080), (HAIRPIN, snat_port), SYN | ACK, b"");
+    let (verdict, out) = fx.run(Hook::TcPod, &reply.emit());
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "hairpin reply not sent straight back"
+    );
+    let back = Packet6::parse(&out).unwrap_or_else(|e| panic!("hairpin reply: {e}"));
+    assert_eq!(
+        (back.src, back.dst, back.ports()),
+        (SELF_VIP, POD_A, Some((80, 40000)))
+    );
+    // The established forward direction keeps the hairpin too.
+    let ack = Packet6::tcp((POD_A, 40000), (SELF_VIP, 80), ACK, b"data");
+    let (verdict, out) = fx.run(Hook::TcPod, &ack.emit());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let again = Packet6::parse(&out).unwrap_or_else(|e| panic!("hairpin ack: {e}"));
+    assert_eq!(
+        (again.src, again.dst, again.ports()),
+        (HAIRPIN, POD_A, Some((snat_port, 8080)))
+    );
+    // Another pod reaching the same service is not hairpinned.
+    let other = fx.pass6(
+        Hook::TcPod,
+        &Packet6::tcp((CLIENT, 40001), (SELF_VIP, 80), SYN, b""),
+    );
+    assert_eq!((other.src, other.dst), (CLIENT, POD_A));
 }
