@@ -2,8 +2,10 @@
 //! xtask::topology), one agent per node, pods and the external client
 //! talking over IPv6 with real sockets to IPv6 and dual-stack services:
 //! ClusterIPs across nodes (TCP and UDP), both addresses of a dual-stack
-//! service, NodePorts from outside with both traffic policies, the reject
-//! of a service without endpoints, and session affinity.
+//! service, NodePorts, LoadBalancer addresses and externalIPs from outside
+//! with both traffic policies and source ranges, the reject of a service
+//! without endpoints, session affinity, and a pod reaching itself through
+//! its service (hairpin).
 
 use std::{
     collections::BTreeMap,
@@ -12,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use lb_common::{HAIRPIN_ADDR6, stats::Reason};
 use lb_tests::{
     cluster::{NodeAgents, write_manifest},
     require_root,
@@ -33,12 +36,27 @@ const LOCAL6: Ipv6Addr = vip6(0x12);
 const REMOTE6: Ipv6Addr = vip6(0x13);
 const EMPTY6: Ipv6Addr = vip6(0x14);
 const STICKY6: Ipv6Addr = vip6(0x15);
+const SELF6: Ipv6Addr = vip6(0x16);
+const LB_LOCAL6: Ipv6Addr = vip6(0x17);
+const EXTERNAL6: Ipv6Addr = vip6(0x18);
+const LB_ALLOW6: Ipv6Addr = vip6(0x19);
+const LB_DENY6: Ipv6Addr = vip6(0x1a);
 const NODE_PORT_LOCAL: u16 = 30081;
 const NODE_PORT_REMOTE: u16 = 30080;
+/// Addresses outside the cluster that the external client routes to a
+/// node (LoadBalancer ingress and externalIPs, documentation prefix).
+const LB_LOCAL_IP: Ipv6Addr = outside6(0x10);
+const EXTERNAL_IP: Ipv6Addr = outside6(0x20);
+const LB_ALLOW_IP: Ipv6Addr = outside6(0x30);
+const LB_DENY_IP: Ipv6Addr = outside6(0x31);
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 const fn vip6(last: u16) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, last)
+}
+
+const fn outside6(last: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0x203, 0, 0, 0, 0, last)
 }
 
 const HTTP_DNS: &str = "[{name: http, port: 80, targetPort: 8080, protocol: TCP}, \
@@ -107,6 +125,15 @@ fn all_manifests(cluster: &Cluster) -> String {
     };
     let sticky =
         "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n";
+    let load_balancer = |port: u16, extra: &str, ingress: Ipv6Addr| {
+        format!(
+            "  type: LoadBalancer\n{extra}  ports: [{{name: http, port: 80, targetPort: 8080, \
+             nodePort: {port}, protocol: TCP}}]\nstatus:\n  loadBalancer:\n    ingress: \
+             [{{ip: \"{ingress}\"}}]\n"
+        )
+    };
+    let ext = cluster.external_ip6();
+    let external_ips = format!("  externalIPs: [\"{EXTERNAL_IP}\"]\n");
     [
         service("echo6", &v6_only(ECHO6, "")),
         slice("echo6", "echo6-1", "IPv6", &both, cluster),
@@ -122,6 +149,36 @@ fn all_manifests(cluster: &Cluster) -> String {
         service("empty6", &v6_only(EMPTY6, "")),
         service("sticky6", &v6_only(STICKY6, sticky)),
         slice("sticky6", "sticky6-1", "IPv6", &both, cluster),
+        service("self6", &v6_only(SELF6, "")),
+        slice("self6", "self6-1", "IPv6", &[ECHO_A], cluster),
+        node_port_service(
+            "lb-local6",
+            LB_LOCAL6,
+            &load_balancer(30082, "  externalTrafficPolicy: Local\n", LB_LOCAL_IP),
+        ),
+        slice("lb-local6", "lb-local6-1", "IPv6", &[ECHO_A], cluster),
+        service("ext6", &v6_only(EXTERNAL6, &external_ips)),
+        slice("ext6", "ext6-1", "IPv6", &both, cluster),
+        node_port_service(
+            "lb-allow6",
+            LB_ALLOW6,
+            &load_balancer(
+                30083,
+                &format!("  loadBalancerSourceRanges: [\"{ext}/128\"]\n"),
+                LB_ALLOW_IP,
+            ),
+        ),
+        slice("lb-allow6", "lb-allow6-1", "IPv6", &[ECHO_A], cluster),
+        node_port_service(
+            "lb-deny6",
+            LB_DENY6,
+            &load_balancer(
+                30084,
+                "  loadBalancerSourceRanges: [\"2001:db8:ffff::/48\"]\n",
+                LB_DENY_IP,
+            ),
+        ),
+        slice("lb-deny6", "lb-deny6-1", "IPv6", &[ECHO_A], cluster),
     ]
     .concat()
 }
@@ -151,6 +208,18 @@ impl DualStack {
         for (name, ip, node) in [ECHO_A, ECHO_B, CLIENT_1, CLIENT_2] {
             cluster.add_pod(node, name, ip).expect("pod");
         }
+        // The router in front of the cluster: LoadBalancer addresses to
+        // node-1, the externalIP to node-2.
+        for (ip, node) in [
+            (LB_LOCAL_IP, 1),
+            (LB_ALLOW_IP, 1),
+            (LB_DENY_IP, 1),
+            (EXTERNAL_IP, 2),
+        ] {
+            cluster
+                .route_via(&format!("{ip}/128"), node)
+                .expect("route");
+        }
         let servers = [ECHO_A.0, ECHO_B.0]
             .iter()
             .map(|name| {
@@ -174,6 +243,22 @@ impl DualStack {
                 });
         }
         me
+    }
+
+    /// Packets node `k`'s datapath counted under `reason`.
+    fn drops(&self, k: usize, reason: Reason) -> u64 {
+        self.agents
+            .tables(k)
+            .stats
+            .get(reason)
+            .expect("stats")
+            .packets
+    }
+
+    /// The external client's namespace and IPv6 address.
+    fn outside(&self) -> (&NetNs, IpAddr) {
+        let ip = IpAddr::V6(self.cluster.external_ip6());
+        (self.cluster.external(), ip)
     }
 
     fn ns(&self, pod: &str) -> &NetNs {
@@ -280,8 +365,7 @@ fn ipv6_node_ports_keep_the_client_with_local_policy_and_snat_to_a_remote_backen
     let env = DualStack::start(
         "ipv6_node_ports_keep_the_client_with_local_policy_and_snat_to_a_remote_backend",
     );
-    let ext = env.cluster.external();
-    let ext_ip = IpAddr::V6(env.cluster.external_ip6());
+    let (ext, ext_ip) = env.outside();
     let node1 = env.cluster.node_ip6(1);
     env.agents.wait_until("IPv6 NodePorts answering", || {
         http_get(ext, v6(node1, NODE_PORT_LOCAL), TIMEOUT).is_ok()
@@ -368,6 +452,87 @@ fn ipv6_session_affinity_sticks_per_client() {
             pods.len(),
             1,
             "affinity did not stick for {client}: {pods:?}"
+        );
+    }
+}
+
+#[test]
+fn ipv6_load_balancer_and_external_ips_from_outside_keep_the_client_under_local_policy() {
+    let env = DualStack::start(
+        "ipv6_load_balancer_and_external_ips_from_outside_keep_the_client_under_local_policy",
+    );
+    let (ext, ext_ip) = env.outside();
+    env.agents
+        .wait_until("IPv6 LoadBalancer address answering", || {
+            http_get(ext, v6(LB_LOCAL_IP, 80), TIMEOUT).is_ok()
+        });
+    // Local: node-1's own endpoint, which sees the external client.
+    for _ in 0..5 {
+        let reply = http_get(ext, v6(LB_LOCAL_IP, 80), TIMEOUT).expect("LoadBalancer address");
+        assert_eq!(parse(&reply), (ECHO_A.0.to_owned(), ext_ip), "{reply}");
+    }
+    // The externalIP reaches node-2 (Cluster policy): both endpoints serve
+    // it, node-1's through SNAT to node-2's address, node-2's own with the
+    // client kept.
+    let node2 = IpAddr::V6(env.cluster.node_ip6(2));
+    let mut seen = BTreeMap::new();
+    for _ in 0..200 {
+        let reply = http_get(ext, v6(EXTERNAL_IP, 80), TIMEOUT).expect("externalIP");
+        let (pod, client) = parse(&reply);
+        let expected = if pod == ECHO_B.0 { ext_ip } else { node2 };
+        assert_eq!(client, expected, "{pod} saw the wrong client: {reply}");
+        *seen.entry(pod).or_insert(0) += 1;
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_both(&seen, 1, "externalIP");
+}
+
+#[test]
+fn ipv6_load_balancer_source_ranges_admit_only_their_clients() {
+    let env = DualStack::start("ipv6_load_balancer_source_ranges_admit_only_their_clients");
+    let (ext, ext_ip) = env.outside();
+    env.agents
+        .wait_until("allowed IPv6 LoadBalancer address answering", || {
+            http_get(ext, v6(LB_ALLOW_IP, 80), TIMEOUT).is_ok()
+        });
+    let reply = http_get(ext, v6(LB_ALLOW_IP, 80), TIMEOUT).expect("allowed client");
+    assert_eq!(parse(&reply), (ECHO_A.0.to_owned(), ext_ip), "{reply}");
+    let before = env.drops(1, Reason::DropSourceRange);
+    let denied = http_get(ext, v6(LB_DENY_IP, 80), Duration::from_millis(700));
+    assert!(
+        denied.is_err(),
+        "a client outside the ranges got {denied:?}"
+    );
+    let after = env.drops(1, Reason::DropSourceRange);
+    assert!(
+        after > before,
+        "the refused attempt was not dropped by the source ranges"
+    );
+    // The ranges restrict the LoadBalancer address, not the NodePort.
+    let node1 = env.cluster.node_ip6(1);
+    let reply = http_get(ext, v6(node1, 30084), TIMEOUT).expect("NodePort of a restricted service");
+    assert_eq!(parse(&reply).0, ECHO_A.0, "{reply}");
+}
+
+#[test]
+fn an_ipv6_pod_reaching_its_own_service_gets_its_replies_through_the_hairpin_address() {
+    let env = DualStack::start(
+        "an_ipv6_pod_reaching_its_own_service_gets_its_replies_through_the_hairpin_address",
+    );
+    let ns = env.ns(ECHO_A.0);
+    for _ in 0..5 {
+        let reply = http_get(ns, v6(SELF6, 80), TIMEOUT).expect("hairpin request");
+        // The pod answered itself, and saw the request come from the
+        // hairpin address (its own would never have left its stack).
+        assert_eq!(
+            parse(&reply),
+            (
+                ECHO_A.0.to_owned(),
+                IpAddr::V6(Ipv6Addr::from_octets(HAIRPIN_ADDR6))
+            ),
+            "{reply}"
         );
     }
 }

@@ -725,7 +725,10 @@ impl Programmer {
         let service_id = current
             .as_ref()
             .map_or(self.next_service_id, |c| c.entry.service_id);
-        // The ranges of the frontend's family go into its trie.
+        // The ranges of the frontend's family go into its trie. Each family
+        // is restricted by its own ranges alone, as kube-proxy filters the
+        // list per family: a frontend whose family has none is open (a
+        // dual-stack service restricted in one family only).
         let ranges: Vec<SourceRangeEntry> = spec
             .source_ranges
             .iter()
@@ -743,9 +746,7 @@ impl Programmer {
         if has_internal {
             flags |= FLAG_HAS_INTERNAL;
         }
-        // An IPv6 frontend whose ranges are all IPv4 admits nobody (fail
-        // closed); an IPv4 one keeps the behaviour it always had.
-        if !ranges.is_empty() || (!key.is_ipv4() && !spec.source_ranges.is_empty()) {
+        if !ranges.is_empty() {
             flags |= FLAG_SOURCE_RANGES;
         }
         let ids_changed = current.as_ref().is_none_or(|c| c.backend_ids != ids);
@@ -1385,9 +1386,8 @@ mod tests {
                     );
                 }
                 // A restricted service with no allowed range would drop
-                // every client (an IPv6 one whose ranges are all IPv4 does,
-                // on purpose).
-                if svc.flags & FLAG_SOURCE_RANGES != 0 && key.is_ipv4() {
+                // every client.
+                if svc.flags & FLAG_SOURCE_RANGES != 0 {
                     assert!(
                         self.ranges.iter().any(|r| r.service_id == svc.service_id),
                         "after op {}: {key:?} is restricted but has no range",
@@ -2325,7 +2325,7 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_source_ranges_go_into_their_trie_and_other_families_fail_closed() {
+    fn each_familys_source_ranges_restrict_its_frontend_alone() {
         let mut maps = CheckedMaps::default();
         let mut prog = Programmer::default();
         let range = |addr: &str, prefix_len| crate::model::SourceRange {
@@ -2338,10 +2338,14 @@ mod tests {
         let mut v4_only = spec6("lb4", &[11]);
         v4_only.kind = FrontendKind::LoadBalancer;
         v4_only.source_ranges = vec![range("198.51.100.0", 24)];
+        let mut v6_only = spec("lb6", &[11]);
+        v6_only.kind = FrontendKind::LoadBalancer;
+        v6_only.source_ranges = vec![range("2001:db8::", 32)];
         let report = prog.apply(
             &tables(&[
                 (frontend6(20, 443), restricted),
                 (frontend6(21, 443), v4_only),
+                (frontend(22, 443), v6_only),
             ]),
             &mut maps,
         );
@@ -2356,11 +2360,18 @@ mod tests {
             "2001:db8::".parse::<IpAddr>().expect("addr")
         );
         assert_eq!(written[0].prefix_len, 32);
+        // A family without ranges is open, in both directions alike.
         let other = maps.services6[&key6(21, 443)];
-        assert_ne!(
+        assert_eq!(
             other.flags & FLAG_SOURCE_RANGES,
             0,
-            "IPv4-only ranges on an IPv6 frontend must not admit everybody"
+            "IPv4-only ranges restricted an IPv6 frontend"
+        );
+        let other = maps.services[&key(22, 443)];
+        assert_eq!(
+            other.flags & FLAG_SOURCE_RANGES,
+            0,
+            "IPv6-only ranges restricted an IPv4 frontend"
         );
     }
 }
