@@ -80,6 +80,20 @@ impl Demo {
         String::from_utf8(out.stdout).expect("utf-8")
     }
 
+    /// The service id of `frontend` (`10.96.0.10:53/UDP`): the
+    /// dual-stack service has a frontend of each name per family, so the
+    /// per-service counters are told apart by id.
+    fn service_id(&self, frontend: &str) -> Value {
+        let services = self.lbctl_json(&["services"]);
+        services
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|row| row["frontend"] == frontend)
+            .map(|row| row["service_id"].clone())
+            .unwrap_or_else(|| panic!("no frontend {frontend}:\n{services:#}"))
+    }
+
     fn lbctl_json(&self, args: &[&str]) -> Value {
         let mut all = args.to_vec();
         all.extend(["-o", "json"]);
@@ -108,14 +122,14 @@ impl Demo {
     }
 }
 
-/// The counters of `default/echo`'s `port_name` frontend; `null` (all zero)
+/// The counters of the frontend with service id `id`; `null` (all zero)
 /// before its first packet, when the datapath has no entry for it yet.
-fn service_stats(stats: &Value, port_name: &str) -> Value {
+fn service_stats(stats: &Value, id: &Value) -> Value {
     stats["services"]
         .as_array()
         .expect("services array")
         .iter()
-        .find(|s| s["service"] == "default/echo" && s["port_name"] == port_name)
+        .find(|s| s["service_id"] == *id)
         .cloned()
         .unwrap_or(Value::Null)
 }
@@ -131,12 +145,14 @@ fn lbctl_services_json_matches_the_example_manifests() {
     let rows = services.as_array().expect("array");
     assert_eq!(
         rows.len(),
-        2,
-        "two frontends (80/TCP, 53/UDP):\n{services:#}"
+        4,
+        "two frontends (80/TCP, 53/UDP) per ClusterIP of the dual-stack service:\n{services:#}"
     );
     for (frontend, port_name, target) in [
         ("10.96.0.10:80/TCP", "http", 8080),
         ("10.96.0.10:53/UDP", "dns", 5353),
+        ("[fd00:10:96::10]:80/TCP", "http", 8080),
+        ("[fd00:10:96::10]:53/UDP", "dns", 5353),
     ] {
         let row = rows
             .iter()
@@ -158,9 +174,16 @@ fn lbctl_services_json_matches_the_example_manifests() {
                 b["address"].as_str().expect("address").to_owned()
             })
             .collect();
+        // Each family's backends come from its own EndpointSlice.
         let want: BTreeSet<String> = PODS
             .iter()
-            .map(|(_, ip)| format!("{ip}:{target}"))
+            .map(|(_, ip)| {
+                if frontend.starts_with('[') {
+                    format!("[{}]:{target}", xtask::topology::mirror6(*ip))
+                } else {
+                    format!("{ip}:{target}")
+                }
+            })
             .collect();
         assert_eq!(backends, want, "{frontend}");
     }
@@ -169,14 +192,18 @@ fn lbctl_services_json_matches_the_example_manifests() {
     let table = demo.lbctl(&["services"]);
     assert!(table.contains("default/echo (http)"), "{table}");
     let backends = demo.lbctl_json(&["backends"]);
-    assert_eq!(backends.as_array().map(Vec::len), Some(6), "{backends:#}");
+    assert_eq!(backends.as_array().map(Vec::len), Some(12), "{backends:#}");
 }
 
 #[test]
 fn lbctl_stats_count_exactly_the_flows_sent() {
     let demo = Demo::start("lbctl_stats_count_exactly_the_flows_sent");
+    let (dns, http) = (
+        demo.service_id("10.96.0.10:53/UDP"),
+        demo.service_id("10.96.0.10:80/TCP"),
+    );
     let before = demo.lbctl_json(&["stats"]);
-    let dns_before = service_stats(&before, "dns");
+    let dns_before = service_stats(&before, &dns);
 
     // UDP from fresh source ports: each datagram is exactly one new flow
     // and its answer exactly one translated reply; nothing else talks to
@@ -191,7 +218,7 @@ fn lbctl_stats_count_exactly_the_flows_sent() {
             .expect("TCP request");
     }
     let after = demo.lbctl_json(&["stats"]);
-    let dns_after = service_stats(&after, "dns");
+    let dns_after = service_stats(&after, &dns);
     assert!(
         !dns_after.is_null(),
         "no stats for default/echo dns:\n{after:#}"
@@ -213,8 +240,8 @@ fn lbctl_stats_count_exactly_the_flows_sent() {
     // TCP: one new flow per connection (a retransmitted SYN would hit the
     // conntrack entry, not balance again); its other packets are forward
     // and reply packets.
-    let http_before = service_stats(&before, "http");
-    let http_after = service_stats(&after, "http");
+    let http_before = service_stats(&before, &http);
+    let http_after = service_stats(&after, &http);
     let new_flows = packets(&http_after, "new_flow") - packets(&http_before, "new_flow");
     assert_eq!(
         new_flows, CONNECTIONS as u64,

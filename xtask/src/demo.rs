@@ -1,9 +1,9 @@
-//! `cargo xtask demo`: one node, three echo pods behind Service
-//! `default/echo`, the agent in between, and what happens when an endpoint
-//! goes away.
+//! `cargo xtask demo`: one dual-stack node, three echo pods behind the
+//! dual-stack Service `default/echo` (one ClusterIP per family), the agent
+//! in between, and what happens when an endpoint goes away.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -14,11 +14,47 @@ use crate::agent::AgentProcess;
 use crate::echo::{EchoServer, http_get, pod_of, udp_request};
 use crate::netns::{BpffsDir, DEMO_PREFIX};
 use crate::tempdir::TempDir;
-use crate::topology::{POD_DEVICE_GLOB, SINGLE_NODE_NAME, SingleNode};
+use crate::topology::{POD_DEVICE_GLOB, SINGLE_NODE_NAME, SingleNode, mirror6};
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const HTTP: SocketAddrV4 = SocketAddrV4::new(CLUSTER_IP, 80);
-const DNS: SocketAddrV4 = SocketAddrV4::new(CLUSTER_IP, 53);
+const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+/// The service's two ClusterIPs, each with its HTTP (TCP) and DNS (UDP)
+/// port: the demo sends the same requests to both.
+const FAMILIES: [Family; 2] = [
+    Family {
+        name: "IPv4",
+        http: SocketAddr::V4(SocketAddrV4::new(CLUSTER_IP, 80)),
+        dns: SocketAddr::V4(SocketAddrV4::new(CLUSTER_IP, 53)),
+        slice_file: "endpointslices.yaml",
+        slice_name: "echo-7x2kq",
+    },
+    Family {
+        name: "IPv6",
+        http: SocketAddr::V6(SocketAddrV6::new(CLUSTER_IP6, 80, 0, 0)),
+        dns: SocketAddr::V6(SocketAddrV6::new(CLUSTER_IP6, 53, 0, 0)),
+        slice_file: "endpointslices-ipv6.yaml",
+        slice_name: "echo-v6m9p",
+    },
+];
+
+/// One address family of the dual-stack service, and its EndpointSlice.
+struct Family {
+    name: &'static str,
+    http: SocketAddr,
+    dns: SocketAddr,
+    slice_file: &'static str,
+    slice_name: &'static str,
+}
+
+impl Family {
+    /// A pod's address in this family (IPv6: the topology's mirror).
+    fn pod_addr(&self, ip: Ipv4Addr) -> IpAddr {
+        match self.http {
+            SocketAddr::V4(_) => IpAddr::V4(ip),
+            SocketAddr::V6(_) => IpAddr::V6(mirror6(ip)),
+        }
+    }
+}
 const TARGET_TCP_PORT: u16 = 8080;
 const TARGET_UDP_PORT: u16 = 5353;
 
@@ -93,11 +129,11 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
     heading("topology");
     let mut pods: Vec<(&str, Ipv4Addr)> = BACKENDS.to_vec();
     pods.push(CLIENT);
-    let topology = SingleNode::with_prefix(DEMO_PREFIX, &pods)?;
+    let topology = SingleNode::dual_stack(DEMO_PREFIX, &pods)?;
     let _servers = BACKENDS
         .iter()
         .map(|&(name, _)| {
-            EchoServer::start(
+            EchoServer::start_dual_stack(
                 topology.pod(name)?.ns(),
                 name,
                 &[TARGET_TCP_PORT],
@@ -109,12 +145,12 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
         "  {SINGLE_NODE_NAME} (namespace {}), pods: {}",
         topology.node_ns().name(),
         pods.iter()
-            .map(|(name, ip)| format!("{name} {ip}"))
+            .map(|(name, ip)| format!("{name} {ip} {}", mirror6(*ip)))
             .collect::<Vec<_>>()
             .join(", ")
     );
     println!(
-        "  Service default/echo {CLUSTER_IP}: 80/TCP -> {TARGET_TCP_PORT}, 53/UDP -> {TARGET_UDP_PORT}"
+        "  Service default/echo (PreferDualStack) {CLUSTER_IP} and {CLUSTER_IP6}: 80/TCP -> {TARGET_TCP_PORT}, 53/UDP -> {TARGET_UDP_PORT}"
     );
 
     let manifests = TempDir::new(DEMO_PREFIX, "manifests")?;
@@ -237,49 +273,68 @@ fn run_scenario(topology: &SingleNode, agent: &mut AgentProcess, manifests: &Pat
     let client = topology.pod(CLIENT.0)?.ns();
 
     let started = Instant::now();
-    loop {
-        check_interrupted()?;
-        if let Some(status) = agent.exit_status()? {
-            bail!("lb-agent exited ({status}) before the service answered");
-        }
-        match http_get(client, HTTP, REQUEST_TIMEOUT) {
-            Ok(_) => break,
-            Err(error) if started.elapsed() > READY_TIMEOUT => {
-                return Err(error).context(format!(
-                    "no answer from {HTTP} within {READY_TIMEOUT:?} of starting the agent"
-                ));
+    for family in &FAMILIES {
+        let http = family.http;
+        loop {
+            check_interrupted()?;
+            if let Some(status) = agent.exit_status()? {
+                bail!("lb-agent exited ({status}) before the service answered");
             }
-            Err(_) => std::thread::sleep(RETRY_EVERY),
+            match http_get(client, http, REQUEST_TIMEOUT) {
+                Ok(_) => break,
+                Err(error) if started.elapsed() > READY_TIMEOUT => {
+                    return Err(error).context(format!(
+                        "no answer from {http} within {READY_TIMEOUT:?} of starting the agent"
+                    ));
+                }
+                Err(_) => std::thread::sleep(RETRY_EVERY),
+            }
         }
     }
     println!(
-        "  service answers from the client pod after {:.1} s",
+        "  service answers on both ClusterIPs from the client pod after {:.1} s",
         started.elapsed().as_secs_f64()
     );
 
     heading(&format!(
-        "{TCP_REQUESTS} TCP requests to {HTTP} and {UDP_REQUESTS} UDP requests to {DNS}, from {} {}",
-        CLIENT.0, CLIENT.1
+        "{TCP_REQUESTS} TCP requests to port 80 and {UDP_REQUESTS} UDP requests to port 53 of each ClusterIP, from {} {} {}",
+        CLIENT.0,
+        CLIENT.1,
+        mirror6(CLIENT.1)
     ));
     let before = send_round(client)?;
     before.print();
-    let silent: Vec<&str> = BACKENDS
+    let before_ref = &before;
+    let silent: Vec<String> = FAMILIES
         .iter()
-        .map(|&(name, _)| name)
-        .filter(|name| before.answers_from(name) == 0)
+        .enumerate()
+        .flat_map(|(index, family)| {
+            BACKENDS
+                .iter()
+                .filter(move |&&(name, _)| before_ref.answers_in(name, index) == 0)
+                .map(move |&(name, _)| format!("{name} over {}", family.name))
+        })
         .collect();
     if !silent.is_empty() {
         bail!("pods that never answered: {}", silent.join(", "));
     }
 
     heading(&format!(
-        "remove {} ({}) from EndpointSlice default/echo-7x2kq",
-        REMOVED.0, REMOVED.1
+        "remove {} ({} {}) from EndpointSlices default/{} and default/{}",
+        REMOVED.0,
+        REMOVED.1,
+        mirror6(REMOVED.1),
+        FAMILIES[0].slice_name,
+        FAMILIES[1].slice_name
     ));
-    let slice_path = manifests.join("endpointslices.yaml");
-    let slice = std::fs::read_to_string(&slice_path)?;
     let programmed_before = agent.log_contents().matches(PROGRAMMED_LOG).count();
-    write_atomically(&slice_path, &remove_endpoint(&slice, REMOVED.1)?)?;
+    for family in &FAMILIES {
+        let slice_path = manifests.join(family.slice_file);
+        let slice = std::fs::read_to_string(&slice_path)?;
+        let edited = remove_endpoint(&slice, family.pod_addr(REMOVED.1))
+            .with_context(|| format!("editing {}", slice_path.display()))?;
+        write_atomically(&slice_path, &edited)?;
+    }
     let converged_after = wait_until_gone(agent, programmed_before, client, REMOVED.0)?;
     println!(
         "  agent reprogrammed; {} stopped answering after {:.1} s ({CONVERGED_STREAK} answers in a row without it)",
@@ -297,33 +352,41 @@ fn run_scenario(topology: &SingleNode, agent: &mut AgentProcess, manifests: &Pat
             after.answers_from(REMOVED.0)
         );
     }
-    println!("\n  ok: traffic spread over every endpoint, and none went to a removed one");
+    println!(
+        "\n  ok: traffic over both ClusterIPs spread over every endpoint, and none went to a removed one"
+    );
     Ok(())
 }
 
-/// Answers per pod: (TCP, UDP).
+/// Answers per pod, one column per (family, protocol): IPv4 TCP, IPv4
+/// UDP, IPv6 TCP, IPv6 UDP.
 #[derive(Debug, Default)]
 struct Tally {
-    answers: BTreeMap<String, (usize, usize)>,
+    answers: BTreeMap<String, [usize; 4]>,
     failures: usize,
     first_failure: Option<String>,
 }
 
 impl Tally {
     fn answers_from(&self, pod: &str) -> usize {
-        self.answers.get(pod).map_or(0, |(tcp, udp)| tcp + udp)
+        self.answers
+            .get(pod)
+            .map_or(0, |counts| counts.iter().sum())
     }
 
-    fn record(&mut self, answer: Result<String>, tcp: bool) {
+    /// Answers from `pod` to the ClusterIP of `FAMILIES[family]`.
+    fn answers_in(&self, pod: &str, family: usize) -> usize {
+        self.answers
+            .get(pod)
+            .map_or(0, |counts| counts[2 * family] + counts[2 * family + 1])
+    }
+
+    /// Records one answer in `column` (see [`Tally`]).
+    fn record(&mut self, answer: Result<String>, column: usize) {
         match answer {
             Ok(reply) => {
                 let pod = pod_of(&reply).unwrap_or("(unparsable answer)").to_owned();
-                let counts = self.answers.entry(pod).or_default();
-                if tcp {
-                    counts.0 += 1;
-                } else {
-                    counts.1 += 1;
-                }
+                self.answers.entry(pod).or_default()[column] += 1;
             }
             Err(error) => {
                 self.failures += 1;
@@ -333,7 +396,10 @@ impl Tally {
     }
 
     fn print(&self) {
-        println!("  {:<10} {:>5} {:>5}", "pod", "TCP", "UDP");
+        println!(
+            "  {:<10} {:>9} {:>9} {:>9} {:>9}",
+            "pod", "IPv4 TCP", "IPv4 UDP", "IPv6 TCP", "IPv6 UDP"
+        );
         let mut pods: Vec<&str> = BACKENDS.iter().map(|&(name, _)| name).collect();
         pods.extend(
             self.answers
@@ -343,43 +409,44 @@ impl Tally {
                 .collect::<Vec<_>>(),
         );
         for pod in pods {
-            let (tcp, udp) = self.answers.get(pod).copied().unwrap_or_default();
-            println!("  {pod:<10} {tcp:>5} {udp:>5}");
+            let [tcp4, udp4, tcp6, udp6] = self.answers.get(pod).copied().unwrap_or_default();
+            println!("  {pod:<10} {tcp4:>9} {udp4:>9} {tcp6:>9} {udp6:>9}");
         }
         if self.failures > 0 {
-            println!("  {:<10} {:>11}", "failed", self.failures);
+            println!("  {:<10} {:>9}", "failed", self.failures);
         }
     }
 }
 
 fn send_round(client: &crate::NetNs) -> Result<Tally> {
     let mut tally = Tally::default();
-    for _ in 0..TCP_REQUESTS {
-        check_interrupted()?;
-        tally.record(http_get(client, HTTP, REQUEST_TIMEOUT), true);
-    }
-    for i in 0..UDP_REQUESTS {
-        check_interrupted()?;
-        let payload = format!("query {i}\n");
-        tally.record(
-            udp_request(client, DNS, payload.as_bytes(), REQUEST_TIMEOUT),
-            false,
-        );
+    for (index, family) in FAMILIES.iter().enumerate() {
+        for _ in 0..TCP_REQUESTS {
+            check_interrupted()?;
+            tally.record(http_get(client, family.http, REQUEST_TIMEOUT), 2 * index);
+        }
+        for i in 0..UDP_REQUESTS {
+            check_interrupted()?;
+            let payload = format!("query {i}\n");
+            let answer = udp_request(client, family.dns, payload.as_bytes(), REQUEST_TIMEOUT);
+            tally.record(answer, 2 * index + 1);
+        }
     }
     if let Some(first) = &tally.first_failure {
         tally.print();
         bail!(
             "{} of {} requests failed; the first: {first}",
             tally.failures,
-            TCP_REQUESTS + UDP_REQUESTS
+            FAMILIES.len() * (TCP_REQUESTS + UDP_REQUESTS)
         );
     }
     Ok(tally)
 }
 
 /// Waits until the agent logs a new `programmed` line (it had logged
-/// `programmed_before`), then polls the service until `pod` is absent from
-/// CONVERGED_STREAK answers in a row; returns how long that took.
+/// `programmed_before`), then polls both ClusterIPs in turn until `pod` is
+/// absent from CONVERGED_STREAK answers in a row; returns how long that
+/// took.
 fn wait_until_gone(
     agent: &mut AgentProcess,
     programmed_before: usize,
@@ -400,9 +467,12 @@ fn wait_until_gone(
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut streak = 0;
+    let mut turn = 0;
     while started.elapsed() < CONVERGE_TIMEOUT {
         check_interrupted()?;
-        match http_get(client, HTTP, REQUEST_TIMEOUT) {
+        turn += 1;
+        let http = FAMILIES[turn % FAMILIES.len()].http;
+        match http_get(client, http, REQUEST_TIMEOUT) {
             Ok(reply) if pod_of(&reply) != Some(pod) => {
                 streak += 1;
                 if streak == CONVERGED_STREAK {
@@ -431,7 +501,7 @@ fn write_atomically(path: &Path, contents: &str) -> Result<()> {
 /// Removes the endpoint with `address` from an EndpointSlice in
 /// `kubectl get -o yaml` layout (a top-level `endpoints:` list whose items
 /// start with `- ` in column 0).
-fn remove_endpoint(slice: &str, address: Ipv4Addr) -> Result<String> {
+fn remove_endpoint(slice: &str, address: IpAddr) -> Result<String> {
     let address_line = format!("- {address}");
     let mut out = Vec::new();
     let mut in_endpoints = false;
@@ -571,19 +641,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn removes_one_endpoint_from_the_example_slice() {
-        let path = crate::workspace_root().join("examples/manifests/endpointslices.yaml");
-        let slice = std::fs::read_to_string(path).unwrap();
-        let edited = remove_endpoint(&slice, REMOVED.1).unwrap();
-        assert!(!edited.contains("10.244.1.13"), "{edited}");
+    fn removes_one_endpoint_from_each_example_slice() {
+        for family in &FAMILIES {
+            let path = crate::workspace_root()
+                .join("examples/manifests")
+                .join(family.slice_file);
+            let slice = std::fs::read_to_string(path).unwrap();
+            removes_one_endpoint(&slice, family);
+        }
+    }
+
+    fn removes_one_endpoint(slice: &str, family: &Family) {
+        let removed = family.pod_addr(REMOVED.1);
+        let edited = remove_endpoint(slice, removed).unwrap();
+        assert!(!edited.contains(&format!("- {removed}")), "{edited}");
         assert!(!edited.contains("echo-c"), "{edited}");
-        for kept in [
-            "10.244.1.11",
-            "10.244.1.12",
+        let kept: Vec<String> = BACKENDS[..2]
+            .iter()
+            .map(|(_, ip)| format!("- {}", family.pod_addr(*ip)))
+            .collect();
+        for kept in kept.iter().map(String::as_str).chain([
             "echo-a",
             "echo-b",
             "kind: EndpointSlice",
-        ] {
+            family.slice_name,
+        ]) {
             assert!(edited.contains(kept), "{kept} missing from:\n{edited}");
         }
         // Everything after the endpoints list survives.
@@ -596,6 +678,6 @@ mod tests {
             slice.lines().count() - 12,
             "exactly one 12-line item removed"
         );
-        assert!(remove_endpoint(&edited, REMOVED.1).is_err());
+        assert!(remove_endpoint(&edited, removed).is_err());
     }
 }

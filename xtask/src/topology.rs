@@ -339,7 +339,21 @@ impl SingleNode {
 
     /// Same with another name prefix (the demo uses `lbd`).
     pub fn with_prefix(prefix: &str, pods: &[(&str, Ipv4Addr)]) -> Result<SingleNode> {
-        let mut node = Node::new(prefix, SINGLE_NODE_NAME, SINGLE_NODE_GATEWAY)?;
+        SingleNode::with_node(
+            Node::new(prefix, SINGLE_NODE_NAME, SINGLE_NODE_GATEWAY)?,
+            pods,
+        )
+    }
+
+    /// A dual-stack node: every pod also has the IPv6 [`mirror6`] of its
+    /// address (`10.244.1.11` -> `fd00:10:244:1::11`), routed like the
+    /// IPv4 one (the demo's dual-stack service).
+    pub fn dual_stack(prefix: &str, pods: &[(&str, Ipv4Addr)]) -> Result<SingleNode> {
+        let node = Node::dual_stack(prefix, SINGLE_NODE_NAME, SINGLE_NODE_GATEWAY)?;
+        SingleNode::with_node(node, pods)
+    }
+
+    fn with_node(mut node: Node, pods: &[(&str, Ipv4Addr)]) -> Result<SingleNode> {
         for &(name, ip) in pods {
             node.add_pod(name, ip)?;
         }
