@@ -12,7 +12,7 @@ pub const NAME: &str = "LB_CONFIG_V2";
 pub const MAX_ENTRIES: u32 = 1;
 
 /// Write a [`crate::trace::TraceEvent`] per new flow and per drop into
-/// `LB_TRACE_V1`. Set by `lbctl trace` while it runs; the agent preserves it.
+/// `LB_TRACE_V2`. Set by `lbctl trace` while it runs; the agent preserves it.
 pub const FLAG_TRACE: u32 = 1;
 /// Log a line per new flow and per drop with aya-log (agent `--bpf-log`).
 pub const FLAG_LOG: u32 = 2;

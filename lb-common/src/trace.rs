@@ -1,4 +1,4 @@
-//! `LB_TRACE_V1`: a ring buffer of flow-trace events, written by the
+//! `LB_TRACE_V2`: a ring buffer of flow-trace events, written by the
 //! programs only while the agent's config has [`crate::config::FLAG_TRACE`]
 //! (set by `lbctl trace` for as long as it runs): one event per new flow
 //! (which backend and why) and one per drop (with its reason).
@@ -8,7 +8,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::{assert_layout, user_pod};
 
 /// Pinned name of the trace ring buffer.
-pub const NAME: &str = "LB_TRACE_V1";
+pub const NAME: &str = "LB_TRACE_V2";
 /// Size of the ring buffer in bytes (a power of two, a multiple of the page
 /// size): room for about 5000 events between two reads.
 pub const RING_BYTES: u32 = 256 * 1024;
@@ -29,25 +29,37 @@ pub const SELECT_LOCAL: u8 = 3;
 /// The service's Maglev table named the backend (`hash(5-tuple) % M`).
 pub const SELECT_MAGLEV: u8 = 4;
 
+/// [`TraceEvent::family`] of an IPv4 packet: its addresses fill the first
+/// four bytes of the address fields, the rest is zero.
+pub const FAMILY_IPV4: u8 = 4;
+/// [`TraceEvent::family`] of an IPv6 packet.
+pub const FAMILY_IPV6: u8 = 6;
+
 /// The packet came from a pod-facing device.
 pub const HOOK_POD: u8 = 1;
 /// The packet came from a node device (TC or XDP).
 pub const HOOK_NETWORK: u8 = 2;
 
-/// One trace event. Addresses network order, ports host order, as in the maps.
+/// One trace event. Addresses network order, ports host order, as in the
+/// maps; both families in one layout (version 2: version 1 had 4-byte
+/// addresses only).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct TraceEvent {
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
     pub timestamp_ns: u64,
     /// Client (source) address as received.
-    pub src_addr: [u8; 4],
+    pub src_addr: [u8; 16],
     /// Destination (frontend) address as received.
-    pub dst_addr: [u8; 4],
+    pub dst_addr: [u8; 16],
+    /// Backend address (new flows).
+    pub backend_addr: [u8; 16],
     /// Source port.
     pub src_port: u16,
     /// Destination port.
     pub dst_port: u16,
+    /// Backend port (new flows).
+    pub backend_port: u16,
     /// IANA protocol number.
     pub proto: u8,
     /// `EVENT_*`.
@@ -56,37 +68,36 @@ pub struct TraceEvent {
     pub selection: u8,
     /// `HOOK_*`.
     pub hook: u8,
+    /// `FAMILY_*`: how long the addresses are.
+    pub family: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
     /// [`crate::stats::Reason`] of the verdict.
     pub reason: u32,
     /// Service the packet matched, 0 if none.
     pub service_id: u32,
     /// Backend chosen, 0 if none.
     pub backend_id: u32,
-    /// Backend address (new flows).
-    pub backend_addr: [u8; 4],
-    /// Backend port (new flows).
-    pub backend_port: u16,
-    /// Explicit padding, always zero (the event is 8-byte aligned).
-    pub _pad: [u8; 6],
 }
 assert_layout!(
     TraceEvent,
-    size = 48,
+    size = 80,
     timestamp_ns = 0,
     src_addr = 8,
-    dst_addr = 12,
-    src_port = 16,
-    dst_port = 18,
-    proto = 20,
-    kind = 21,
-    selection = 22,
-    hook = 23,
-    reason = 24,
-    service_id = 28,
-    backend_id = 32,
-    backend_addr = 36,
-    backend_port = 40,
-    _pad = 42
+    dst_addr = 24,
+    backend_addr = 40,
+    src_port = 56,
+    dst_port = 58,
+    backend_port = 60,
+    proto = 62,
+    kind = 63,
+    selection = 64,
+    hook = 65,
+    family = 66,
+    _pad = 67,
+    reason = 68,
+    service_id = 72,
+    backend_id = 76
 );
 
 user_pod!(TraceEvent);

@@ -162,7 +162,7 @@ static LB_SERVICE_STATS_V1: LruPerCpuHashMap<
 
 /// Flow-trace events while `FLAG_TRACE` is set (`lbctl trace`).
 #[btf_map]
-static LB_TRACE_V1: RingBuf<TraceEvent, { tr::RING_BYTES as usize }> = RingBuf::new();
+static LB_TRACE_V2: RingBuf<TraceEvent, { tr::RING_BYTES as usize }> = RingBuf::new();
 
 /// Socket-level balancing: (socket cookie, backend) -> the service address.
 #[btf_map]
@@ -292,6 +292,7 @@ fn process_packet<C: PacketBuf + Nat6>(
         Packet::NotIpv4 => return untouched(Reason::PassNotIpv4),
         // The IPv6 path rewrites the packet itself.
         Packet::Ipv6 => {
+            obs.ipv6 = true;
             let mut reason = follow_flow6(ctx, obs);
             if reason == Reason::PassNotService {
                 reason = balance_new_flow6(ctx, hook, obs);
@@ -402,6 +403,8 @@ pub struct Scratch6 {
     flow: Flow6,
     entry: Lb6CtEntry,
     reply_key: Lb6CtKey,
+    /// The backend a new flow was given (read by the flow trace).
+    backend_addr: [u8; 16],
 }
 
 #[btf_map]
@@ -507,11 +510,12 @@ fn try_balance_new_flow6<C: PacketBuf + Nat6>(
     let scratch = LB6_SCRATCH.get_ptr_mut(0).ok_or(Reason::DropRewrite)?;
     // SAFETY: this CPU's scratch entry, filled by follow_flow6 for this
     // packet; nothing else runs on it meanwhile.
-    let (flow, entry, reply_key) = unsafe {
+    let (flow, entry, reply_key, backend_addr) = unsafe {
         (
             &(*scratch).flow,
             &mut (*scratch).entry,
             &mut (*scratch).reply_key,
+            &mut (*scratch).backend_addr,
         )
     };
     let Some(service) = service::lookup_service6(&flow.key, hook) else {
@@ -531,6 +535,7 @@ fn try_balance_new_flow6<C: PacketBuf + Nat6>(
     let (backend_id, backend, how) = service::select_backend6(&service, &flow.key, now)?;
     obs.backend_id = backend_id;
     obs.backend_port = backend.port;
+    *backend_addr = backend.addr;
     let snat = policy::snat6_for(&service, &backend, &flow.key.src_addr, hook)?;
     let chosen = (backend_id, &backend);
     ct::create6(flow, &service, chosen, (entry, reply_key), snat, ctx.len())?;

@@ -4,7 +4,7 @@
 //! (one array lookup); established traffic never does.
 //!
 //! - `FLAG_TRACE` (set by `lbctl trace` while it runs): one
-//!   [`TraceEvent`] per new flow and per drop into the `LB_TRACE_V1` ring
+//!   [`TraceEvent`] per new flow and per drop into the `LB_TRACE_V2` ring
 //!   buffer. A full ring loses the event, never the packet.
 //! - `FLAG_LOG` (agent `--bpf-log`): the same as an aya-log debug line.
 
@@ -14,12 +14,12 @@ use lb_common::{
     service::{FLAG_LOCAL_ONLY, Lb4Service},
     stats::Reason,
     trace::{
-        EVENT_DROP, EVENT_NEW_FLOW, HOOK_NETWORK, HOOK_POD, SELECT_AFFINITY, SELECT_LOCAL,
-        SELECT_MAGLEV, SELECT_NONE, SELECT_RANDOM,
+        EVENT_DROP, EVENT_NEW_FLOW, FAMILY_IPV4, FAMILY_IPV6, HOOK_NETWORK, HOOK_POD,
+        SELECT_AFFINITY, SELECT_LOCAL, SELECT_MAGLEV, SELECT_NONE, SELECT_RANDOM,
     },
 };
 
-use crate::{Hook, LB_CONFIG_V2, LB_TRACE_V1};
+use crate::{Hook, LB_CONFIG_V2, LB_TRACE_V2, LB6_SCRATCH};
 
 /// What processing learned about a packet, for per-service counters and
 /// tracing. Zero ids mean "not known" (ids start at 1).
@@ -40,6 +40,10 @@ pub struct Observation {
     /// leaves the redirect back out of the device to the TC entry point).
     /// In what was padding: the struct does not grow.
     pub hairpin: bool,
+    /// An IPv6 packet: the addresses above stay zero, the trace reads the
+    /// 128-bit ones from the IPv6 path's scratch space (`LB6_SCRATCH`),
+    /// which still holds this packet's tuple and backend. Padding as well.
+    pub ipv6: bool,
 }
 
 impl Observation {
@@ -99,7 +103,7 @@ pub fn record<C: EbpfContext>(ctx: &C, obs: &Observation, reason: Reason, hook: 
 /// packet goes on regardless.
 #[inline(never)]
 fn emit_event(obs: &Observation, reason: Reason, hook: Hook, new_flow: bool, selection: u8) {
-    let Some(mut entry) = LB_TRACE_V1.reserve(0) else {
+    let Some(mut entry) = LB_TRACE_V2.reserve(0) else {
         return;
     };
     let event = entry.as_mut_ptr();
@@ -107,8 +111,24 @@ fn emit_event(obs: &Observation, reason: Reason, hook: Hook, new_flow: bool, sel
     // every field is written before submit.
     unsafe {
         (*event).timestamp_ns = aya_ebpf::helpers::bpf_ktime_get_ns();
-        (*event).src_addr = obs.src_addr;
-        (*event).dst_addr = obs.dst_addr;
+        match LB6_SCRATCH.get(0) {
+            Some(scratch) if obs.ipv6 => {
+                (*event).family = FAMILY_IPV6;
+                (*event).src_addr = scratch.flow.key.src_addr;
+                (*event).dst_addr = scratch.flow.key.dst_addr;
+                (*event).backend_addr = if new_flow {
+                    scratch.backend_addr
+                } else {
+                    [0; 16]
+                };
+            }
+            _ => {
+                (*event).family = FAMILY_IPV4;
+                (*event).src_addr = widen(obs.src_addr);
+                (*event).dst_addr = widen(obs.dst_addr);
+                (*event).backend_addr = widen(obs.backend_addr);
+            }
+        }
         (*event).src_port = obs.src_port;
         (*event).dst_port = obs.dst_port;
         (*event).proto = obs.proto;
@@ -121,16 +141,27 @@ fn emit_event(obs: &Observation, reason: Reason, hook: Hook, new_flow: bool, sel
         (*event).reason = reason as u32;
         (*event).service_id = obs.service_id;
         (*event).backend_id = obs.backend_id;
-        (*event).backend_addr = obs.backend_addr;
         (*event).backend_port = obs.backend_port;
-        (*event)._pad = [0; 6];
+        (*event)._pad = 0;
     }
     entry.submit(0);
+}
+
+/// An IPv4 address in the first four bytes of an event's address field.
+#[inline(always)]
+fn widen(addr: [u8; 4]) -> [u8; 16] {
+    let mut wide = [0; 16];
+    wide[..4].copy_from_slice(&addr);
+    wide
 }
 
 /// Out of line: the log macros' buffers must not add to the dispatch's stack.
 #[inline(never)]
 fn log_event<C: EbpfContext>(ctx: &C, obs: &Observation, reason: Reason, new_flow: bool) {
+    if obs.ipv6 {
+        log_event6(ctx, obs, reason, new_flow);
+        return;
+    }
     if new_flow {
         aya_log_ebpf::debug!(
             ctx,
@@ -152,6 +183,43 @@ fn log_event<C: EbpfContext>(ctx: &C, obs: &Observation, reason: Reason, new_flo
             obs.src_addr,
             obs.src_port,
             obs.dst_addr,
+            obs.dst_port,
+            obs.proto,
+            obs.service_id,
+            reason as u32
+        );
+    }
+}
+
+/// [`log_event`] of an IPv6 packet: the addresses from the scratch space,
+/// as for the trace event.
+#[inline(always)]
+fn log_event6<C: EbpfContext>(ctx: &C, obs: &Observation, reason: Reason, new_flow: bool) {
+    let Some(scratch) = LB6_SCRATCH.get(0) else {
+        return;
+    };
+    let key = &scratch.flow.key;
+    if new_flow {
+        aya_log_ebpf::debug!(
+            ctx,
+            "new flow [{:i}]:{} -> [{:i}]:{} proto {} service {} -> backend {} [{:i}]:{}",
+            key.src_addr,
+            obs.src_port,
+            key.dst_addr,
+            obs.dst_port,
+            obs.proto,
+            obs.service_id,
+            obs.backend_id,
+            scratch.backend_addr,
+            obs.backend_port
+        );
+    } else {
+        aya_log_ebpf::debug!(
+            ctx,
+            "drop [{:i}]:{} -> [{:i}]:{} proto {} service {} reason {}",
+            key.src_addr,
+            obs.src_port,
+            key.dst_addr,
             obs.dst_port,
             obs.proto,
             obs.service_id,

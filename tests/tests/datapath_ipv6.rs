@@ -13,6 +13,7 @@ use lb_common::{
     stats::Reason,
 };
 use lb_tests::{
+    Trace,
     fixture::{Fixture, Hook, spec6},
     lbctl_json,
     packet::{ACK, SYN, Transport},
@@ -854,4 +855,35 @@ fn ipv6_pod_balanced_to_itself_gets_its_replies_through_the_hairpin_address() {
         &Packet6::tcp((CLIENT, 40001), (SELF_VIP, 80), SYN, b""),
     );
     assert_eq!((other.src, other.dst), (CLIENT, POD_A));
+}
+
+#[test]
+fn lbctl_trace_shows_ipv6_new_flows_and_drops_with_their_addresses() {
+    let mut fx = fixture("lbctl_trace_shows_ipv6_new_flows_and_drops_with_their_addresses");
+    let trace = Trace::start(fx.pins(), &["--count", "3", "--seconds", "20"]);
+    let first = fx.pass6(Hook::TcPod, &syn(45000)).dst;
+    let second = fx.pass6(Hook::Xdp, &syn(45001)).dst;
+    fx.dropped6(
+        Hook::Xdp,
+        &Packet6::tcp((DENIED, 45002), (LB_IP, 443), SYN, b""),
+    );
+    let events = trace.events();
+    assert_eq!(events.len(), 3, "{events:#?}");
+    for (event, (port, backend, hook)) in events
+        .iter()
+        .zip([(45000, first, "pod"), (45001, second, "network")])
+    {
+        assert_eq!(event["event"], "new_flow", "{event:#}");
+        assert_eq!(event["client"], format!("[{CLIENT}]:{port}"), "{event:#}");
+        assert_eq!(event["frontend"], format!("[{VIP}]:80"), "{event:#}");
+        assert_eq!(event["backend"], format!("[{backend}]:8080"), "{event:#}");
+        assert_eq!(event["service"], "default/web", "{event:#}");
+        assert_eq!(event["hook"], hook, "{event:#}");
+    }
+    let drop = &events[2];
+    assert_eq!(drop["event"], "drop", "{drop:#}");
+    assert_eq!(drop["reason"], "drop_source_range", "{drop:#}");
+    assert_eq!(drop["client"], format!("[{DENIED}]:45002"), "{drop:#}");
+    assert_eq!(drop["frontend"], format!("[{LB_IP}]:443"), "{drop:#}");
+    assert_eq!(drop["backend"], serde_json::Value::Null, "{drop:#}");
 }

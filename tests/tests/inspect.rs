@@ -5,11 +5,9 @@
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead, BufReader},
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    process::{Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
+    process::Command,
+    time::Duration,
 };
 
 use lb_tests::cluster::{CLIENT_IP, Cluster};
@@ -295,36 +293,21 @@ fn lbctl_stats_count_exactly_the_flows_sent() {
 fn lbctl_trace_shows_each_new_flow_with_its_backend() {
     let demo = Demo::start("lbctl_trace_shows_each_new_flow_with_its_backend");
     const FLOWS: u16 = 6;
-    let mut child = Command::new(lb_tests::lbctl_binary())
-        .arg("--bpffs")
-        .arg(demo.cluster.pins.path())
-        .args(["trace", "--service", "default/echo", "--client"])
-        .arg(format!("{CLIENT_IP}/32"))
-        .args([
+    let client = format!("{CLIENT_IP}/32");
+    let count = FLOWS.to_string();
+    let trace = lb_tests::Trace::start(
+        demo.cluster.pins.path(),
+        &[
+            "--service",
+            "default/echo",
+            "--client",
+            &client,
             "--count",
-            &FLOWS.to_string(),
+            &count,
             "--seconds",
             "30",
-            "-o",
-            "json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start lbctl trace");
-    // Wait (bounded) until tracing is on: lbctl says so on stderr.
-    let stderr = child.stderr.take().expect("stderr");
-    let (ready_tx, ready_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("tracing") {
-                let _ = ready_tx.send(());
-            }
-        }
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("lbctl trace never started");
+        ],
+    );
     let config = lb_agent::datapath::KernelTables::open(demo.cluster.pins.path())
         .expect("tables")
         .config()
@@ -340,26 +323,8 @@ fn lbctl_trace_shows_each_new_flow_with_its_backend() {
         let answer = demo.udp_from_port(42000 + i);
         answered_by.push(xtask::pod_of(&answer).expect("pod name").to_owned());
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "lbctl trace --count {FLOWS} did not end"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "lbctl trace failed: {status}");
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut out)
-        .expect("read trace");
-    let events: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
-    assert_eq!(events.len(), usize::from(FLOWS), "{out}");
+    let events = trace.events();
+    assert_eq!(events.len(), usize::from(FLOWS), "{events:#?}");
     for (i, event) in events.iter().enumerate() {
         assert_eq!(event["event"], "new_flow", "{event:#}");
         assert_eq!(event["service"], "default/echo", "{event:#}");

@@ -207,18 +207,19 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             timestamp_ns,
             src_addr,
             dst_addr,
+            backend_addr,
             src_port,
             dst_port,
+            backend_port,
             proto,
             kind,
             selection,
             hook,
+            family,
+            _pad,
             reason,
             service_id,
-            backend_id,
-            backend_addr,
-            backend_port,
-            _pad
+            backend_id
         }),
     ];
     for (name, layout) in host {

@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
@@ -16,6 +16,7 @@ use anyhow::{Context as _, anyhow};
 use aya::maps::{Map, MapData, RingBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::datapath::{BackendEntry, KernelTables, ServiceKey};
+use lb_agent::model::SourceRange;
 use lb_common::{
     PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     backend::{FLAG_LOCAL, FLAG_TERMINATING},
@@ -29,8 +30,8 @@ use lb_common::{
     slot::Lb4SlotKey,
     stats::{Counter, Reason},
     trace::{
-        self, EVENT_DROP, EVENT_NEW_FLOW, HOOK_NETWORK, HOOK_POD, SELECT_AFFINITY, SELECT_LOCAL,
-        SELECT_MAGLEV, SELECT_RANDOM, TraceEvent,
+        self, EVENT_DROP, EVENT_NEW_FLOW, FAMILY_IPV6, HOOK_NETWORK, HOOK_POD, SELECT_AFFINITY,
+        SELECT_LOCAL, SELECT_MAGLEV, SELECT_RANDOM, TraceEvent,
     },
 };
 use serde_json::{Value, json};
@@ -612,18 +613,19 @@ fn set_trace_flag(tables: &mut KernelTables, on: bool) -> anyhow::Result<()> {
     tables.set_config(&config)
 }
 
-fn parse_cidr(text: &str) -> anyhow::Result<(u32, u32)> {
-    let (addr, len) = text.split_once('/').unwrap_or((text, "32"));
-    let addr: Ipv4Addr = addr
-        .parse()
-        .map_err(|_| anyhow!("--client {text:?}: not an IPv4 address or CIDR"))?;
-    let len: u32 = len
-        .parse()
-        .ok()
-        .filter(|l| *l <= 32)
-        .ok_or_else(|| anyhow!("--client {text:?}: bad prefix length"))?;
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-    Ok((u32::from(addr) & mask, mask))
+/// `--client`: an address or CIDR of either family.
+fn parse_client(text: &str) -> anyhow::Result<SourceRange> {
+    lb_agent::model::parse_cidr(text.trim())
+        .ok_or_else(|| anyhow!("--client {text:?}: not an IPv4 or IPv6 address or CIDR"))
+}
+
+/// An event's address field as the address of the event's family.
+fn event_addr(event: &TraceEvent, addr: [u8; 16]) -> IpAddr {
+    if event.family == FAMILY_IPV6 {
+        IpAddr::from(addr)
+    } else {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    }
 }
 
 fn trace_json(event: &TraceEvent, names: &Names) -> Value {
@@ -647,14 +649,15 @@ fn trace_json(event: &TraceEvent, names: &Names) -> Value {
     json!({
         "time_ns": event.timestamp_ns,
         "event": kind,
-        "client": endpoint(event.src_addr, event.src_port),
-        "frontend": endpoint(event.dst_addr, event.dst_port),
+        "client": endpoint(event_addr(event, event.src_addr), event.src_port),
+        "frontend": endpoint(event_addr(event, event.dst_addr), event.dst_port),
         "protocol": proto_name(event.proto),
         "hook": match event.hook { HOOK_POD => "pod", HOOK_NETWORK => "network", _ => "unknown" },
         "service_id": event.service_id,
         "service": (event.service_id != 0).then(|| names.service(event.service_id)).flatten(),
         "backend_id": new_flow.then_some(event.backend_id),
-        "backend": new_flow.then(|| endpoint(event.backend_addr, event.backend_port)),
+        "backend": new_flow
+            .then(|| endpoint(event_addr(event, event.backend_addr), event.backend_port)),
         "selection": selection,
         "reason": reason,
     })
@@ -695,7 +698,7 @@ struct TraceOptions<'a> {
 }
 
 fn trace(args: &Args, tables: &mut KernelTables, options: &TraceOptions) -> anyhow::Result<()> {
-    let client = options.client.map(parse_cidr).transpose()?;
+    let client = options.client.map(parse_client).transpose()?;
     let path = args.bpffs.join(trace::NAME);
     let map = Map::from_map_data(
         MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?,
@@ -733,7 +736,7 @@ fn follow_ring(
     tables: &KernelTables,
     format: Format,
     options: &TraceOptions,
-    client: Option<(u32, u32)>,
+    client: Option<SourceRange>,
 ) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
     let deadline = options
@@ -759,8 +762,8 @@ fn follow_ring(
             }
             let event: TraceEvent = bytemuck::pod_read_unaligned(&item[..size_of::<TraceEvent>()]);
             drop(item);
-            if let Some((net, mask)) = client
-                && u32::from_be_bytes(event.src_addr) & mask != net
+            if let Some(range) = &client
+                && !range.contains(event_addr(&event, event.src_addr))
             {
                 continue;
             }
