@@ -415,11 +415,11 @@ fn destroy_sockets_of_removed(
     if keys.is_empty() {
         return;
     }
-    let doomed: BTreeSet<(u64, [u8; 4], u16)> =
-        keys.iter().map(|k| (k.cookie, k.addr, k.port)).collect();
+    let doomed: BTreeSet<(u64, std::net::SocketAddr)> =
+        keys.iter().map(|k| (k.cookie(), k.backend())).collect();
     let doomed = Arc::new(doomed);
     match datapath::sockdiag::destroy_udp_sockets(cgroup, move |id| {
-        doomed.contains(&(id.cookie, id.peer.0, id.peer.1))
+        doomed.contains(&(id.cookie, id.peer))
     }) {
         Ok(0) => {}
         Ok(n) => {
@@ -432,7 +432,7 @@ fn destroy_sockets_of_removed(
     }
     // The sockets are gone (or were already); so are their reverse entries.
     for key in &keys {
-        let _ = tables.sock_revnat.remove(key);
+        let _ = tables.remove_sock_revnat(key);
     }
 }
 

@@ -32,7 +32,7 @@ use lb_common::{
     member::{self, Lb4Member, Lb4MemberKey},
     service::{self as svc, Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
-    sock::{self as sk, Lb4SockKey, Lb4SockRevnat},
+    sock::{self as sk, Lb4SockKey, Lb4SockRevnat, Lb6SockKey, Lb6SockRevnat},
     source_range::{self, Lb4SourceRange, Lb4SourceRangeKey, Lb6SourceRangeKey},
     stats::{self as st, Counter, Reason},
 };
@@ -169,6 +169,11 @@ static LB_TRACE_V2: RingBuf<TraceEvent, { tr::RING_BYTES as usize }> = RingBuf::
 static LB4_SOCK_REVNAT_V1: LruHashMap<Lb4SockKey, Lb4SockRevnat, { sk::MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
+/// IPv6 socket-level balancing: (socket cookie, backend) -> the service address.
+#[btf_map]
+static LB6_SOCK_REVNAT_V1: LruHashMap<Lb6SockKey, Lb6SockRevnat, { sk::MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
 /// Socket-level balancing (`--socket-lb-cgroup`): connect() of TCP and
 /// connected UDP sockets to a service address.
 #[cgroup_sock_addr(connect4)]
@@ -188,7 +193,32 @@ pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
     sock::recvmsg4(&ctx)
 }
 
-/// Socket-level balancing: a released socket's reverse entry goes.
+/// IPv6 socket-level balancing: connect() to an IPv6 service address.
+#[cgroup_sock_addr(connect6)]
+pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::connect6(&ctx)
+}
+
+/// IPv6 socket-level balancing: each datagram of an unconnected UDP socket.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg6(&ctx)
+}
+
+/// IPv6 socket-level balancing: replies of unconnected UDP show the service.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::recvmsg6(&ctx)
+}
+
+/// IPv6 socket-level balancing: getpeername() shows the service.
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::getpeername6(&ctx)
+}
+
+/// Socket-level balancing: a released socket's reverse entry goes (either
+/// family).
 #[cgroup_sock(sock_release)]
 pub fn lb_sock_release(ctx: SockContext) -> i32 {
     sock::release(&ctx)

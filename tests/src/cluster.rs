@@ -395,6 +395,23 @@ pub fn write_manifest(dir: &std::path::Path, file: &str, content: &str) {
     std::fs::rename(&tmp, dir.join(file)).expect("rename manifest");
 }
 
+/// Echo servers of both families (TCP [`POD_TCP_PORT`], UDP
+/// [`POD_UDP_PORT`]) on the named pods of a dual-stack [`xtask::Cluster`].
+pub fn dual_stack_echo_servers(cluster: &xtask::Cluster, pods: &[&str]) -> Vec<EchoServer> {
+    pods.iter()
+        .map(|name| {
+            let pod = cluster.pod(name).expect("pod");
+            EchoServer::start_dual_stack(pod.ns(), name, &[POD_TCP_PORT], &[POD_UDP_PORT])
+                .expect("echo server")
+        })
+        .collect()
+}
+
+/// The IPv6 address of pod `name` of a dual-stack [`xtask::Cluster`].
+pub fn pod_ip6(cluster: &xtask::Cluster, name: &str) -> std::net::Ipv6Addr {
+    cluster.pod(name).expect("pod").ip6().expect("dual stack")
+}
+
 /// One agent per node of a multi-node [`xtask::Cluster`], each in its node's
 /// namespace with its own pin directory, all fed from `manifests`, with
 /// `extra` arguments. Field order is drop order: agents stop before their

@@ -16,7 +16,7 @@ use std::{
 
 use lb_common::{HAIRPIN_ADDR6, stats::Reason};
 use lb_tests::{
-    cluster::{NodeAgents, write_manifest},
+    cluster::{NodeAgents, dual_stack_echo_servers, pod_ip6, write_manifest},
     require_root,
 };
 use xtask::{Cluster, EchoServer, NetNs, TempDir, client_of, http_get, pod_of, udp_request};
@@ -93,12 +93,7 @@ fn slice(
     );
     for (pod, ip, node) in pods {
         let addr: IpAddr = if family == "IPv6" {
-            cluster
-                .pod(pod)
-                .expect("pod")
-                .ip6()
-                .expect("dual stack")
-                .into()
+            pod_ip6(cluster, pod).into()
         } else {
             (*ip).into()
         };
@@ -220,13 +215,7 @@ impl DualStack {
                 .route_via(&format!("{ip}/128"), node)
                 .expect("route");
         }
-        let servers = [ECHO_A.0, ECHO_B.0]
-            .iter()
-            .map(|name| {
-                let pod = cluster.pod(name).expect("pod");
-                EchoServer::start_dual_stack(pod.ns(), name, &[8080], &[5353]).expect("echo server")
-            })
-            .collect();
+        let servers = dual_stack_echo_servers(&cluster, &[ECHO_A.0, ECHO_B.0]);
         let manifests = TempDir::new("lbt", "manifests").expect("manifest dir");
         write_manifest(manifests.path(), "all.yaml", &all_manifests(&cluster));
         let agents = NodeAgents::start(&cluster, manifests.path(), &[]);
@@ -266,11 +255,7 @@ impl DualStack {
     }
 
     fn ip6(&self, pod: &str) -> Ipv6Addr {
-        self.cluster
-            .pod(pod)
-            .expect("pod")
-            .ip6()
-            .expect("dual stack")
+        pod_ip6(&self.cluster, pod)
     }
 
     fn server(&self, pod: &str) -> &EchoServer {

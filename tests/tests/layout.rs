@@ -14,6 +14,7 @@ use lb_common::{
     maglev::{Lb4MaglevChunk, Lb4MaglevKey},
     service::{Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{Lb4Slot, Lb4SlotKey},
+    sock::{Lb4SockKey, Lb4SockRevnat, Lb6SockKey, Lb6SockRevnat},
     source_range::{Lb4SourceRange, Lb4SourceRangeKey, Lb6SourceRangeKey},
     stats::Counter,
 };
@@ -203,6 +204,20 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             ct_reply,
             dropped
         }),
+        host_layout!(Lb4SockKey {
+            cookie,
+            addr,
+            port,
+            _pad
+        }),
+        host_layout!(Lb4SockRevnat { addr, port, _pad }),
+        host_layout!(Lb6SockKey {
+            cookie,
+            addr,
+            port,
+            _pad
+        }),
+        host_layout!(Lb6SockRevnat { addr, port, _pad }),
         host_layout!(TraceEvent {
             timestamp_ns,
             src_addr,

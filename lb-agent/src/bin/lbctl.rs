@@ -530,6 +530,7 @@ fn map_fill(tables: &KernelTables, bpffs: &std::path::Path) -> anyhow::Result<Ve
         (lb_common::affinity::NAME, tables.affinity.keys().count()),
         (lb_common::maglev::NAME, tables.maglev.keys().count()),
         (lb_common::sock::NAME, tables.sock_revnat.keys().count()),
+        (lb_common::sock::NAME6, tables.sock_revnat6.keys().count()),
     ];
     counts
         .iter()

@@ -1,7 +1,11 @@
 //! Typed handles on the pinned maps, for the agent (writes) and for readers
 //! such as `lbctl` and the tests (reads of a running datapath).
 
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -21,7 +25,7 @@ use lb_common::{
     member::{self, Lb4Member, Lb4MemberKey},
     service::{self, Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
-    sock::{self, Lb4SockKey, Lb4SockRevnat},
+    sock::{self, Lb4SockKey, Lb4SockRevnat, Lb6SockKey, Lb6SockRevnat},
     source_range::{self, Lb4SourceRange, Lb4SourceRangeKey, Lb6SourceRangeKey, SERVICE_ID_BITS},
     stats::{self, Counter, Reason},
 };
@@ -34,6 +38,49 @@ use lb_common::{
 use super::programmer::{
     BackendEntry, RemovedUdpBackend, ServiceKey, SourceRangeEntry, TableWriter,
 };
+
+/// The keys of a socket reverse map whose (backend, frontend), as `peers`
+/// reads them from an entry, is one of `removed`.
+fn doomed_sockets<'a, K: aya::Pod, V: aya::Pod>(
+    map: &'a HashMap<MapData, K, V>,
+    removed: &'a [RemovedUdpBackend],
+    peers: impl Fn(&K, &V) -> (SocketAddr, SocketAddr) + 'a,
+) -> impl Iterator<Item = K> + 'a {
+    map.iter()
+        .filter_map(Result::ok)
+        .filter_map(move |(key, value)| {
+            let (backend, frontend) = peers(&key, &value);
+            removed
+                .iter()
+                .any(|r| r.backend == backend && r.frontend == frontend)
+                .then_some(key)
+        })
+}
+
+/// A socket-level reverse-map key of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockRevnatKey {
+    V4(Lb4SockKey),
+    V6(Lb6SockKey),
+}
+
+impl SockRevnatKey {
+    /// The translated socket's cookie.
+    pub fn cookie(&self) -> u64 {
+        match self {
+            SockRevnatKey::V4(k) => k.cookie,
+            SockRevnatKey::V6(k) => k.cookie,
+        }
+    }
+
+    /// The backend the socket was given.
+    pub fn backend(&self) -> SocketAddr {
+        match self {
+            SockRevnatKey::V4(k) => SocketAddr::from((k.addr, k.port)),
+            SockRevnatKey::V6(k) => SocketAddr::from((k.addr, k.port)),
+        }
+    }
+}
 
 /// The service, slot, backend and conntrack maps, plus the stats.
 pub struct KernelTables {
@@ -56,6 +103,8 @@ pub struct KernelTables {
     pub members: HashMap<MapData, Lb4MemberKey, Lb4Member>,
     /// Socket-level balancing: (cookie, backend) -> service address.
     pub sock_revnat: HashMap<MapData, Lb4SockKey, Lb4SockRevnat>,
+    /// The same for IPv6 sockets.
+    pub sock_revnat6: HashMap<MapData, Lb6SockKey, Lb6SockRevnat>,
     /// Maglev tables, (service id, M, chunk) -> 64 slots.
     pub maglev: HashMap<MapData, Lb4MaglevKey, Lb4MaglevChunk>,
     pub stats: StatsReader,
@@ -127,6 +176,8 @@ impl KernelTables {
             members: HashMap::try_from(get(member::NAME)?).with_context(|| layout(member::NAME))?,
             maglev: HashMap::try_from(get(maglev::NAME)?).with_context(|| layout(maglev::NAME))?,
             sock_revnat: HashMap::try_from(get(sock::NAME)?).with_context(|| layout(sock::NAME))?,
+            sock_revnat6: HashMap::try_from(get(sock::NAME6)?)
+                .with_context(|| layout(sock::NAME6))?,
             stats: StatsReader(
                 PerCpuArray::try_from(get(stats::NAME)?).with_context(|| layout(stats::NAME))?,
             ),
@@ -311,21 +362,29 @@ impl KernelTables {
 
     /// The sockets socket-level balancing connected to a UDP backend that
     /// has left the frontend they asked for, as reverse-map keys (socket
-    /// cookie, backend address and port).
-    pub fn sockets_of_removed(&self, removed: &[RemovedUdpBackend]) -> Vec<Lb4SockKey> {
+    /// cookie, backend address and port) of either family.
+    pub fn sockets_of_removed(&self, removed: &[RemovedUdpBackend]) -> Vec<SockRevnatKey> {
         if removed.is_empty() {
             return Vec::new();
         }
-        self.sock_revnat
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(key, value)| {
-                removed.iter().any(|r| {
-                    r.backend == (key.addr, key.port) && r.frontend == (value.addr, value.port)
-                })
-            })
-            .map(|(key, _)| key)
+        let v4 = doomed_sockets(&self.sock_revnat, removed, |k, v| {
+            ((k.addr, k.port).into(), (v.addr, v.port).into())
+        });
+        let v6 = doomed_sockets(&self.sock_revnat6, removed, |k, v| {
+            ((k.addr, k.port).into(), (v.addr, v.port).into())
+        });
+        v4.map(SockRevnatKey::V4)
+            .chain(v6.map(SockRevnatKey::V6))
             .collect()
+    }
+
+    /// Removes a socket-level reverse entry (its socket is gone).
+    pub fn remove_sock_revnat(&mut self, key: &SockRevnatKey) -> anyhow::Result<()> {
+        match key {
+            SockRevnatKey::V4(key) => self.sock_revnat.remove(key)?,
+            SockRevnatKey::V6(key) => self.sock_revnat6.remove(key)?,
+        }
+        Ok(())
     }
 
     /// Every session-affinity entry.

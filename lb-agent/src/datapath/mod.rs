@@ -29,7 +29,7 @@ use lb_common::{
 };
 
 pub use devices::{accept_local_sources, glob_match, interface_addresses, list_interfaces};
-pub use maps::{KernelTables, StatsReader};
+pub use maps::{KernelTables, SockRevnatKey, StatsReader};
 pub use programmer::{
     ApplyReport, BackendEntry, Programmer, RemovedUdpBackend, ServiceKey, SourceRangeEntry,
     TableWriter,
@@ -45,14 +45,20 @@ pub const TC_NODE_PROGRAM: &str = "lb_tc_node";
 /// XDP program for node devices (traffic from the network).
 pub const XDP_NODE_PROGRAM: &str = "lb_xdp_node";
 
-/// The socket-level balancing programs (cgroup hooks), by name.
-pub const SOCK_PROGRAMS: [&str; 4] = [
+/// The socket-level balancing programs (cgroup hooks), by name: IPv4,
+/// then IPv6.
+pub const SOCK_PROGRAMS: [&str; 8] = [
     "lb_sock_connect4",
     "lb_sock_sendmsg4",
     "lb_sock_recvmsg4",
     "lb_sock_getpeername4",
+    "lb_sock_connect6",
+    "lb_sock_sendmsg6",
+    "lb_sock_recvmsg6",
+    "lb_sock_getpeername6",
 ];
-/// Socket-level balancing's clean-up: a released socket's reverse entry.
+/// Socket-level balancing's clean-up: a released socket's reverse entry
+/// (either family).
 pub const SOCK_RELEASE_PROGRAM: &str = "lb_sock_release";
 
 /// cgroup2's statfs magic number.
@@ -109,7 +115,7 @@ impl Default for MapSizes {
 }
 
 /// Every map the programs use, with its pinned name.
-pub const MAP_NAMES: [&str; 20] = [
+pub const MAP_NAMES: [&str; 21] = [
     service::NAME,
     slot::NAME,
     backend::NAME,
@@ -122,6 +128,7 @@ pub const MAP_NAMES: [&str; 20] = [
     config::NAME6,
     affinity::NAME6,
     source_range::NAME6,
+    sock::NAME6,
     affinity::NAME,
     member::NAME,
     maglev::NAME,

@@ -113,10 +113,10 @@ pub struct ApplyReport {
 /// A UDP backend that stopped serving a frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RemovedUdpBackend {
-    /// Frontend address (network order) and port.
-    pub frontend: ([u8; 4], u16),
-    /// Backend address (network order) and port.
-    pub backend: ([u8; 4], u16),
+    /// Frontend address and port (IPv4 or IPv6).
+    pub frontend: SocketAddr,
+    /// Backend address and port, of the frontend's family.
+    pub backend: SocketAddr,
 }
 
 #[derive(Clone, Debug)]
@@ -999,24 +999,26 @@ impl Programmer {
 
     /// Records a UDP backend leaving a frontend (the backend is still in
     /// the image: unreferenced backends are collected at the end).
-    /// IPv4 only: socket-level balancing is.
     fn note_removed_udp(&self, key: &ServiceKey, backend_id: u32, report: &mut ApplyReport) {
-        let ServiceKey::V4(key) = key else {
-            return;
-        };
-        if key.proto != lb_common::PROTO_UDP {
+        if key.proto() != lb_common::PROTO_UDP {
             return;
         }
         let backend = self
             .backend_keys
             .get(&backend_id)
             .and_then(|k| self.backends.get(k));
-        if let Some((_, BackendEntry::V4(backend))) = backend {
-            report.removed_udp.push(RemovedUdpBackend {
-                frontend: (key.addr, key.port),
-                backend: (backend.addr, backend.port),
-            });
-        }
+        let removed = match (key, backend) {
+            (ServiceKey::V4(key), Some((_, BackendEntry::V4(backend)))) => RemovedUdpBackend {
+                frontend: SocketAddr::from((key.addr, key.port)),
+                backend: SocketAddr::from((backend.addr, backend.port)),
+            },
+            (ServiceKey::V6(key), Some((_, BackendEntry::V6(backend)))) => RemovedUdpBackend {
+                frontend: SocketAddr::from((key.addr, key.port)),
+                backend: SocketAddr::from((backend.addr, backend.port)),
+            },
+            _ => return,
+        };
+        report.removed_udp.push(removed);
     }
 
     /// Keeps one marker entry (port 0, protocol 0) per ClusterIP address,

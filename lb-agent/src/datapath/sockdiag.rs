@@ -9,9 +9,10 @@
 //! Linux 4.5+ for TCP, 4.17+ for UDP), so the application sees
 //! `ECONNABORTED` and reconnects (and is balanced afresh), as it would after
 //! a reset. Only sockets socket-level balancing translated are candidates:
-//! their cookie and backend are in `LB4_SOCK_REVNAT_V1` with the service
-//! address they asked for; a socket that connected to the pod address
-//! itself is left alone.
+//! their cookie and backend are in `LB4_SOCK_REVNAT_V1` (IPv6:
+//! `LB6_SOCK_REVNAT_V1`) with the service address they asked for; a socket
+//! that connected to the pod address itself is left alone. Both families'
+//! sockets are dumped (one request each).
 //!
 //! A BPF socket iterator calling `bpf_sock_destroy()` (Linux 6.5+) would do
 //! the same from inside the kernel; sock_diag needs no extra program, works
@@ -21,6 +22,7 @@ use std::{
     collections::BTreeSet,
     fs::File,
     io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::Path,
 };
@@ -43,45 +45,79 @@ const MSG_LEN: usize = 72;
 /// `TCP_ESTABLISHED`: the state of a connected UDP socket.
 const STATE_ESTABLISHED: u8 = 1;
 
-/// One socket as sock_diag identifies it (`struct inet_diag_sockid`).
+/// One socket as sock_diag identifies it (`struct inet_diag_sockid`). Both
+/// ends are of the socket's family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct UdpSocketId {
-    pub local: ([u8; 4], u16),
-    pub peer: ([u8; 4], u16),
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
     pub interface: u32,
     pub cookie: u64,
 }
 
+/// An address as `inet_diag_sockid` holds it: 16 bytes, an IPv4 one in
+/// the first four.
+fn wire_addr(ip: IpAddr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => out = v6.octets(),
+    }
+    out
+}
+
 impl UdpSocketId {
+    /// The socket's address family (`AF_INET`, `AF_INET6`).
+    fn family(&self) -> u8 {
+        match self.peer {
+            SocketAddr::V4(_) => libc::AF_INET as u8,
+            SocketAddr::V6(_) => libc::AF_INET6 as u8,
+        }
+    }
+
     /// The 48 bytes of `inet_diag_sockid`: ports and addresses in network
     /// order, interface and cookie (two 32-bit halves, low first) native.
     fn encode(&self) -> [u8; 48] {
         let mut id = [0u8; 48];
-        id[0..2].copy_from_slice(&self.local.1.to_be_bytes());
-        id[2..4].copy_from_slice(&self.peer.1.to_be_bytes());
-        id[4..8].copy_from_slice(&self.local.0);
-        id[20..24].copy_from_slice(&self.peer.0);
+        id[0..2].copy_from_slice(&self.local.port().to_be_bytes());
+        id[2..4].copy_from_slice(&self.peer.port().to_be_bytes());
+        id[4..20].copy_from_slice(&wire_addr(self.local.ip()));
+        id[20..36].copy_from_slice(&wire_addr(self.peer.ip()));
         id[36..40].copy_from_slice(&self.interface.to_ne_bytes());
         id[40..44].copy_from_slice(&(self.cookie as u32).to_ne_bytes());
         id[44..48].copy_from_slice(&((self.cookie >> 32) as u32).to_ne_bytes());
         id
     }
 
-    fn decode(id: &[u8]) -> Option<Self> {
+    /// A socket id of `family` from its wire form; `None` when truncated
+    /// or of another family.
+    fn decode(family: u8, id: &[u8]) -> Option<Self> {
         let u16_be = |at: usize| Some(u16::from_be_bytes(id.get(at..at + 2)?.try_into().ok()?));
-        let addr = |at: usize| -> Option<[u8; 4]> { id.get(at..at + 4)?.try_into().ok() };
+        let addr = |at: usize| -> Option<IpAddr> {
+            match i32::from(family) {
+                libc::AF_INET => {
+                    let b: [u8; 4] = id.get(at..at + 4)?.try_into().ok()?;
+                    Some(Ipv4Addr::from(b).into())
+                }
+                libc::AF_INET6 => {
+                    let b: [u8; 16] = id.get(at..at + 16)?.try_into().ok()?;
+                    Some(Ipv6Addr::from(b).into())
+                }
+                _ => None,
+            }
+        };
         let u32_ne = |at: usize| Some(u32::from_ne_bytes(id.get(at..at + 4)?.try_into().ok()?));
         Some(Self {
-            local: (addr(4)?, u16_be(0)?),
-            peer: (addr(20)?, u16_be(2)?),
+            local: SocketAddr::new(addr(4)?, u16_be(0)?),
+            peer: SocketAddr::new(addr(20)?, u16_be(2)?),
             interface: u32_ne(36)?,
             cookie: u64::from(u32_ne(40)?) | (u64::from(u32_ne(44)?) << 32),
         })
     }
 }
 
-/// A request: `nlmsghdr` + `inet_diag_req_v2` for IPv4 UDP.
-fn request(kind: u16, flags: u16, seq: u32, id: Option<&UdpSocketId>) -> Vec<u8> {
+/// A request: `nlmsghdr` + `inet_diag_req_v2` for UDP sockets of `family`.
+fn request(kind: u16, flags: u16, seq: u32, family: u8, id: Option<&UdpSocketId>) -> Vec<u8> {
     let len = NLMSG_HDR_LEN + REQ_LEN;
     let mut msg = Vec::with_capacity(len);
     msg.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -89,7 +125,7 @@ fn request(kind: u16, flags: u16, seq: u32, id: Option<&UdpSocketId>) -> Vec<u8>
     msg.extend_from_slice(&flags.to_ne_bytes());
     msg.extend_from_slice(&seq.to_ne_bytes());
     msg.extend_from_slice(&0u32.to_ne_bytes());
-    msg.push(libc::AF_INET as u8);
+    msg.push(family);
     msg.push(libc::IPPROTO_UDP as u8);
     msg.push(0); // idiag_ext
     msg.push(0); // pad
@@ -157,12 +193,26 @@ fn error_code(payload: &[u8]) -> i32 {
         .map_or(-libc::EINVAL, i32::from_ne_bytes)
 }
 
-/// Every connected IPv4 UDP socket of the caller's network namespace.
+/// Every connected UDP socket of the caller's network namespace, IPv4
+/// and IPv6.
 pub fn connected_udp_sockets() -> anyhow::Result<Vec<UdpSocketId>> {
+    let mut sockets = connected_udp_sockets_of(libc::AF_INET as u8)?;
+    sockets.extend(connected_udp_sockets_of(libc::AF_INET6 as u8)?);
+    Ok(sockets)
+}
+
+/// Every connected UDP socket of `family` of the caller's network namespace.
+fn connected_udp_sockets_of(family: u8) -> anyhow::Result<Vec<UdpSocketId>> {
     let fd = diag_socket().context("opening a sock_diag socket")?;
     send(
         &fd,
-        &request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, None),
+        &request(
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            1,
+            family,
+            None,
+        ),
     )
     .context("asking sock_diag for the UDP sockets")?;
     let mut sockets = Vec::new();
@@ -186,7 +236,7 @@ pub fn connected_udp_sockets() -> anyhow::Result<Vec<UdpSocketId>> {
                     if payload[1] != STATE_ESTABLISHED {
                         continue;
                     }
-                    if let Some(id) = UdpSocketId::decode(&payload[4..52]) {
+                    if let Some(id) = UdpSocketId::decode(payload[0], &payload[4..52]) {
                         sockets.push(id);
                     }
                 }
@@ -203,7 +253,13 @@ pub fn destroy_udp_socket(id: &UdpSocketId) -> io::Result<()> {
     let fd = diag_socket()?;
     send(
         &fd,
-        &request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 2, Some(id)),
+        &request(
+            SOCK_DESTROY,
+            NLM_F_REQUEST | NLM_F_ACK,
+            2,
+            id.family(),
+            Some(id),
+        ),
     )?;
     let mut buf = [0u8; 512];
     let n = recv(&fd, &mut buf)?;
@@ -303,8 +359,8 @@ mod tests {
     #[test]
     fn socket_ids_round_trip_through_the_wire_layout() {
         let id = UdpSocketId {
-            local: ([10, 244, 1, 2], 40000),
-            peer: ([10, 244, 1, 11], 5353),
+            local: SocketAddr::from(([10, 244, 1, 2], 40000)),
+            peer: SocketAddr::from(([10, 244, 1, 11], 5353)),
             interface: 7,
             cookie: 0x1234_5678_9abc_def0,
         };
@@ -312,17 +368,54 @@ mod tests {
         // Ports big-endian at the front, addresses at 4 and 20.
         assert_eq!(&wire[0..4], &[0x9c, 0x40, 0x14, 0xe9]);
         assert_eq!(&wire[4..8], &[10, 244, 1, 2]);
+        assert_eq!(&wire[8..20], &[0; 12]);
         assert_eq!(&wire[20..24], &[10, 244, 1, 11]);
-        assert_eq!(UdpSocketId::decode(&wire), Some(id));
-        let req = request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 9, Some(&id));
+        assert_eq!(UdpSocketId::decode(libc::AF_INET as u8, &wire), Some(id));
+        let req = request(
+            SOCK_DESTROY,
+            NLM_F_REQUEST | NLM_F_ACK,
+            9,
+            id.family(),
+            Some(&id),
+        );
         assert_eq!(req.len(), NLMSG_HDR_LEN + REQ_LEN);
         assert_eq!(u32::from_ne_bytes(req[0..4].try_into().expect("len")), 72);
+        assert_eq!(req[16], libc::AF_INET as u8);
+        assert_eq!(&req[24..], &wire[..]);
+    }
+
+    #[test]
+    fn ipv6_socket_ids_carry_the_whole_addresses() {
+        let local: Ipv6Addr = "fd00:10:244:1::2".parse().expect("address");
+        let peer: Ipv6Addr = "fd00:10:244:1::11".parse().expect("address");
+        let id = UdpSocketId {
+            local: SocketAddr::from((local, 40000)),
+            peer: SocketAddr::from((peer, 5353)),
+            interface: 0,
+            cookie: 42,
+        };
+        let wire = id.encode();
+        assert_eq!(&wire[4..20], &local.octets());
+        assert_eq!(&wire[20..36], &peer.octets());
+        assert_eq!(UdpSocketId::decode(libc::AF_INET6 as u8, &wire), Some(id));
+        // Another family's bytes are not read as this one's.
+        assert_ne!(UdpSocketId::decode(libc::AF_INET as u8, &wire), Some(id));
+        assert_eq!(UdpSocketId::decode(0, &wire), None);
+        let req = request(SOCK_DESTROY, NLM_F_REQUEST, 3, id.family(), Some(&id));
+        assert_eq!(req[16], libc::AF_INET6 as u8);
+        assert_eq!(req[17], libc::IPPROTO_UDP as u8);
         assert_eq!(&req[24..], &wire[..]);
     }
 
     #[test]
     fn truncated_netlink_messages_end_the_walk() {
-        let mut buf = request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, None);
+        let mut buf = request(
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_REQUEST,
+            1,
+            libc::AF_INET as u8,
+            None,
+        );
         let whole: Vec<u16> = messages(&buf).map(|(kind, _)| kind).collect();
         assert_eq!(whole, vec![SOCK_DIAG_BY_FAMILY]);
         buf.truncate(40);
