@@ -14,7 +14,7 @@ use lb_common::{
 };
 
 use crate::parse::{
-    Flow, Flow6, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, ptr_at,
+    Flow, Flow6, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, copy_addr, ptr_at,
 };
 
 /// One endpoint (address and port) of the packet, before and after.
@@ -349,7 +349,10 @@ impl Nat6 for XdpContext {
         let dst_port = ptr_at::<XdpContext, [u8; 2]>(self, l4_off + 2)?;
         let src = ptr_at::<XdpContext, [u8; 16]>(self, IP6_SRC_OFF)?;
         let dst = ptr_at::<XdpContext, [u8; 16]>(self, IP6_DST_OFF)?;
-        // SAFETY: every pointer was bounds-checked against data_end above.
+        // SAFETY: every pointer was bounds-checked against data_end above;
+        // the packet overlaps neither the flow nor the entry (map values);
+        // their addresses are 4-byte aligned (the assertions after
+        // `csum_replace16_aligned`).
         unsafe {
             let mut sum = u16::from_be_bytes(*l4_csum);
             // A UDP datagram without checksum keeps none.
@@ -357,18 +360,18 @@ impl Nat6 for XdpContext {
             let sum_on = !(udp && sum == 0);
             if entry.rewrite & REWRITE_SRC != 0 {
                 if sum_on {
-                    sum = csum_replace16(sum, &k.src_addr, &entry.src_addr)?;
+                    sum = csum_replace16_aligned(sum, &k.src_addr, &entry.src_addr);
                     sum = csum_replace2(sum, k.src_port, entry.src_port);
                 }
-                *src = entry.src_addr;
+                copy_addr(src, &entry.src_addr);
                 *src_port = entry.src_port.to_be_bytes();
             }
             if entry.rewrite & REWRITE_DST != 0 {
                 if sum_on {
-                    sum = csum_replace16(sum, &k.dst_addr, &entry.dst_addr)?;
+                    sum = csum_replace16_aligned(sum, &k.dst_addr, &entry.dst_addr);
                     sum = csum_replace2(sum, k.dst_port, entry.dst_port);
                 }
-                *dst = entry.dst_addr;
+                copy_addr(dst, &entry.dst_addr);
                 *dst_port = entry.dst_port.to_be_bytes();
             }
             if sum_on && udp && sum == 0 {
@@ -404,6 +407,47 @@ pub fn csum_replace16(check: u16, old: &[u8; 16], new: &[u8; 16]) -> Result<u16,
     }
     Ok(u16::from_be(!fold(sum as u32)))
 }
+
+/// [`csum_replace16`] computed inline, for addresses in the scratch space
+/// and a conntrack entry: four 32-bit loads per side where the helper call
+/// costs more than the whole sum. As there, the words are summed in memory
+/// order (the one's-complement sum commutes with the byte swap), and the
+/// result is the helper's: a non-zero sum folds to the same 1..=0xffff.
+///
+/// # Safety
+/// Both addresses must be 4-byte aligned: the layout assertions below hold
+/// the address fields of every `Flow6` key and `Lb6CtEntry` to that.
+#[inline(always)]
+unsafe fn csum_replace16_aligned(check: u16, old: &[u8; 16], new: &[u8; 16]) -> u16 {
+    let (old, new) = (old.as_ptr() as *const u32, new.as_ptr() as *const u32);
+    let mut sum = u64::from(!check.to_be());
+    for i in 0..4 {
+        // SAFETY: in bounds of the 16-byte arrays, 4-byte aligned (the
+        // caller's promise).
+        unsafe {
+            sum += u64::from(!*old.add(i));
+            sum += u64::from(*new.add(i));
+        }
+    }
+    // Nine terms below 2^32 fit 36 bits; the first fold leaves 33, the
+    // second 32.
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    u16::from_be(!fold(sum as u32))
+}
+
+// What `csum_replace16_aligned` is given: the addresses of a `Flow6`'s key
+// and of a conntrack entry, through references (so aligned to their types).
+const _: () = {
+    use core::mem::{align_of, offset_of};
+    use lb_common::conntrack::Lb6CtKey;
+    assert!(align_of::<Flow6>() >= 4 && offset_of!(Flow6, key) % 4 == 0);
+    assert!(offset_of!(Lb6CtKey, src_addr) % 4 == 0);
+    assert!(offset_of!(Lb6CtKey, dst_addr) % 4 == 0);
+    assert!(align_of::<Lb6CtEntry>() >= 4);
+    assert!(offset_of!(Lb6CtEntry, src_addr) % 4 == 0);
+    assert!(offset_of!(Lb6CtEntry, dst_addr) % 4 == 0);
+};
 
 /// Sends a hairpin packet straight back out of the device it came in on
 /// (the pod is both client and backend): the MAC addresses swap, as the
