@@ -322,7 +322,6 @@ fn process_packet<C: PacketBuf + Nat6>(
         Packet::NotIpv4 => return untouched(Reason::PassNotIpv4),
         // The IPv6 path rewrites the packet itself.
         Packet::Ipv6 => {
-            obs.ipv6 = true;
             let mut reason = follow_flow6(ctx, obs);
             if reason == Reason::PassNotService {
                 reason = balance_new_flow6(ctx, hook, obs);
@@ -466,8 +465,10 @@ fn try_follow_flow6<C: PacketBuf + Nat6>(ctx: &C, obs: &mut Observation) -> Resu
         Packet6::Fragment => return Ok(Reason::PassFragment),
         Packet6::ExtHeaderLimit => return Ok(Reason::PassExtHeaderLimit),
     }
-    // The addresses do not fit the (IPv4) observation: traces of IPv6
-    // flows carry ports, protocol and ids only.
+    // The addresses do not fit the (IPv4) observation: the trace reads
+    // them from the scratch space, which holds this packet's tuple from
+    // here on (a packet that failed to parse may leave an earlier one's).
+    obs.ipv6 = true;
     obs.src_port = flow.key.src_port;
     obs.dst_port = flow.key.dst_port;
     obs.proto = flow.key.proto;

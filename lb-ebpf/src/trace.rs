@@ -40,9 +40,10 @@ pub struct Observation {
     /// leaves the redirect back out of the device to the TC entry point).
     /// In what was padding: the struct does not grow.
     pub hairpin: bool,
-    /// An IPv6 packet: the addresses above stay zero, the trace reads the
-    /// 128-bit ones from the IPv6 path's scratch space (`LB6_SCRATCH`),
-    /// which still holds this packet's tuple and backend. Padding as well.
+    /// An IPv6 packet whose TCP/UDP tuple was parsed: the addresses above
+    /// stay zero, the trace reads the 128-bit ones from the IPv6 path's
+    /// scratch space (`LB6_SCRATCH`), which holds this packet's tuple and
+    /// backend. Padding as well.
     pub ipv6: bool,
 }
 
@@ -111,8 +112,9 @@ fn emit_event(obs: &Observation, reason: Reason, hook: Hook, new_flow: bool, sel
     // every field is written before submit.
     unsafe {
         (*event).timestamp_ns = aya_ebpf::helpers::bpf_ktime_get_ns();
-        match LB6_SCRATCH.get(0) {
-            Some(scratch) if obs.ipv6 => {
+        let scratch = if obs.ipv6 { LB6_SCRATCH.get(0) } else { None };
+        match scratch {
+            Some(scratch) => {
                 (*event).family = FAMILY_IPV6;
                 (*event).src_addr = scratch.flow.key.src_addr;
                 (*event).dst_addr = scratch.flow.key.dst_addr;
@@ -122,7 +124,7 @@ fn emit_event(obs: &Observation, reason: Reason, hook: Hook, new_flow: bool, sel
                     [0; 16]
                 };
             }
-            _ => {
+            None => {
                 (*event).family = FAMILY_IPV4;
                 (*event).src_addr = widen(obs.src_addr);
                 (*event).dst_addr = widen(obs.dst_addr);

@@ -860,15 +860,25 @@ fn ipv6_pod_balanced_to_itself_gets_its_replies_through_the_hairpin_address() {
 #[test]
 fn lbctl_trace_shows_ipv6_new_flows_and_drops_with_their_addresses() {
     let mut fx = fixture("lbctl_trace_shows_ipv6_new_flows_and_drops_with_their_addresses");
-    let trace = Trace::start(fx.pins(), &["--count", "3", "--seconds", "20"]);
+    let trace = Trace::start(fx.pins(), &["--count", "4", "--seconds", "20"]);
     let first = fx.pass6(Hook::TcPod, &syn(45000)).dst;
     let second = fx.pass6(Hook::Xdp, &syn(45001)).dst;
     fx.dropped6(
         Hook::Xdp,
         &Packet6::tcp((DENIED, 45002), (LB_IP, 443), SYN, b""),
     );
+    // A TCP header cut short: dropped before its tuple is read, so its
+    // event carries no address (not the previous packet's).
+    let mut cut = Packet6::tcp((EXT, 45003), (VIP, 80), SYN, b"").emit();
+    cut.truncate(14 + 40 + 10);
+    let (verdict, _) = fx.run(Hook::Xdp, &cut);
+    assert_eq!(
+        verdict,
+        Hook::Xdp.drop(),
+        "a truncated TCP header was not dropped"
+    );
     let events = trace.events();
-    assert_eq!(events.len(), 3, "{events:#?}");
+    assert_eq!(events.len(), 4, "{events:#?}");
     for (event, (port, backend, hook)) in events
         .iter()
         .zip([(45000, first, "pod"), (45001, second, "network")])
@@ -886,4 +896,11 @@ fn lbctl_trace_shows_ipv6_new_flows_and_drops_with_their_addresses() {
     assert_eq!(drop["client"], format!("[{DENIED}]:45002"), "{drop:#}");
     assert_eq!(drop["frontend"], format!("[{LB_IP}]:443"), "{drop:#}");
     assert_eq!(drop["backend"], serde_json::Value::Null, "{drop:#}");
+    let cut = &events[3];
+    assert_eq!(cut["reason"], "drop_malformed", "{cut:#}");
+    assert_eq!(
+        (&cut["client"], &cut["frontend"]),
+        (&"0.0.0.0:0".into(), &"0.0.0.0:0".into()),
+        "{cut:#}"
+    );
 }

@@ -304,17 +304,14 @@ fn run_scenario(topology: &SingleNode, agent: &mut AgentProcess, manifests: &Pat
     ));
     let before = send_round(client)?;
     before.print();
-    let before_ref = &before;
-    let silent: Vec<String> = FAMILIES
-        .iter()
-        .enumerate()
-        .flat_map(|(index, family)| {
-            BACKENDS
-                .iter()
-                .filter(move |&&(name, _)| before_ref.answers_in(name, index) == 0)
-                .map(move |&(name, _)| format!("{name} over {}", family.name))
-        })
-        .collect();
+    let mut silent = Vec::new();
+    for (index, family) in FAMILIES.iter().enumerate() {
+        for &(name, _) in &BACKENDS {
+            if before.answers_in(name, index) == 0 {
+                silent.push(format!("{name} over {}", family.name));
+            }
+        }
+    }
     if !silent.is_empty() {
         bail!("pods that never answered: {}", silent.join(", "));
     }
