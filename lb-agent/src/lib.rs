@@ -3,6 +3,7 @@
 
 pub mod bpf_log;
 pub mod datapath;
+pub mod duration;
 pub mod health;
 pub mod http;
 pub mod maglev;

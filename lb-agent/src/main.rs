@@ -92,6 +92,32 @@ struct Args {
     /// of M slots takes M/64 of them).
     #[arg(long, default_value_t = MapSizes::default().maglev_chunks)]
     max_maglev_chunks: u32,
+    /// How long a TCP conntrack entry lives after its last packet once
+    /// established (kube-proxy's flag; Go duration).
+    #[arg(long, default_value = "24h0m0s", value_parser = parse_duration_arg)]
+    conntrack_tcp_timeout_established: Duration,
+    /// ... after a FIN one way (kube-proxy's flag).
+    #[arg(long, default_value = "1h0m0s", value_parser = parse_duration_arg)]
+    conntrack_tcp_timeout_close_wait: Duration,
+    /// ... a UDP flow nothing answered yet (kube-proxy's flag).
+    #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
+    conntrack_udp_timeout: Duration,
+    /// ... a UDP flow answered (a stream; kube-proxy's flag).
+    #[arg(long, default_value = "2m0s", value_parser = parse_duration_arg)]
+    conntrack_udp_timeout_stream: Duration,
+    /// ... a TCP SYN with no answer yet.
+    #[arg(long, default_value = "1m0s", value_parser = parse_duration_arg)]
+    conntrack_tcp_timeout_syn_sent: Duration,
+    /// ... after FINs both ways (its SNAT port may be reused before).
+    #[arg(long, default_value = "2m0s", value_parser = parse_duration_arg)]
+    conntrack_tcp_timeout_time_wait: Duration,
+    /// ... after a RST.
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    conntrack_tcp_timeout_close: Duration,
+    /// How often expired conntrack entries are collected (each sweep reads
+    /// a bounded slice of the tables and resumes there next time).
+    #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
+    conntrack_gc_interval: Duration,
     /// Forward the programs' aya-log output (a debug line per new flow and
     /// per drop) to this log, target `lb_ebpf`. Off by default: costly.
     #[arg(long)]
@@ -114,6 +140,10 @@ fn parse_table_size(value: &str) -> Result<u32, String> {
     // checked per service when its table is built.
     lb_agent::maglev::validate_table_size(size, 0).map_err(|e| e.to_string())?;
     Ok(size)
+}
+
+fn parse_duration_arg(value: &str) -> Result<Duration, String> {
+    lb_agent::duration::parse_go_duration(value).map_err(|e| e.to_string())
 }
 
 fn parse_cidr_arg(value: &str) -> Result<SourceRange, String> {
@@ -200,11 +230,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut programmer = programmer.with_maglev(maglev_table_size);
     let stale_chunks = programmer.adopt_maglev(tables.dump_maglev()?);
     // Before the first apply: tables of another size are never read.
+    let ct_timeouts = conntrack_timeouts(&args)?;
     let mut config = tables.config()?;
     config.maglev_table_size = maglev_table_size.unwrap_or(0);
+    config.ct = ct_timeouts;
     tables.set_config(&config).with_context(|| {
         format!(
-            "writing the Maglev table size into {}",
+            "writing the Maglev table size and conntrack timeouts into {}",
             lb_common::config::NAME
         )
     })?;
@@ -266,6 +298,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // A write that failed (a full map) is retried without waiting for an
     // unrelated change: room may have come back.
     let mut retry_tick = tokio::time::interval(APPLY_RETRY);
+    let mut gc_tick = tokio::time::interval(args.conntrack_gc_interval);
+    let mut sweeper = datapath::ct_sweep::Sweeper::default();
     let mut apply_failed = false;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -333,6 +367,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     }
                 }
             }
+            _ = gc_tick.tick() => {
+                let now = datapath::ct_sweep::coarse_now_ns();
+                match sweeper.sweep(&mut tables, &ct_timeouts, now, GC_BUDGET) {
+                    Ok(report) => metrics.conntrack_swept(&report),
+                    Err(e) => warn!("collecting expired conntrack entries: {e:#}"),
+                }
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -348,6 +389,51 @@ async fn run(args: Args) -> anyhow::Result<()> {
     healthz_server.abort();
     info!("stopping; maps stay pinned under {}", args.bpffs.display());
     Ok(())
+}
+
+/// Conntrack entries one collection tick reads per family, at most: a
+/// full table of the default size takes a few ticks, each a few
+/// milliseconds of batch reads.
+const GC_BUDGET: usize = 131_072;
+
+/// The conntrack timeouts of the flags, as the datapath reads them.
+fn conntrack_timeouts(args: &Args) -> anyhow::Result<lb_common::conntrack::CtTimeouts> {
+    let seconds = |flag: &str, d: Duration| -> anyhow::Result<u32> {
+        let s =
+            u32::try_from(d.as_secs()).map_err(|_| anyhow::anyhow!("--{flag} {d:?}: too long"))?;
+        if s == 0 {
+            anyhow::bail!("--{flag} {d:?}: must be at least one second");
+        }
+        Ok(s)
+    };
+    Ok(lb_common::conntrack::CtTimeouts {
+        tcp_syn: seconds(
+            "conntrack-tcp-timeout-syn-sent",
+            args.conntrack_tcp_timeout_syn_sent,
+        )?,
+        tcp_established: seconds(
+            "conntrack-tcp-timeout-established",
+            args.conntrack_tcp_timeout_established,
+        )?,
+        tcp_close_wait: seconds(
+            "conntrack-tcp-timeout-close-wait",
+            args.conntrack_tcp_timeout_close_wait,
+        )?,
+        tcp_time_wait: seconds(
+            "conntrack-tcp-timeout-time-wait",
+            args.conntrack_tcp_timeout_time_wait,
+        )?,
+        tcp_close: seconds(
+            "conntrack-tcp-timeout-close",
+            args.conntrack_tcp_timeout_close,
+        )?,
+        udp: seconds("conntrack-udp-timeout", args.conntrack_udp_timeout)?,
+        udp_stream: seconds(
+            "conntrack-udp-timeout-stream",
+            args.conntrack_udp_timeout_stream,
+        )?,
+        _pad: 0,
+    })
 }
 
 /// How soon writes that failed are tried again.

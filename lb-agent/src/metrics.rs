@@ -34,7 +34,10 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::datapath::{KernelTables, StatsReader};
+use crate::datapath::{
+    KernelTables, StatsReader,
+    ct_sweep::{self, SweepReport},
+};
 use crate::http::{self, Handler, Response};
 
 /// How long counted map entries are reused before the maps are walked again.
@@ -59,6 +62,15 @@ pub struct Metrics {
     source_bad_objects: Family<KindLabel, Counter>,
     /// Inserts refused by a full map, by map name.
     map_full: Family<MapLabel, Counter>,
+    /// Live conntrack entries by family and state, from the last full
+    /// pass of the collector.
+    conntrack_entries: Family<MapLabel, Gauge>,
+    /// Conntrack entries the collector removed, by family.
+    conntrack_collected: Family<MapLabel, Counter>,
+    /// SNAT ports held by live flows, by translated source address, from
+    /// the last full pass; and the most seen since the agent started.
+    snat_ports: Family<MapLabel, Gauge>,
+    snat_ports_max: Family<MapLabel, Gauge>,
     /// When the oldest change not yet programmed arrived.
     pending_since: Mutex<Option<Instant>>,
 }
@@ -122,6 +134,32 @@ impl Metrics {
              keeps its previous programming and is retried",
             map_full.clone(),
         );
+        let conntrack_entries = Family::<MapLabel, Gauge>::default();
+        registry.register(
+            "conntrack_entries",
+            "Live conntrack entries (both directions of each flow), by family and state, \
+             at the collector's last full pass",
+            conntrack_entries.clone(),
+        );
+        let conntrack_collected = Family::<MapLabel, Counter>::default();
+        registry.register(
+            "conntrack_collected",
+            "Conntrack entries removed after their state's timeout, by family",
+            conntrack_collected.clone(),
+        );
+        let snat_ports = Family::<MapLabel, Gauge>::default();
+        registry.register(
+            "snat_ports_in_use",
+            "SNAT ports held by live flows, by translated source address, at the collector's \
+             last full pass (a port is per backend: 4523 per backend and address)",
+            snat_ports.clone(),
+        );
+        let snat_ports_max = Family::<MapLabel, Gauge>::default();
+        registry.register(
+            "snat_ports_in_use_max",
+            "The most SNAT ports seen in use since the agent started, by address",
+            snat_ports_max.clone(),
+        );
         if let Some(collector) = datapath {
             registry.register_collector(Box::new(collector));
         }
@@ -135,6 +173,10 @@ impl Metrics {
             source_relists,
             source_bad_objects,
             map_full,
+            conntrack_entries,
+            conntrack_collected,
+            snat_ports,
+            snat_ports_max,
             pending_since: Mutex::new(None),
         }
     }
@@ -183,6 +225,35 @@ impl Metrics {
         self.map_full
             .get_or_create(&vec![("map", map.to_owned())])
             .inc_by(count);
+    }
+
+    /// Records what a conntrack collection tick did and, for each family
+    /// whose pass completed, what the tables hold.
+    pub fn conntrack_swept(&self, report: &SweepReport) {
+        for (family, collected) in &report.collected {
+            self.conntrack_collected
+                .get_or_create(&vec![("family", (*family).to_owned())])
+                .inc_by(*collected);
+        }
+        for (family, state, count) in ct_sweep::census_rows(report) {
+            self.conntrack_entries
+                .get_or_create(&vec![
+                    ("family", family.to_owned()),
+                    ("state", state.to_owned()),
+                ])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        for census in report.completed.values() {
+            for (addr, ports) in &census.snat_ports {
+                let label = vec![("address", addr.to_string())];
+                let ports = i64::try_from(*ports).unwrap_or(i64::MAX);
+                self.snat_ports.get_or_create(&label).set(ports);
+                let max = self.snat_ports_max.get_or_create(&label);
+                if ports > max.get() {
+                    max.set(ports);
+                }
+            }
+        }
     }
 
     /// The OpenMetrics text of every metric.

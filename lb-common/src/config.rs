@@ -1,13 +1,14 @@
-//! `LB_CONFIG_V2`: node-wide settings the agent writes once and the programs
+//! `LB_CONFIG_V3`: node-wide settings the agent writes once and the programs
 //! read per packet (a one-entry array). `LB6_CONFIG_V1` holds the node's
 //! IPv6 address beside it, so the IPv4 layout did not change for IPv6.
+//! `_V3` added the conntrack timeouts.
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{assert_layout, user_pod};
+use crate::{assert_layout, conntrack::CtTimeouts, user_pod};
 
 /// Pinned name of the config map.
-pub const NAME: &str = "LB_CONFIG_V2";
+pub const NAME: &str = "LB_CONFIG_V3";
 /// One entry, at index 0.
 pub const MAX_ENTRIES: u32 = 1;
 
@@ -34,13 +35,19 @@ pub struct LbConfig {
     /// without `--lb-algorithm maglev`. Part of each table's key, so tables
     /// built for another size are never read.
     pub maglev_table_size: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
+    /// How long conntrack entries live, per state.
+    pub ct: CtTimeouts,
 }
 assert_layout!(
     LbConfig,
-    size = 12,
+    size = 48,
     node_addr4 = 0,
     flags = 4,
-    maglev_table_size = 8
+    maglev_table_size = 8,
+    _pad = 12,
+    ct = 16
 );
 
 /// Pinned name of the IPv6 settings map.

@@ -85,6 +85,9 @@ pub enum Reason {
     SockTranslated = 8,
     /// Socket-level balancing refused a connect() (no endpoint).
     SockRefused = 25,
+    /// Every SNAT port tried for a new flow is held by a live flow to the
+    /// same backend (the pool of that backend and SNAT address is used up).
+    DropSnatExhausted = 26,
 }
 
 impl Reason {
@@ -92,7 +95,7 @@ impl Reason {
     pub const FIRST_DROP: u32 = 16;
 
     /// Every reason, for readers that list all counters.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::PassNotIpv4,
         Reason::PassOtherL4,
         Reason::PassFragment,
@@ -115,6 +118,7 @@ impl Reason {
         Reason::DropNoNodeAddress,
         Reason::DropUnknownPort,
         Reason::SockRefused,
+        Reason::DropSnatExhausted,
     ];
 
     /// Stable name for metrics and `lbctl stats`.
@@ -142,6 +146,7 @@ impl Reason {
             Reason::DropNoNodeAddress => "drop_no_node_address",
             Reason::DropUnknownPort => "drop_unknown_port",
             Reason::SockRefused => "sock_refused",
+            Reason::DropSnatExhausted => "drop_snat_exhausted",
         }
     }
 
@@ -151,4 +156,4 @@ impl Reason {
     }
 }
 
-const _: () = assert!((Reason::SockRefused as u32) < MAX_ENTRIES);
+const _: () = assert!((Reason::DropSnatExhausted as u32) < MAX_ENTRIES);

@@ -19,7 +19,6 @@ mod trace;
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
-    helpers::bpf_ktime_get_ns,
     macros::{btf_map, cgroup_sock, cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
@@ -44,6 +43,7 @@ use lb_common::{
 };
 
 use crate::{
+    ct::CtTable,
     nat::{Action, Nat6, Translation},
     parse::{Flow, Flow6, Packet, Packet6, PacketBuf},
     trace::Observation,
@@ -63,9 +63,10 @@ static LB4_SLOTS_V1: HashMap<Lb4SlotKey, Lb4Slot, { slot::MAX_ENTRIES as usize }
 static LB4_BACKENDS_V1: HashMap<u32, Lb4Backend, { backend::MAX_ENTRIES as usize }> =
     HashMap::new();
 
-/// Connection tracking: 5-tuple -> translation, both directions of each flow.
+/// Connection tracking: 5-tuple -> translation and lifecycle, both
+/// directions of each flow.
 #[btf_map]
-static LB4_CT_V2: LruHashMap<Lb4CtKey, Lb4CtEntry, { conntrack::MAX_ENTRIES as usize }> =
+static LB4_CT_V3: LruHashMap<Lb4CtKey, Lb4CtEntry, { conntrack::MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// IPv6 frontends: (address, port, protocol, scope) -> service entry. Their
@@ -80,9 +81,10 @@ static LB6_SERVICES_V1: HashMap<Lb6ServiceKey, Lb4Service, { svc::MAX_ENTRIES as
 static LB6_BACKENDS_V1: HashMap<u32, Lb6Backend, { backend::MAX_ENTRIES as usize }> =
     HashMap::new();
 
-/// IPv6 connection tracking: 5-tuple -> translation, both directions.
+/// IPv6 connection tracking: 5-tuple -> translation and lifecycle, both
+/// directions.
 #[btf_map]
-static LB6_CT_V1: LruHashMap<Lb6CtKey, Lb6CtEntry, { conntrack::MAX_ENTRIES as usize }> =
+static LB6_CT_V2: LruHashMap<Lb6CtKey, Lb6CtEntry, { conntrack::MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// Session affinity: (client, service id) -> backend, last chosen.
@@ -134,9 +136,9 @@ static LB4_MAGLEV_V1: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
-/// Node-wide settings (index 0).
+/// Node-wide settings (index 0), conntrack timeouts included.
 #[btf_map]
-static LB_CONFIG_V2: Array<LbConfig, { config::MAX_ENTRIES as usize }> = Array::new();
+static LB_CONFIG_V3: Array<LbConfig, { config::MAX_ENTRIES as usize }> = Array::new();
 
 /// Node-wide IPv6 settings (index 0): the SNAT source address.
 #[btf_map]
@@ -350,23 +352,22 @@ fn process_packet<C: PacketBuf + Nat6>(
     obs.dst_port = flow.key.dst_port;
     obs.proto = flow.key.proto;
     let len = ctx.len();
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = ct::now();
 
-    if let Some(entry) = ct::lookup(&flow.key) {
-        // A SYN that hits a forward entry is a new connection reusing the
-        // tuple: it keeps the old choice only while that backend is still
-        // programmed.
-        let forward = entry.direction == DIR_FORWARD;
-        if !forward || !flow.is_syn() || ct::backend_still_valid(&entry) {
+    if let Some(entry) = ct::V4::get(&flow.key) {
+        let mut peer = Lb4CtKey::default();
+        let seen = ct::Seen::of(&flow, len);
+        if ct::follow::<ct::V4>(&flow.key, entry, &mut peer, &seen, now) == ct::Follow::Track {
+            // SAFETY: a map value, read from here on.
+            let entry = unsafe { &*entry };
             obs.service_id = entry.service_id;
             obs.backend_id = entry.backend_id;
-            ct::touch(&flow, len, now);
-            let reason = if forward {
+            let reason = if entry.direction == DIR_FORWARD {
                 Reason::CtForward
             } else {
                 Reason::CtReply
             };
-            return Ok((reason, Action::forward(Translation::of(&flow, &entry))));
+            return Ok((reason, Action::forward(Translation::of(&flow, entry))));
         }
     }
     balance_new_flow(&flow, hook, len, obs)
@@ -382,7 +383,7 @@ fn balance_new_flow(
     obs: &mut Observation,
 ) -> Result<(Reason, Action), Reason> {
     // Read here rather than passed: BPF calls take at most five arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = ct::now();
     let Some(service) = service::lookup_service(&flow.key, hook) else {
         // kube-proxy rejects a connection attempt to a ClusterIP port that
         // no service port defines.
@@ -432,6 +433,8 @@ pub struct Scratch6 {
     flow: Flow6,
     entry: Lb6CtEntry,
     reply_key: Lb6CtKey,
+    /// The other direction's key of a tracked flow (conntrack lifecycle).
+    peer_key: Lb6CtKey,
     /// The backend a new flow was given (read by the flow trace).
     backend_addr: [u8; 16],
 }
@@ -475,22 +478,17 @@ fn try_follow_flow6<C: PacketBuf + Nat6>(ctx: &C, obs: &mut Observation) -> Resu
     let Some(entry_ptr) = ct::lookup6(&flow.key) else {
         return Ok(Reason::PassNotService);
     };
-    {
-        // SAFETY: a map value; this reference ends before touch6 writes.
-        let entry = unsafe { &*entry_ptr };
-        // As for IPv4: a SYN reusing a forward tuple keeps the old choice
-        // only while that backend is still programmed.
-        if entry.direction == DIR_FORWARD && flow.is_syn() && !ct::backend_still_valid6(entry) {
-            return Ok(Reason::PassNotService);
-        }
-        obs.service_id = entry.service_id;
-        obs.backend_id = entry.backend_id;
-        obs.hairpin = entry.rewrite & REWRITE_HAIRPIN != 0;
+    // SAFETY: this CPU's scratch entry, as above.
+    let peer = unsafe { &mut (*scratch).peer_key };
+    let seen = ct::Seen::of6(flow, ctx.len());
+    if ct::follow::<ct::V6>(&flow.key, entry_ptr, peer, &seen, ct::now()) == ct::Follow::New {
+        return Ok(Reason::PassNotService);
     }
-    let now = unsafe { bpf_ktime_get_ns() };
-    ct::touch6(entry_ptr, flow.tcp_flags, ctx.len(), now);
     // SAFETY: a map value, read from here on.
     let entry = unsafe { &*entry_ptr };
+    obs.service_id = entry.service_id;
+    obs.backend_id = entry.backend_id;
+    obs.hairpin = entry.rewrite & REWRITE_HAIRPIN != 0;
     let forward = entry.direction == DIR_FORWARD;
     ctx.rewrite6(flow, entry)?;
     Ok(if forward {
@@ -541,11 +539,12 @@ fn try_balance_new_flow6<C: PacketBuf + Nat6>(
     let scratch = LB6_SCRATCH.get_ptr_mut(0).ok_or(Reason::DropRewrite)?;
     // SAFETY: this CPU's scratch entry, filled by follow_flow6 for this
     // packet; nothing else runs on it meanwhile.
-    let (flow, entry, reply_key, backend_addr) = unsafe {
+    let (flow, entry, reply_key, peer_key, backend_addr) = unsafe {
         (
             &(*scratch).flow,
             &mut (*scratch).entry,
             &mut (*scratch).reply_key,
+            &mut (*scratch).peer_key,
             &mut (*scratch).backend_addr,
         )
     };
@@ -556,20 +555,27 @@ fn try_balance_new_flow6<C: PacketBuf + Nat6>(
             return Err(Reason::DropUnknownPort);
         }
         if flow.is_syn() {
-            ct::forget_stale_reply6(flow, reply_key);
+            ct::forget_stale_reply6(flow, reply_key, peer_key);
         }
         return Ok(Reason::PassNotService);
     };
     obs.service(&service);
     policy::check_source_range6(&service, &flow.key.src_addr)?;
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = ct::now();
     let (backend_id, backend, how) = service::select_backend6(&service, &flow.key, now)?;
     obs.backend_id = backend_id;
     obs.backend_port = backend.port;
     *backend_addr = backend.addr;
     let snat = policy::snat6_for(&service, &backend, &flow.key.src_addr, hook)?;
     let chosen = (backend_id, &backend);
-    ct::create6(flow, &service, chosen, (entry, reply_key), snat, ctx.len())?;
+    ct::create6(
+        flow,
+        &service,
+        chosen,
+        (entry, reply_key),
+        snat,
+        (ctx.len(), now),
+    )?;
     obs.hairpin = entry.rewrite & REWRITE_HAIRPIN != 0;
     ctx.rewrite6(flow, entry)?;
     Ok(match how {

@@ -11,7 +11,7 @@ use lb_common::{
 };
 
 use crate::{
-    Hook, LB_CONFIG_V2, LB4_SRC_RANGES_V1, LB6_CONFIG_V1, LB6_SRC_RANGES_V1,
+    Hook, LB_CONFIG_V3, LB4_SRC_RANGES_V1, LB6_CONFIG_V1, LB6_SRC_RANGES_V1,
     ct::{Snat, Snat6},
 };
 
@@ -68,7 +68,7 @@ fn needs_snat(service: &Lb4Service, backend_flags: u8, hook: Hook) -> bool {
 /// The node address SNAT uses; a node without one cannot SNAT.
 #[inline(always)]
 fn node_addr() -> Result<[u8; 4], Reason> {
-    match LB_CONFIG_V2.get(0) {
+    match LB_CONFIG_V3.get(0) {
         Some(config) if config.node_addr4 != [0; 4] => Ok(config.node_addr4),
         _ => Err(Reason::DropNoNodeAddress),
     }

@@ -18,7 +18,7 @@ use lb_common::{
 };
 
 use crate::{
-    Hook, LB_CONFIG_V2, LB4_AFFINITY_V1, LB4_BACKENDS_V1, LB4_MAGLEV_V1, LB4_MEMBERS_V1,
+    Hook, LB_CONFIG_V3, LB4_AFFINITY_V1, LB4_BACKENDS_V1, LB4_MAGLEV_V1, LB4_MEMBERS_V1,
     LB4_SERVICES_V1, LB4_SLOTS_V1, LB6_AFFINITY_V1, LB6_BACKENDS_V1, LB6_SERVICES_V1,
 };
 
@@ -209,7 +209,7 @@ pub fn select_backend6(
 #[inline(always)]
 fn affinity_holds(service: &Lb4Service, backend_id: u32, last_seen: u64, now: u64) -> bool {
     let timeout_ns = service.affinity_timeout as u64 * 1_000_000_000;
-    if now.wrapping_sub(last_seen) >= timeout_ns {
+    if now.saturating_sub(last_seen) >= timeout_ns {
         return false;
     }
     let member = Lb4MemberKey {
@@ -287,7 +287,7 @@ fn hash6(flow: &Lb6CtKey) -> u32 {
 /// table, its chunk or the slot is missing.
 #[inline(always)]
 fn maglev_slot(service: &Lb4Service, hash: u32) -> Option<u32> {
-    let table_size = LB_CONFIG_V2.get(0)?.maglev_table_size;
+    let table_size = LB_CONFIG_V3.get(0)?.maglev_table_size;
     if table_size == 0 {
         return None;
     }

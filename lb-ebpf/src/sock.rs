@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, bpf_sock_addr},
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    helpers::{bpf_get_socket_cookie, bpf_set_retval},
     programs::{SockAddrContext, SockContext},
 };
 use lb_common::{
@@ -123,7 +123,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     let Some(svc) = service::lookup_service(&key, Hook::FromPod) else {
         return ALLOW;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::ct::now();
     let choice = match service::select_backend(&svc, &key, now) {
         Ok(choice) => choice,
         Err(reason) => return refuse(reason),
@@ -208,7 +208,7 @@ fn translate6(ctx: &SockAddrContext) -> i32 {
     let Some(svc) = service::lookup_service6(&key, Hook::FromPod) else {
         return ALLOW;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::ct::now();
     let backend = match service::select_backend6(&svc, &key, now) {
         Ok((_, backend, _)) => backend,
         Err(reason) => return refuse(reason),

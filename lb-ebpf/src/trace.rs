@@ -19,7 +19,7 @@ use lb_common::{
     },
 };
 
-use crate::{Hook, LB_CONFIG_V2, LB_TRACE_V2, LB6_SCRATCH};
+use crate::{Hook, LB_CONFIG_V3, LB_TRACE_V2, LB6_SCRATCH};
 
 /// What processing learned about a packet, for per-service counters and
 /// tracing. Zero ids mean "not known" (ids start at 1).
@@ -78,7 +78,7 @@ pub fn record<C: EbpfContext>(ctx: &C, obs: &Observation, reason: Reason, hook: 
     if !new_flow && !reason.is_drop() {
         return;
     }
-    let flags = match LB_CONFIG_V2.get(0) {
+    let flags = match LB_CONFIG_V3.get(0) {
         Some(config) => config.flags,
         None => return,
     };

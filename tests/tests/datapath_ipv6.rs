@@ -512,7 +512,7 @@ fn lbctl_shows_ipv6_services_and_flows_as_readable_addresses() {
     assert_eq!(flow["frontend"], "[fd00:96::10]:80");
     assert_eq!(flow["backend"], format!("[{chosen}]:8080"));
     assert_eq!(flow["protocol"], "TCP");
-    assert_eq!(flow["state"], "opening");
+    assert_eq!(flow["state"], "syn_sent");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use lb_common::{
     affinity::Lb6AffinityKey,
     backend::{Lb4Backend, Lb6Backend},
     config::{Lb6Config, LbConfig},
-    conntrack::{Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
+    conntrack::{CtTimeouts, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
     maglev::{Lb4MaglevChunk, Lb4MaglevKey},
     service::{Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{Lb4Slot, Lb4SlotKey},
@@ -125,7 +125,7 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             rewrite,
             src_addr,
             src_port,
-            tcp_flags,
+            state,
             _pad,
             service_id,
             backend_id,
@@ -161,7 +161,7 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             rewrite,
             src_addr,
             src_port,
-            tcp_flags,
+            state,
             _pad,
             service_id,
             backend_id,
@@ -178,7 +178,19 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
         host_layout!(LbConfig {
             node_addr4,
             flags,
-            maglev_table_size
+            maglev_table_size,
+            _pad,
+            ct
+        }),
+        host_layout!(CtTimeouts {
+            tcp_syn,
+            tcp_established,
+            tcp_close_wait,
+            tcp_time_wait,
+            tcp_close,
+            udp,
+            udp_stream,
+            _pad
         }),
         host_layout!(Lb6Config { node_addr6 }),
         host_layout!(Lb6SourceRangeKey {

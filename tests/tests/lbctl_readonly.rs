@@ -1,6 +1,6 @@
 //! `lbctl` only reads (issue 8). aya opens pinned maps read-write, so the
 //! guarantee is lbctl's code: it never calls a map write API, except
-//! `lbctl trace`, which sets the trace flag in `LB_CONFIG_V2` while it runs
+//! `lbctl trace`, which sets the trace flag in `LB_CONFIG_V3` while it runs
 //! (and clears it). This test runs every other subcommand, in both output
 //! formats, against a programmed datapath with conntrack and affinity
 //! entries, and checks every map holds exactly what it held before. Also:

@@ -21,7 +21,7 @@ use lb_common::{
     PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     backend::{FLAG_LOCAL, FLAG_TERMINATING},
     config::FLAG_TRACE,
-    conntrack::{DIR_FORWARD, REWRITE_SRC, TCP_FIN, TCP_RST},
+    conntrack::{CtState, DIR_FORWARD, REWRITE_SRC, timeout_ns},
     service::{
         FLAG_ADDRESS, FLAG_LOCAL_ONLY, FLAG_MAGLEV, KIND_CLUSTER_IP, KIND_EXTERNAL_IP,
         KIND_LOAD_BALANCER, KIND_NODE_PORT, Lb4Service, SCOPE_INTERNAL,
@@ -332,41 +332,13 @@ fn backends(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> 
         .collect())
 }
 
-/// CLOCK_MONOTONIC in ns: what `bpf_ktime_get_ns()` counts.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write to.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+/// The datapath's clock (`bpf_ktime_get_coarse_ns`).
+fn coarse_monotonic_ns() -> u64 {
+    lb_agent::datapath::ct_sweep::coarse_now_ns()
 }
 
 fn seconds_since(now: u64, then: u64) -> f64 {
     (now.saturating_sub(then) as f64 / 1e9 * 10.0).round() / 10.0
-}
-
-/// A flow's state from what both directions saw: RST or FIN flags, and
-/// whether anything came back yet.
-fn flow_state(proto: u8, forward: &CtSide, reply: Option<&CtSide>) -> &'static str {
-    let flags = forward.tcp_flags | reply.map_or(0, |r| r.tcp_flags);
-    let replied = reply.is_some_and(|r| r.packets > 0);
-    if proto != PROTO_TCP {
-        return if replied { "replied" } else { "unreplied" };
-    }
-    if flags & TCP_RST != 0 {
-        "reset"
-    } else if forward.tcp_flags & TCP_FIN != 0 && reply.is_some_and(|r| r.tcp_flags & TCP_FIN != 0)
-    {
-        "closed"
-    } else if flags & TCP_FIN != 0 {
-        "closing"
-    } else if replied {
-        "established"
-    } else {
-        "opening"
-    }
 }
 
 /// A conntrack key of either family: (source, destination, source port,
@@ -381,7 +353,7 @@ struct CtSide {
     rewrite: u8,
     src_addr: IpAddr,
     src_port: u16,
-    tcp_flags: u8,
+    state: u8,
     service_id: u32,
     backend_id: u32,
     created_ns: u64,
@@ -408,7 +380,7 @@ macro_rules! ct_row {
                 rewrite: $e.rewrite,
                 src_addr: IpAddr::from($e.src_addr),
                 src_port: $e.src_port,
-                tcp_flags: $e.tcp_flags,
+                state: $e.state,
                 service_id: $e.service_id,
                 backend_id: $e.backend_id,
                 created_ns: $e.created_ns,
@@ -436,11 +408,18 @@ fn conntrack(
         .into_iter()
         .map(|(k, e)| ct_row!(k, e));
     let all: BTreeMap<CtTuple, CtSide> = v4.chain(v6).collect();
-    let now = monotonic_ns();
+    // The datapath's clock and timeouts: an entry past its timeout is gone
+    // to the datapath, and the agent collects it.
+    let now = coarse_monotonic_ns();
+    let timeouts = tables.config()?.ct;
     Ok(all
         .iter()
         .filter(|(_, e)| e.direction == DIR_FORWARD)
-        .filter(|(_, e)| wanted.as_ref().is_none_or(|ids| ids.contains(&e.service_id)))
+        .filter(|(_, e)| {
+            wanted
+                .as_ref()
+                .is_none_or(|ids| ids.contains(&e.service_id))
+        })
         .take(limit.unwrap_or(usize::MAX))
         .map(|(&(src, dst, sport, dport, proto), e)| {
             let snat = e.rewrite & REWRITE_SRC != 0;
@@ -453,18 +432,23 @@ fn conntrack(
                 proto,
             );
             let reply = all.get(&reply_key);
+            let state = CtState::of(proto, e.state);
+            let last_seen = e.last_seen_ns.max(reply.map_or(0, |r| r.last_seen_ns));
+            let left = timeout_ns(&timeouts, proto, e.state) as i128
+                - now.saturating_sub(last_seen) as i128;
             json!({
                 "client": endpoint(src, sport),
                 "frontend": endpoint(dst, dport),
                 "backend": endpoint(e.dst_addr, e.dst_port),
                 "snat": snat.then(|| endpoint(e.src_addr, e.src_port)),
                 "protocol": proto_name(proto),
-                "state": flow_state(proto, e, reply),
+                "state": state.name(),
                 "service": names.service(e.service_id),
                 "service_id": e.service_id,
                 "backend_id": e.backend_id,
                 "age_s": seconds_since(now, e.created_ns),
-                "idle_s": seconds_since(now, e.last_seen_ns.max(reply.map_or(0, |r| r.last_seen_ns))),
+                "idle_s": seconds_since(now, last_seen),
+                "expires_in_s": (left.max(0) as f64 / 1e8).round() / 10.0,
                 "packets": e.packets,
                 "bytes": e.bytes,
                 "reply_packets": reply.map_or(0, |r| r.packets),
@@ -481,7 +465,7 @@ fn affinity_rows(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Val
         .into_iter()
         .map(|(_, s)| (s.service_id, s.affinity_timeout))
         .collect();
-    let now = monotonic_ns();
+    let now = coarse_monotonic_ns();
     let v4 = tables
         .dump_affinity()?
         .into_iter()
@@ -1012,8 +996,18 @@ fn print_table(command: &Command, rows: &Value) {
             let columns: &[&str] = match command {
                 Command::Backends => &["id", "address", "protocol", "state", "local", "services"],
                 Command::Conntrack { .. } => &[
-                    "client", "frontend", "backend", "snat", "protocol", "state", "service",
-                    "age_s", "idle_s", "packets", "bytes",
+                    "client",
+                    "frontend",
+                    "backend",
+                    "snat",
+                    "protocol",
+                    "state",
+                    "service",
+                    "age_s",
+                    "idle_s",
+                    "expires_in_s",
+                    "packets",
+                    "bytes",
                 ],
                 _ => &[
                     "client",

@@ -2,6 +2,7 @@
 //! pins and adopts the maps under `--bpffs`, attaches to devices, and writes
 //! the difference between desired and programmed tables.
 
+pub mod ct_sweep;
 mod devices;
 mod maps;
 mod programmer;
