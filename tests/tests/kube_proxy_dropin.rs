@@ -471,3 +471,69 @@ fn health_check_node_ports_listen_on_both_families() {
         assert!(body.contains("\"localEndpoints\":1"), "{ip}: {body}");
     }
 }
+
+/// The DaemonSet of `deploy/` with its ConfigMap: its args (the node name
+/// substituted, the ConfigMap's file where --config points, the test's pod
+/// devices and pins, `--master` for the in-cluster address) start the
+/// agent, and its liveness probe's `/livez` answers.
+#[test]
+fn the_deploy_daemon_set_and_config_map_start_the_agent() {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let read = |file: &str| -> serde_yaml::Value {
+        let text = std::fs::read_to_string(deploy.join(file)).expect("manifest");
+        serde_yaml::from_str(&text).expect("YAML")
+    };
+    let daemon_set = read("daemonset.yaml");
+    let config_map = read("configmap.yaml");
+    let container = &daemon_set["spec"]["template"]["spec"]["containers"][0];
+    let mut cluster = api_cluster(
+        "the_deploy_daemon_set_and_config_map_start_the_agent",
+        &[A],
+        &[
+            objects::service("echo", VIP),
+            objects::endpoint_slice("echo", "echo-1", &[A]),
+        ],
+    );
+    let config_path = cluster.kubeconfig_dir.path().join("config.conf");
+    std::fs::write(
+        &config_path,
+        config_map["data"]["config.conf"]
+            .as_str()
+            .expect("config.conf"),
+    )
+    .expect("write config.conf");
+    let mut args: Vec<String> = container["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg").to_owned())
+        .filter(|a| !a.starts_with("--pod-devices=") && !a.starts_with("--bpffs="))
+        .map(|a| match a.split_once('=') {
+            Some(("--config", _)) => format!("--config={}", config_path.display()),
+            _ => a.replace("$(NODE_NAME)", xtask::topology::SINGLE_NODE_NAME),
+        })
+        .collect();
+    assert!(args.iter().any(|a| a.starts_with("--config=")), "{args:?}");
+    args.push(format!("--master={}", cluster.api.url()));
+    cluster.start_agent_unnamed(&args);
+    cluster
+        .agent_mut()
+        .wait_for_log("API: synced", SYNCED)
+        .expect("agent synced");
+    cluster.wait_for_backends(VIP, 80, Some(vec![A.1]), CONVERGED);
+    let probe = &container["livenessProbe"]["httpGet"];
+    let port = probe["port"].as_u64().expect("probe port") as u16;
+    let path = probe["path"].as_str().expect("probe path");
+    wait_for_status(
+        &cluster,
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        path,
+        200,
+    );
+    let log = cluster.agent().log_contents();
+    assert!(errors_in(&log).is_empty(), "errors logged:\n{log}");
+    assert!(
+        !log.contains("ignored"),
+        "the deploy file is taken whole:\n{log}"
+    );
+}
