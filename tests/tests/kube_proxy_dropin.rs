@@ -159,12 +159,24 @@ fn kubeadms_command_line_and_config_file_start_the_agent() {
 }
 
 /// `--master URL` alone (no kubeconfig, no in-cluster account) is the
-/// whole client configuration.
+/// whole client configuration; kube-proxy's other flags on the same line
+/// are accepted and each named in a warning; `--nodeport-addresses
+/// primary` takes the Node's InternalIP once the Node arrives.
 #[test]
 fn master_alone_reaches_the_api() {
     let mut cluster = api_cluster("master_alone_reaches_the_api", &[A], &echo_objects()[..1]);
     let url = cluster.api.url();
-    cluster.start_agent(&["--master".into(), url]);
+    cluster.start_agent(&[
+        "--master".into(),
+        url,
+        "--nodeport-addresses=primary".into(),
+        "--proxy-mode=".into(),
+        "--v=2".into(),
+        "--iptables-sync-period=30s".into(),
+        "--conntrack-max-per-core".into(),
+        "0".into(),
+        "--masquerade-all".into(),
+    ]);
     cluster
         .agent_mut()
         .wait_for_log("API: synced", SYNCED)
@@ -182,6 +194,17 @@ fn master_alone_reaches_the_api() {
     )
     .expect("through the ClusterIP");
     assert!(reply.contains("pod=echo-a"), "{reply}");
+    let log = cluster.agent().log_contents();
+    for needle in [
+        "WARN  lb_agent] --iptables-sync-period=30s: a kube-proxy flag, ignored",
+        "WARN  lb_agent] --conntrack-max-per-core=0: a kube-proxy flag, ignored",
+        "WARN  lb_agent] --masquerade-all=true: a kube-proxy flag, ignored",
+        // objects::node's InternalIP.
+        "NodePorts on [192.0.2.1]",
+    ] {
+        assert!(log.contains(needle), "{needle:?} not logged:\n{log}");
+    }
+    assert!(errors_in(&log).is_empty(), "errors logged:\n{log}");
 }
 
 /// The links pinned under `pins`: (pin name, link id, program id).
