@@ -1041,6 +1041,23 @@ mod tests {
         assert_eq!(warned.len(), 9, "{warned:#?}");
     }
 
+    /// As Go's flag package: a repeated flag's last value wins, a repeated
+    /// list flag accumulates.
+    #[test]
+    fn repeated_flags_behave_like_kube_proxys() {
+        let (args, _) = parse(&[
+            "--node-name=a",
+            "--node-name=b",
+            "--pod-devices=lxc*",
+            "--pod-devices=veth*,cali*",
+            "--iptables-sync-period=1s",
+            "--iptables-sync-period=2s",
+        ])
+        .expect("parse");
+        assert_eq!(args.node_name.as_deref(), Some("b"));
+        assert_eq!(args.pod_devices, ["lxc*", "veth*", "cali*"]);
+    }
+
     #[test]
     fn unknown_flags_still_fail() {
         let error = parse(&["--node-name=n", "--no-such-flag=1"]).expect_err("refused");
