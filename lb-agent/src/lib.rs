@@ -2,10 +2,11 @@
 //! BPF maps (`datapath`). Data flows one way; only `datapath` touches the kernel.
 
 pub mod bpf_log;
+pub mod conntrack_config;
 pub mod datapath;
-pub mod duration;
 pub mod health;
 pub mod http;
+pub mod kube_proxy;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

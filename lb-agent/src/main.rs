@@ -4,10 +4,12 @@
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{CommandFactory as _, FromArgMatches as _, Parser};
 use lb_agent::{
+    conntrack_config::{ConntrackTimeouts, format_go_duration},
     datapath::{self, Datapath, DeviceRole, KernelTables, MapSizes, Programmer},
     health::{HealthCheckServers, Healthz},
+    kube_proxy::{self, DetectLocal, NodePortAddresses},
     metrics::{self, DatapathCollector, Metrics},
     model::{self, ClusterState, DesiredTables, NodeIdentity, SourceRange},
     node::{self, NodeAddresses},
@@ -21,22 +23,46 @@ use tokio::{
 };
 
 /// eBPF service load balancer agent (kube-proxy replacement).
+///
+/// kube-proxy's flags and its KubeProxyConfiguration file (`--config`) are
+/// accepted: the ones that mean something here are honoured, the others
+/// are accepted and named in a warning.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// Name of the node this agent runs on (as in the Node object).
+    /// Required, here or as --hostname-override.
     #[arg(long)]
-    node_name: String,
+    node_name: Option<String>,
+    /// kube-proxy's name for --node-name.
+    #[arg(long)]
+    hostname_override: Option<String>,
     /// Directory of Kubernetes manifests (Service, EndpointSlice, Node), watched for changes.
     #[arg(long, group = "source")]
     manifests: Option<PathBuf>,
-    /// Kubeconfig of the cluster to watch. Without it and without
+    /// Kubeconfig of the cluster to watch. Without it, --master and
     /// --manifests: in-cluster configuration.
     #[arg(long, group = "source")]
     kubeconfig: Option<PathBuf>,
-    /// Where Prometheus metrics are served (`/metrics`).
-    #[arg(long, default_value = "127.0.0.1:10249")]
-    metrics_bind_address: SocketAddr,
+    /// Address of the Kubernetes API server (`https://host:6443`); overrides
+    /// the kubeconfig's server, or the in-cluster one without --kubeconfig.
+    #[arg(long, conflicts_with = "manifests")]
+    master: Option<String>,
+    /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1), as
+    /// kube-proxy reads it from its ConfigMap. Flags given on the command
+    /// line win over it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Remove everything the agent installed on this node (program links,
+    /// cgroup attachments, pinned maps and the --bpffs directory) and exit.
+    #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = false,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    cleanup: bool,
+    /// Where Prometheus metrics are served (`/metrics`); empty: nowhere.
+    #[arg(long, default_value = "127.0.0.1:10249",
+          value_parser = |s: &str| BindAddress::parse(s, 10249))]
+    metrics_bind_address: BindAddress,
     /// How often the manifest directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 250)]
     manifests_poll_ms: u64,
@@ -53,9 +79,44 @@ struct Args {
     #[arg(long)]
     service_proxy_name: Option<String>,
     /// CIDRs (comma-separated, IPv4 and IPv6 may mix) of the local addresses
-    /// NodePorts open on; default: the addresses of --devices.
-    #[arg(long, value_delimiter = ',', value_parser = parse_cidr_arg)]
-    nodeport_addresses: Vec<SourceRange>,
+    /// NodePorts open on, or `primary` (the node's primary address of each
+    /// family); default: the addresses of --devices.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<String>,
+    /// The pods' CIDRs (comma-separated, at most one per family). Validated
+    /// and reported; pod traffic is told apart by its device (--pod-devices).
+    #[arg(long, value_parser = parse_cluster_cidr_arg)]
+    cluster_cidr: Option<ClusterCidr>,
+    /// kube-proxy's mode; this agent has one, `ebpf` (empty means the same).
+    #[arg(long, value_parser = parse_proxy_mode)]
+    proxy_mode: Option<String>,
+    /// kube-proxy's way to tell pod traffic: `InterfaceNamePrefix` and
+    /// `BridgeInterface` give the pod devices (when --pod-devices is not
+    /// given); `ClusterCIDR`/`NodeCIDR` add nothing here.
+    #[arg(long)]
+    detect_local_mode: Option<String>,
+    /// With --detect-local-mode=BridgeInterface: the pods' bridge.
+    #[arg(long)]
+    pod_bridge_interface: Option<String>,
+    /// With --detect-local-mode=InterfaceNamePrefix: the pod devices' prefix.
+    #[arg(long)]
+    pod_interface_name_prefix: Option<String>,
+    /// Log verbosity as kube-proxy's (klog) levels: 0-2 info, 3-4 debug,
+    /// 5+ trace. Without it: RUST_LOG, else info.
+    #[arg(short = 'v', long = "v", value_name = "LEVEL")]
+    verbosity: Option<u8>,
+    /// Idle timeout of established TCP connections (Go duration).
+    #[arg(long, default_value = "24h0m0s", value_parser = parse_duration_arg)]
+    conntrack_tcp_timeout_established: Duration,
+    /// Idle timeout of TCP connections in CLOSE_WAIT (Go duration).
+    #[arg(long, default_value = "1h0m0s", value_parser = parse_duration_arg)]
+    conntrack_tcp_timeout_close_wait: Duration,
+    /// Idle timeout of UDP flows without replies (Go duration).
+    #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
+    conntrack_udp_timeout: Duration,
+    /// Idle timeout of UDP flows with replies (Go duration).
+    #[arg(long, default_value = "2m0s", value_parser = parse_duration_arg)]
+    conntrack_udp_timeout_stream: Duration,
     /// NodePort numbers the cluster allows (kube-apiserver's --service-node-port-range).
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     service_node_port_range: std::ops::RangeInclusive<u16>,
@@ -63,9 +124,10 @@ struct Args {
     /// balancing (connect/sendmsg time). Absent: off.
     #[arg(long)]
     socket_lb_cgroup: Option<PathBuf>,
-    /// Where `/healthz` is served.
-    #[arg(long, default_value = "0.0.0.0:10256")]
-    healthz_bind_address: SocketAddr,
+    /// Where `/healthz` and `/livez` are served; empty: nowhere.
+    #[arg(long, default_value = "0.0.0.0:10256",
+          value_parser = |s: &str| BindAddress::parse(s, 10256))]
+    healthz_bind_address: BindAddress,
     /// Capacity of the service (frontend) map.
     #[arg(long, default_value_t = MapSizes::default().services)]
     max_services: u32,
@@ -92,26 +154,15 @@ struct Args {
     /// of M slots takes M/64 of them).
     #[arg(long, default_value_t = MapSizes::default().maglev_chunks)]
     max_maglev_chunks: u32,
-    /// How long a TCP conntrack entry lives after its last packet once
-    /// established (kube-proxy's flag; Go duration).
-    #[arg(long, default_value = "24h0m0s", value_parser = parse_duration_arg)]
-    conntrack_tcp_timeout_established: Duration,
-    /// ... after a FIN one way (kube-proxy's flag).
-    #[arg(long, default_value = "1h0m0s", value_parser = parse_duration_arg)]
-    conntrack_tcp_timeout_close_wait: Duration,
-    /// ... a UDP flow nothing answered yet (kube-proxy's flag).
-    #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
-    conntrack_udp_timeout: Duration,
-    /// ... a UDP flow answered (a stream; kube-proxy's flag).
-    #[arg(long, default_value = "2m0s", value_parser = parse_duration_arg)]
-    conntrack_udp_timeout_stream: Duration,
-    /// ... a TCP SYN with no answer yet.
+    /// Idle timeout of TCP connections whose SYN has no answer yet (Go
+    /// duration; not a kube-proxy flag: netfilter's is 2m, ours 1m).
     #[arg(long, default_value = "1m0s", value_parser = parse_duration_arg)]
     conntrack_tcp_timeout_syn_sent: Duration,
-    /// ... after FINs both ways (its SNAT port may be reused before).
+    /// Idle timeout of TCP connections after FINs both ways (TIME_WAIT;
+    /// their SNAT ports may be claimed again before it ends).
     #[arg(long, default_value = "2m0s", value_parser = parse_duration_arg)]
     conntrack_tcp_timeout_time_wait: Duration,
-    /// ... after a RST.
+    /// Idle timeout of TCP connections after a RST.
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
     conntrack_tcp_timeout_close: Duration,
     /// How often expired conntrack entries are collected (each sweep reads
@@ -122,6 +173,12 @@ struct Args {
     /// per drop) to this log, target `lb_ebpf`. Off by default: costly.
     #[arg(long)]
     bpf_log: bool,
+    /// --nodeport-addresses (or `nodePortAddresses`), parsed.
+    #[arg(skip)]
+    nodeport: NodePortAddresses,
+    /// `--detect-local-mode` (or `detectLocalMode`), resolved.
+    #[arg(skip)]
+    detect_local: Option<DetectLocal>,
 }
 
 /// `--lb-algorithm`.
@@ -140,15 +197,6 @@ fn parse_table_size(value: &str) -> Result<u32, String> {
     // checked per service when its table is built.
     lb_agent::maglev::validate_table_size(size, 0).map_err(|e| e.to_string())?;
     Ok(size)
-}
-
-fn parse_duration_arg(value: &str) -> Result<Duration, String> {
-    lb_agent::duration::parse_go_duration(value).map_err(|e| e.to_string())
-}
-
-fn parse_cidr_arg(value: &str) -> Result<SourceRange, String> {
-    model::parse_cidr(value)
-        .ok_or_else(|| format!("{value:?} is not a CIDR (address/prefix length)"))
 }
 
 fn parse_port_range(value: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
@@ -171,15 +219,329 @@ fn parse_port_range(value: &str) -> Result<std::ops::RangeInclusive<u16>, String
     Ok(low..=high)
 }
 
+/// `--healthz-bind-address` / `--metrics-bind-address`: kube-proxy's
+/// `ipport` (a bare address gets the default port); empty turns the
+/// server off, as in kube-proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BindAddress(Option<SocketAddr>);
+
+impl BindAddress {
+    fn parse(value: &str, default_port: u16) -> Result<Self, String> {
+        kube_proxy::parse_bind_address(value, default_port).map(BindAddress)
+    }
+}
+
+/// `--cluster-cidr`, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ClusterCidr(Vec<SourceRange>);
+
+fn parse_cluster_cidr_arg(value: &str) -> Result<ClusterCidr, String> {
+    kube_proxy::parse_cluster_cidr(value).map(ClusterCidr)
+}
+
+fn parse_proxy_mode(value: &str) -> Result<String, String> {
+    match value.trim() {
+        "" | kube_proxy::MODE => Ok(kube_proxy::MODE.to_owned()),
+        other => Err(format!(
+            "this agent has one mode, {:?}; {other:?} is not it",
+            kube_proxy::MODE
+        )),
+    }
+}
+
+fn parse_duration_arg(value: &str) -> Result<Duration, String> {
+    lb_agent::conntrack_config::parse_go_duration(value)
+}
+
+impl Args {
+    /// The conntrack timeouts asked for. A zero keeps the default, as
+    /// kube-proxy's zero keeps the kernel's setting.
+    fn conntrack_timeouts(&self) -> ConntrackTimeouts {
+        let default = ConntrackTimeouts::default();
+        let or = |value: Duration, default: Duration| {
+            if value.is_zero() { default } else { value }
+        };
+        ConntrackTimeouts {
+            tcp_established: or(
+                self.conntrack_tcp_timeout_established,
+                default.tcp_established,
+            ),
+            tcp_close_wait: or(
+                self.conntrack_tcp_timeout_close_wait,
+                default.tcp_close_wait,
+            ),
+            udp: or(self.conntrack_udp_timeout, default.udp),
+            udp_stream: or(self.conntrack_udp_timeout_stream, default.udp_stream),
+        }
+    }
+}
+
+/// The command line: [`Args`] plus kube-proxy's flags that mean nothing
+/// here, accepted (hidden from `--help`) so a kube-proxy command line
+/// starts the agent; [`settle`] names each one given in a warning.
+fn command() -> clap::Command {
+    Args::command()
+        .args(kube_proxy::IGNORED_FLAGS.iter().map(|flag| {
+            let arg = clap::Arg::new(flag.name)
+                .long(flag.name)
+                .hide(true)
+                .help(flag.why);
+            if flag.takes_value {
+                arg.num_args(1).allow_hyphen_values(true)
+            } else {
+                arg.num_args(0..=1)
+                    .require_equals(true)
+                    .default_missing_value("true")
+                    .value_parser(clap::builder::BoolishValueParser::new())
+            }
+        }))
+        .after_help(
+            "kube-proxy's other flags (--iptables-*, --ipvs-*, --conntrack-min, ...) are \
+             accepted and ignored, each with a warning naming it.",
+        )
+}
+
+/// Messages for the log, kept until the logger exists.
+type Notes = Vec<(log::Level, String)>;
+
+/// Completes `args` from what clap cannot do alone: the ignored flags
+/// (named in warnings), `--config` (under the flags given on the command
+/// line, as kube-proxy does), and checks across flags.
+fn settle(args: &mut Args, matches: &clap::ArgMatches) -> Result<Notes, String> {
+    let mut notes = Notes::new();
+    for flag in kube_proxy::IGNORED_FLAGS {
+        if matches.value_source(flag.name) == Some(clap::parser::ValueSource::CommandLine) {
+            let value: Vec<String> = matches
+                .get_raw(flag.name)
+                .into_iter()
+                .flatten()
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect();
+            notes.push((
+                log::Level::Warn,
+                format!(
+                    "--{}={}: a kube-proxy flag, ignored: {}",
+                    flag.name,
+                    value.join(","),
+                    flag.why
+                ),
+            ));
+        }
+    }
+    args.nodeport = NodePortAddresses::parse(&args.nodeport_addresses)
+        .map_err(|e| format!("--nodeport-addresses: {e}"))?;
+    if let Some(mode) = &args.detect_local_mode {
+        args.detect_local = Some(
+            DetectLocal::resolve(
+                mode,
+                args.pod_bridge_interface.as_deref().unwrap_or_default(),
+                args.pod_interface_name_prefix
+                    .as_deref()
+                    .unwrap_or_default(),
+                ["--pod-bridge-interface", "--pod-interface-name-prefix"],
+            )
+            .map_err(|e| format!("--detect-local-mode: {e}"))?,
+        );
+    }
+    if let Some(path) = args.config.clone() {
+        let loaded = kube_proxy::load(&path).map_err(|e| format!("--config {e}"))?;
+        apply_config(args, matches, loaded, &mut notes);
+    }
+    match (&args.node_name, &args.hostname_override) {
+        (Some(name), Some(other)) if name != other => {
+            return Err(format!(
+                "--node-name {name:?} and --hostname-override {other:?} name different nodes"
+            ));
+        }
+        (None, Some(other)) => args.node_name = Some(other.clone()),
+        _ => {}
+    }
+    if let Some(glob) = args
+        .detect_local
+        .as_ref()
+        .and_then(DetectLocal::pod_devices)
+    {
+        if args.pod_devices.is_empty() {
+            notes.push((
+                log::Level::Info,
+                format!("pod devices from the detect-local mode: {glob}"),
+            ));
+            args.pod_devices = vec![glob];
+        } else if !args.pod_devices.contains(&glob) {
+            notes.push((
+                log::Level::Warn,
+                format!(
+                    "detect-local mode names pod devices {glob:?}; --pod-devices {} is used",
+                    args.pod_devices.join(",")
+                ),
+            ));
+        }
+    }
+    Ok(notes)
+}
+
+/// Takes from a KubeProxyConfiguration every field that maps onto a flag
+/// not given on the command line; names the fields it ignores.
+fn apply_config(
+    args: &mut Args,
+    matches: &clap::ArgMatches,
+    loaded: kube_proxy::LoadedConfig,
+    notes: &mut Notes,
+) {
+    let explicit =
+        |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    let file = args
+        .config
+        .as_deref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let c = loaded.config;
+    if let Some(name) = c.hostname_override
+        && !explicit("node_name")
+        && !explicit("hostname_override")
+    {
+        args.hostname_override = Some(name);
+    }
+    if let Some(path) = c.kubeconfig
+        && !explicit("kubeconfig")
+    {
+        if args.manifests.is_some() {
+            notes.push((
+                log::Level::Info,
+                format!("--config {file}: clientConnection.kubeconfig unused with --manifests"),
+            ));
+        } else {
+            args.kubeconfig = Some(path);
+        }
+    }
+    if let Some(address) = c.healthz_bind_address
+        && !explicit("healthz_bind_address")
+    {
+        args.healthz_bind_address = BindAddress(Some(address));
+    }
+    if let Some(address) = c.metrics_bind_address
+        && !explicit("metrics_bind_address")
+    {
+        args.metrics_bind_address = BindAddress(Some(address));
+    }
+    if let Some(cidrs) = c.cluster_cidr
+        && !explicit("cluster_cidr")
+    {
+        args.cluster_cidr = Some(ClusterCidr(cidrs));
+    }
+    if let Some(nodeport) = c.nodeport_addresses
+        && !explicit("nodeport_addresses")
+    {
+        args.nodeport = nodeport;
+    }
+    for (id, value, field) in [
+        (
+            "conntrack_tcp_timeout_established",
+            c.tcp_established_timeout,
+            &mut args.conntrack_tcp_timeout_established,
+        ),
+        (
+            "conntrack_tcp_timeout_close_wait",
+            c.tcp_close_wait_timeout,
+            &mut args.conntrack_tcp_timeout_close_wait,
+        ),
+        (
+            "conntrack_udp_timeout",
+            c.udp_timeout,
+            &mut args.conntrack_udp_timeout,
+        ),
+        (
+            "conntrack_udp_timeout_stream",
+            c.udp_stream_timeout,
+            &mut args.conntrack_udp_timeout_stream,
+        ),
+    ] {
+        if let Some(value) = value
+            && !explicit(id)
+        {
+            *field = value;
+        }
+    }
+    if let Some(detect_local) = c.detect_local
+        && !explicit("detect_local_mode")
+    {
+        args.detect_local = Some(detect_local);
+    }
+    // Level 0 is the default; it leaves RUST_LOG in charge.
+    if let Some(level) = c.verbosity.filter(|v| *v > 0)
+        && !explicit("verbosity")
+    {
+        args.verbosity = Some(level);
+    }
+    if !loaded.ignored.is_empty() {
+        notes.push((
+            log::Level::Warn,
+            format!(
+                "--config {file}: fields of kube-proxy's that mean nothing here, ignored: {}",
+                loaded.ignored.join(", ")
+            ),
+        ));
+    }
+    if !loaded.unknown.is_empty() {
+        notes.push((
+            log::Level::Warn,
+            format!(
+                "--config {file}: unknown fields, ignored: {}",
+                loaded.unknown.join(", ")
+            ),
+        ));
+    }
+    for note in loaded.notes {
+        notes.push((log::Level::Warn, format!("--config {file}: {note}")));
+    }
+}
+
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
-    let mut logger =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    let matches = command().get_matches();
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let notes = match settle(&mut args, &matches) {
+        Ok(notes) => notes,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let mut logger = match args.verbosity {
+        // kube-proxy's -v is about kube-proxy's own messages: the
+        // libraries stay at info.
+        Some(level) => {
+            let mut builder = env_logger::Builder::new();
+            builder
+                .filter_level(log::LevelFilter::Info)
+                .filter_module("lb_agent", kube_proxy::log_level(level));
+            builder
+        }
+        None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")),
+    };
     if args.bpf_log {
         // The programs log at debug level; --bpf-log asks to see them.
         logger.filter_module(lb_agent::bpf_log::TARGET, log::LevelFilter::Debug);
     }
     logger.init();
+    for (level, note) in notes {
+        log::log!(level, "{note}");
+    }
+    if args.cleanup {
+        return match datapath::cleanup(&args.bpffs) {
+            Ok(report) => {
+                info!("cleanup: {report}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                error!("cleanup: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(node_name) = args.node_name.clone() else {
+        error!("--node-name or --hostname-override (or hostnameOverride in --config) is required");
+        return std::process::ExitCode::from(2);
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -190,7 +552,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, node_name)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -199,7 +561,25 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, node_name: String) -> anyhow::Result<()> {
+    if let Some(ClusterCidr(cidrs)) = &args.cluster_cidr {
+        let cidrs: Vec<String> = cidrs
+            .iter()
+            .map(|r| format!("{}/{}", r.addr, r.prefix_len))
+            .collect();
+        info!(
+            "cluster CIDR {}: pod traffic is told apart by its device (--pod-devices)",
+            cidrs.join(",")
+        );
+    }
+    let timeouts = args.conntrack_timeouts();
+    info!(
+        "conntrack timeouts: TCP established {}, TCP close-wait {}, UDP {}, UDP stream {}",
+        format_go_duration(timeouts.tcp_established),
+        format_go_duration(timeouts.tcp_close_wait),
+        format_go_duration(timeouts.udp),
+        format_go_duration(timeouts.udp_stream)
+    );
     let sizes = MapSizes {
         services: args.max_services,
         slots: args.max_slots,
@@ -230,7 +610,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut programmer = programmer.with_maglev(maglev_table_size);
     let stale_chunks = programmer.adopt_maglev(tables.dump_maglev()?);
     // Before the first apply: tables of another size are never read.
-    let ct_timeouts = conntrack_timeouts(&args)?;
+    let ct_timeouts = datapath_ct_timeouts(&args)?;
     let mut config = tables.config()?;
     config.maglev_table_size = maglev_table_size.unwrap_or(0);
     config.ct = ct_timeouts;
@@ -251,8 +631,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let metrics = Arc::new(Metrics::new(Some(DatapathCollector::new(&args.bpffs))));
-    let metrics_listener = metrics::bind(args.metrics_bind_address).await?;
-    let metrics_server = tokio::spawn(metrics::serve(metrics_listener, metrics.clone()));
+    let metrics_server = match args.metrics_bind_address {
+        BindAddress(Some(address)) => {
+            let listener = metrics::bind(address).await?;
+            Some(tokio::spawn(metrics::serve(listener, metrics.clone())))
+        }
+        BindAddress(None) => None,
+    };
 
     let (sender, mut states) = watch::channel(Arc::new(ClusterState::default()));
     let watcher = match &args.manifests {
@@ -262,10 +647,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             sender,
         )),
         None => {
-            let client = kube::client(args.kubeconfig.as_deref()).await?;
+            let client = kube::client(args.kubeconfig.as_deref(), args.master.as_deref()).await?;
             tokio::spawn(kube::watch_cluster(
                 client,
-                args.node_name.clone(),
+                node_name.clone(),
                 sender,
                 metrics.clone(),
             ))
@@ -273,23 +658,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut addresses = NodeAddresses::default();
     let mut node = NodeIdentity {
-        name: args.node_name.clone(),
+        name: node_name.clone(),
         service_proxy_name: args.service_proxy_name.clone(),
         nodeport_range: args.service_node_port_range.clone(),
         ..NodeIdentity::default()
     };
-    refresh_addresses(&args, &mut addresses, &mut node, &mut tables);
+    let mut node_ips: Vec<std::net::IpAddr> = Vec::new();
+    refresh_addresses(&args, &node_ips, &mut addresses, &mut node, &mut tables);
 
     let healthz = Healthz::default();
-    let healthz_listener = tokio::net::TcpListener::bind(args.healthz_bind_address)
-        .await
-        .with_context(|| {
-            format!(
-                "--healthz-bind-address {}: cannot listen",
-                args.healthz_bind_address
-            )
-        })?;
-    let healthz_server = tokio::spawn(healthz.clone().serve(healthz_listener));
+    let healthz_server = match args.healthz_bind_address {
+        BindAddress(Some(address)) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("--healthz-bind-address {address}: cannot listen"))?;
+            Some(tokio::spawn(healthz.clone().serve(listener)))
+        }
+        BindAddress(None) => None,
+    };
     let mut health_checks = HealthCheckServers::new(healthz.clone());
 
     let mut devices = DeviceTracker::default();
@@ -315,6 +701,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let arrived = metrics.take_pending().unwrap_or_else(std::time::Instant::now);
                 healthz.queued();
                 let state = states.borrow_and_update().clone();
+                let ips = state.node(&node.name).map(node::node_ips).unwrap_or_default();
+                if ips != node_ips {
+                    node_ips = ips;
+                    refresh_addresses(&args, &node_ips, &mut addresses, &mut node, &mut tables);
+                }
                 let (report, desired) = program(&state, &node, &mut programmer, &mut tables, args.socket_lb_cgroup.as_deref());
                 metrics.programmed(arrived, report.frontends, report.backends, report.errors.len());
                 apply_failed = !report.errors.is_empty();
@@ -323,7 +714,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 for e in health_checks.sync(&desired.health_checks).await {
                     error!("{e}");
                 }
-                healthz.set_node_eligible(node_eligible(&state, &node));
+                healthz.set_node_eligible(
+                    state.node(&node.name).is_none_or(lb_agent::health::node_eligible),
+                );
                 healthz.updated();
                 last_state = Some(state);
                 if stale_slots.is_some() {
@@ -348,7 +741,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             _ = device_tick.tick() => {
                 devices.sync(&mut datapath, &args);
-                let changed = refresh_addresses(&args, &mut addresses, &mut node, &mut tables);
+                let changed = refresh_addresses(&args, &node_ips, &mut addresses, &mut node, &mut tables);
                 if let (true, Some(state)) = (changed, &last_state) {
                     let (_, desired) = program(state, &node, &mut programmer, &mut tables, args.socket_lb_cgroup.as_deref());
                     for e in health_checks.sync(&desired.health_checks).await {
@@ -379,14 +772,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     watcher.abort();
-    metrics_server.abort();
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
     if let Some(task) = bpf_log {
         task.abort();
         if let Err(e) = lb_agent::bpf_log::set_flag(&mut tables, false) {
             warn!("{e:#}");
         }
     }
-    healthz_server.abort();
+    if let Some(task) = healthz_server {
+        task.abort();
+    }
     info!("stopping; maps stay pinned under {}", args.bpffs.display());
     Ok(())
 }
@@ -396,8 +793,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// milliseconds of batch reads.
 const GC_BUDGET: usize = 131_072;
 
-/// The conntrack timeouts of the flags, as the datapath reads them.
-fn conntrack_timeouts(args: &Args) -> anyhow::Result<lb_common::conntrack::CtTimeouts> {
+/// The conntrack timeouts of the flags (and `--config`), as the datapath
+/// reads them.
+fn datapath_ct_timeouts(args: &Args) -> anyhow::Result<lb_common::conntrack::CtTimeouts> {
+    let kube_proxy = args.conntrack_timeouts();
     let seconds = |flag: &str, d: Duration| -> anyhow::Result<u32> {
         let s =
             u32::try_from(d.as_secs()).map_err(|_| anyhow::anyhow!("--{flag} {d:?}: too long"))?;
@@ -413,11 +812,11 @@ fn conntrack_timeouts(args: &Args) -> anyhow::Result<lb_common::conntrack::CtTim
         )?,
         tcp_established: seconds(
             "conntrack-tcp-timeout-established",
-            args.conntrack_tcp_timeout_established,
+            kube_proxy.tcp_established,
         )?,
         tcp_close_wait: seconds(
             "conntrack-tcp-timeout-close-wait",
-            args.conntrack_tcp_timeout_close_wait,
+            kube_proxy.tcp_close_wait,
         )?,
         tcp_time_wait: seconds(
             "conntrack-tcp-timeout-time-wait",
@@ -427,11 +826,8 @@ fn conntrack_timeouts(args: &Args) -> anyhow::Result<lb_common::conntrack::CtTim
             "conntrack-tcp-timeout-close",
             args.conntrack_tcp_timeout_close,
         )?,
-        udp: seconds("conntrack-udp-timeout", args.conntrack_udp_timeout)?,
-        udp_stream: seconds(
-            "conntrack-udp-timeout-stream",
-            args.conntrack_udp_timeout_stream,
-        )?,
+        udp: seconds("conntrack-udp-timeout", kube_proxy.udp)?,
+        udp_stream: seconds("conntrack-udp-timeout-stream", kube_proxy.udp_stream)?,
         _pad: 0,
     })
 }
@@ -527,6 +923,7 @@ fn destroy_sockets_of_removed(
 /// Returns whether anything changed.
 fn refresh_addresses(
     args: &Args,
+    node_ips: &[std::net::IpAddr],
     current: &mut NodeAddresses,
     node: &mut NodeIdentity,
     tables: &mut KernelTables,
@@ -538,7 +935,7 @@ fn refresh_addresses(
             return false;
         }
     };
-    let found = node::node_addresses(&interfaces, &args.devices, &args.nodeport_addresses);
+    let found = node::node_addresses(&interfaces, &args.devices, &args.nodeport, node_ips);
     if found == *current {
         return false;
     }
@@ -570,14 +967,6 @@ fn refresh_addresses(
     node.nodeport_addresses = found.nodeport.clone();
     *current = found;
     true
-}
-
-/// kube-proxy's rule for `nodeEligible`: a Node being deleted should get no
-/// new external traffic.
-fn node_eligible(state: &ClusterState, node: &NodeIdentity) -> bool {
-    state
-        .node(&node.name)
-        .is_none_or(|n| n.metadata.deletion_timestamp.is_none())
 }
 
 /// Attaches to node devices and to pod devices as they appear.
@@ -633,5 +1022,374 @@ impl DeviceTracker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The command line as the agent reads it: clap, then [`settle`].
+    fn parse(argv: &[&str]) -> Result<(Args, Notes), String> {
+        let matches = command()
+            .try_get_matches_from(std::iter::once("lb-agent").chain(argv.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        let mut args = Args::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+        let notes = settle(&mut args, &matches)?;
+        Ok((args, notes))
+    }
+
+    fn warnings(notes: &Notes) -> Vec<&str> {
+        notes
+            .iter()
+            .filter(|(level, _)| *level == log::Level::Warn)
+            .map(|(_, text)| text.as_str())
+            .collect()
+    }
+
+    /// A kubeadm-era kube-proxy command line, flags of every kind.
+    #[test]
+    fn a_kube_proxy_command_line_starts_the_agent() {
+        let (args, notes) = parse(&[
+            "--hostname-override=node-1",
+            "--cluster-cidr=10.244.0.0/16,fd00:10:244::/56",
+            "--master",
+            "https://10.0.0.1:6443",
+            "--proxy-mode=ebpf",
+            "--v=2",
+            "--nodeport-addresses=primary",
+            "--healthz-bind-address=0.0.0.0:10256",
+            "--metrics-bind-address=0.0.0.0",
+            "--conntrack-max-per-core=0",
+            "--conntrack-tcp-timeout-established=2h0m0s",
+            "--iptables-sync-period",
+            "30s",
+            "--ipvs-scheduler=rr",
+            "--masquerade-all",
+            "--oom-score-adj",
+            "-999",
+            "--feature-gates=Foo=true,Bar=false",
+            "--bind-address-hard-fail=false",
+            "--alsologtostderr",
+            "--logtostderr=true",
+        ])
+        .expect("accepted");
+        assert_eq!(args.node_name.as_deref(), Some("node-1"));
+        assert_eq!(args.master.as_deref(), Some("https://10.0.0.1:6443"));
+        assert_eq!(args.verbosity, Some(2));
+        assert_eq!(args.nodeport, NodePortAddresses::Primary);
+        assert_eq!(args.cluster_cidr.as_ref().map(|c| c.0.len()), Some(2));
+        assert_eq!(
+            args.metrics_bind_address,
+            BindAddress(Some("0.0.0.0:10249".parse().unwrap()))
+        );
+        assert_eq!(
+            args.conntrack_timeouts(),
+            ConntrackTimeouts {
+                tcp_established: Duration::from_secs(7200),
+                ..ConntrackTimeouts::default()
+            }
+        );
+        let warned = warnings(&notes);
+        for flag in [
+            "--conntrack-max-per-core=0:",
+            "--iptables-sync-period=30s:",
+            "--ipvs-scheduler=rr:",
+            "--masquerade-all=true:",
+            "--oom-score-adj=-999:",
+            "--feature-gates=Foo=true,Bar=false:",
+            "--bind-address-hard-fail=false:",
+            "--alsologtostderr=true:",
+            "--logtostderr=true:",
+        ] {
+            assert_eq!(
+                warned.iter().filter(|w| w.starts_with(flag)).count(),
+                1,
+                "{flag} not warned once: {warned:#?}"
+            );
+        }
+        assert_eq!(warned.len(), 9, "{warned:#?}");
+    }
+
+    /// As Go's flag package: a repeated flag's last value wins, a repeated
+    /// list flag accumulates.
+    #[test]
+    fn repeated_flags_behave_like_kube_proxys() {
+        let (args, _) = parse(&[
+            "--node-name=a",
+            "--node-name=b",
+            "--pod-devices=lxc*",
+            "--pod-devices=veth*,cali*",
+            "--iptables-sync-period=1s",
+            "--iptables-sync-period=2s",
+        ])
+        .expect("parse");
+        assert_eq!(args.node_name.as_deref(), Some("b"));
+        assert_eq!(args.pod_devices, ["lxc*", "veth*", "cali*"]);
+    }
+
+    #[test]
+    fn unknown_flags_still_fail() {
+        let error = parse(&["--node-name=n", "--no-such-flag=1"]).expect_err("refused");
+        assert!(error.contains("--no-such-flag"), "{error}");
+    }
+
+    #[test]
+    fn proxy_mode_accepts_ours_and_empty_only() {
+        for ok in ["--proxy-mode=ebpf", "--proxy-mode="] {
+            parse(&["--node-name=n", ok]).expect(ok);
+        }
+        for bad in ["iptables", "ipvs", "nftables"] {
+            let error = parse(&["--node-name=n", &format!("--proxy-mode={bad}")]).expect_err(bad);
+            assert!(
+                error.contains("--proxy-mode") && error.contains("ebpf"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn conntrack_timeouts_parse_go_durations_and_name_the_flag() {
+        let (args, _) = parse(&[
+            "--node-name=n",
+            "--conntrack-tcp-timeout-established=24h0m0s",
+            "--conntrack-tcp-timeout-close-wait=1m30s",
+            "--conntrack-udp-timeout=500ms",
+            "--conntrack-udp-timeout-stream=0s",
+        ])
+        .expect("parse");
+        assert_eq!(
+            args.conntrack_timeouts(),
+            ConntrackTimeouts {
+                tcp_established: Duration::from_secs(86_400),
+                tcp_close_wait: Duration::from_secs(90),
+                udp: Duration::from_millis(500),
+                // Zero: kube-proxy's "leave it", the default here.
+                udp_stream: Duration::from_secs(120),
+            }
+        );
+        let (args, _) = parse(&["--node-name=n"]).expect("parse");
+        assert_eq!(args.conntrack_timeouts(), ConntrackTimeouts::default());
+        let error = parse(&["--node-name=n", "--conntrack-udp-timeout=30"]).expect_err("no unit");
+        assert!(
+            error.contains("--conntrack-udp-timeout") && error.contains("no unit"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn verbosity_takes_both_spellings() {
+        for argv in [["-v", "4"], ["--v", "4"]] {
+            let (args, _) = parse(&["--node-name=n", argv[0], argv[1]]).expect("parse");
+            assert_eq!(args.verbosity, Some(4));
+        }
+        let (args, _) = parse(&["--node-name=n", "-v=5"]).expect("parse");
+        assert_eq!(args.verbosity, Some(5));
+    }
+
+    #[test]
+    fn node_name_from_either_flag_and_they_must_agree() {
+        let (args, _) = parse(&["--node-name=a"]).expect("parse");
+        assert_eq!(args.node_name.as_deref(), Some("a"));
+        let (args, _) = parse(&["--node-name=a", "--hostname-override=a"]).expect("parse");
+        assert_eq!(args.node_name.as_deref(), Some("a"));
+        let error = parse(&["--node-name=a", "--hostname-override=b"]).expect_err("disagree");
+        assert!(error.contains("--hostname-override"), "{error}");
+        // None at all is caught once the cleanup case is ruled out.
+        let (args, _) = parse(&[]).expect("parse");
+        assert_eq!(args.node_name, None);
+    }
+
+    #[test]
+    fn cluster_cidr_and_nodeport_addresses_are_validated() {
+        for (argv, needle) in [
+            ("--cluster-cidr=10.244.0.0", "--cluster-cidr"),
+            (
+                "--cluster-cidr=10.0.0.0/8,10.1.0.0/16",
+                "more than one IPv4",
+            ),
+            (
+                "--nodeport-addresses=primary,10.0.0.0/8",
+                "--nodeport-addresses",
+            ),
+            ("--nodeport-addresses=nonsense", "--nodeport-addresses"),
+            ("--healthz-bind-address=here", "--healthz-bind-address"),
+        ] {
+            let error = parse(&["--node-name=n", argv]).expect_err(argv);
+            assert!(error.contains(needle), "{argv}: {error}");
+        }
+        let (args, _) = parse(&["--node-name=n", "--healthz-bind-address="]).expect("parse");
+        assert_eq!(args.healthz_bind_address, BindAddress(None));
+        let (args, _) =
+            parse(&["--node-name=n", "--nodeport-addresses=10.0.0.0/8,fd00::/64"]).expect("parse");
+        assert!(matches!(args.nodeport, NodePortAddresses::Cidrs(ref c) if c.len() == 2));
+    }
+
+    #[test]
+    fn master_needs_no_kubeconfig_but_excludes_manifests() {
+        let (args, _) = parse(&["--node-name=n", "--master=http://127.0.0.1:8080"]).expect("alone");
+        assert_eq!(args.kubeconfig, None);
+        parse(&["--node-name=n", "--master=http://x", "--kubeconfig=/k"]).expect("with kubeconfig");
+        let error =
+            parse(&["--node-name=n", "--master=http://x", "--manifests=/m"]).expect_err("conflict");
+        assert!(error.contains("--manifests"), "{error}");
+    }
+
+    #[test]
+    fn cleanup_is_a_go_style_switch() {
+        for (argv, want) in [
+            (vec![], false),
+            (vec!["--cleanup"], true),
+            (vec!["--cleanup=true"], true),
+            (vec!["--cleanup=false"], false),
+        ] {
+            let (args, _) = parse(&argv).expect("parse");
+            assert_eq!(args.cleanup, want, "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn detect_local_mode_gives_pod_devices() {
+        let (args, _) = parse(&[
+            "--node-name=n",
+            "--detect-local-mode=InterfaceNamePrefix",
+            "--pod-interface-name-prefix=cali",
+        ])
+        .expect("parse");
+        assert_eq!(args.pod_devices, ["cali*"]);
+        let (args, notes) = parse(&[
+            "--node-name=n",
+            "--detect-local-mode=BridgeInterface",
+            "--pod-bridge-interface=cbr0",
+            "--pod-devices=lxc*",
+        ])
+        .expect("parse");
+        assert_eq!(args.pod_devices, ["lxc*"]);
+        assert!(warnings(&notes)[0].contains("\"cbr0\""), "{notes:?}");
+        let error = parse(&["--node-name=n", "--detect-local-mode=BridgeInterface"])
+            .expect_err("no bridge");
+        assert!(error.contains("--pod-bridge-interface"), "{error}");
+    }
+
+    fn write_config(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("lb-agent-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    fn kubeadm_config() -> String {
+        let configmap: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("testdata/kubeadm-kube-proxy-configmap.yaml"))
+                .expect("YAML");
+        configmap["data"]["config.conf"]
+            .as_str()
+            .expect("config.conf")
+            .to_owned()
+    }
+
+    /// kubeadm's DaemonSet: `--config=/var/lib/kube-proxy/config.conf
+    /// --hostname-override=$(NODE_NAME)`.
+    #[test]
+    fn kubeadms_command_line_and_file() {
+        let config = write_config("kubeadm.conf", &kubeadm_config());
+        let (args, notes) = parse(&[
+            &format!("--config={}", config.display()),
+            "--hostname-override=node-1",
+        ])
+        .expect("accepted");
+        assert_eq!(args.node_name.as_deref(), Some("node-1"));
+        assert_eq!(
+            args.kubeconfig.as_deref(),
+            Some(std::path::Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
+        );
+        assert_eq!(args.cluster_cidr.as_ref().map(|c| c.0.len()), Some(2));
+        // Empty in the file: the defaults stay.
+        assert_eq!(
+            args.healthz_bind_address,
+            BindAddress(Some("0.0.0.0:10256".parse().unwrap()))
+        );
+        assert_eq!(args.conntrack_timeouts(), ConntrackTimeouts::default());
+        assert_eq!(args.verbosity, None);
+        let warned = warnings(&notes);
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].contains("ignored: bindAddress"), "{}", warned[0]);
+    }
+
+    #[test]
+    fn flags_given_win_over_the_file() {
+        let config = write_config(
+            "mine.conf",
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             hostnameOverride: from-file\nclusterCIDR: 10.244.0.0/16\n\
+             healthzBindAddress: 127.0.0.1:1\nmetricsBindAddress: 127.0.0.1:2\n\
+             nodePortAddresses: [192.168.0.0/16]\n\
+             conntrack: {udpTimeout: 10s, tcpEstablishedTimeout: 1h0m0s}\n\
+             logging: {verbosity: 4}\n",
+        );
+        let file = format!("--config={}", config.display());
+        let (args, _) = parse(&[&file]).expect("file only");
+        assert_eq!(args.node_name.as_deref(), Some("from-file"));
+        assert_eq!(
+            args.healthz_bind_address,
+            BindAddress(Some("127.0.0.1:1".parse().unwrap()))
+        );
+        assert_eq!(args.conntrack_timeouts().udp, Duration::from_secs(10));
+        assert_eq!(args.verbosity, Some(4));
+        assert!(matches!(args.nodeport, NodePortAddresses::Cidrs(_)));
+
+        let (args, _) = parse(&[
+            &file,
+            "--node-name=from-flag",
+            "--cluster-cidr=10.96.0.0/12",
+            "--healthz-bind-address=0.0.0.0:3",
+            "--conntrack-udp-timeout=20s",
+            "--nodeport-addresses=primary",
+            "-v",
+            "1",
+        ])
+        .expect("flags and file");
+        assert_eq!(args.node_name.as_deref(), Some("from-flag"));
+        assert_eq!(
+            args.cluster_cidr.as_ref().map(|c| c.0[0].prefix_len),
+            Some(12),
+            "the flag's CIDR"
+        );
+        assert_eq!(
+            args.healthz_bind_address,
+            BindAddress(Some("0.0.0.0:3".parse().unwrap()))
+        );
+        // The flag's UDP timeout, the file's TCP one.
+        assert_eq!(args.conntrack_timeouts().udp, Duration::from_secs(20));
+        assert_eq!(
+            args.conntrack_timeouts().tcp_established,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(args.nodeport, NodePortAddresses::Primary);
+        assert_eq!(args.verbosity, Some(1));
+        // The file's metrics address: no flag for it.
+        assert_eq!(
+            args.metrics_bind_address,
+            BindAddress(Some("127.0.0.1:2".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn a_bad_file_names_the_field() {
+        let config = write_config(
+            "bad.conf",
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             conntrack: {udpTimeout: 5 minutes}\n",
+        );
+        let error =
+            parse(&["--node-name=n", &format!("--config={}", config.display())]).expect_err("bad");
+        assert!(
+            error.contains("--config") && error.contains("conntrack.udpTimeout"),
+            "{error}"
+        );
+        let error =
+            parse(&["--node-name=n", "--config=/nonexistent/kp.conf"]).expect_err("missing");
+        assert!(error.contains("/nonexistent/kp.conf"), "{error}");
     }
 }

@@ -73,6 +73,17 @@ impl Cluster {
     /// Starts the agent in the node namespace with `source_args` (and the
     /// node name, pod devices and pin directory of this cluster).
     pub fn start_agent(&mut self, source_args: &[String]) {
+        let mut args: Vec<String> = vec![
+            "--node-name".into(),
+            xtask::topology::SINGLE_NODE_NAME.into(),
+        ];
+        args.extend(source_args.iter().cloned());
+        self.start_agent_unnamed(&args);
+    }
+
+    /// Like [`Cluster::start_agent`] without `--node-name`: `args` name the
+    /// node their own way (`--hostname-override`, `--config`).
+    pub fn start_agent_unnamed(&mut self, source_args: &[String]) {
         let binary = agent_binary();
         assert!(
             binary.exists(),
@@ -80,8 +91,6 @@ impl Cluster {
             binary.display()
         );
         let mut args: Vec<String> = vec![
-            "--node-name".into(),
-            xtask::topology::SINGLE_NODE_NAME.into(),
             "--pod-devices".into(),
             xtask::topology::POD_DEVICE_GLOB.into(),
             "--bpffs".into(),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
-    core::v1::ServiceAccount,
+    core::v1::{ConfigMap, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
 use serde::Deserialize;
@@ -14,6 +14,7 @@ use serde::Deserialize;
 #[derive(Default)]
 struct Manifests {
     daemon_sets: Vec<DaemonSet>,
+    config_maps: Vec<ConfigMap>,
     service_accounts: Vec<ServiceAccount>,
     cluster_roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
@@ -46,6 +47,7 @@ fn load() -> Manifests {
             }
             match kind.as_str() {
                 "DaemonSet" => manifests.daemon_sets.push(decode(value, &at)),
+                "ConfigMap" => manifests.config_maps.push(decode(value, &at)),
                 "ServiceAccount" => manifests.service_accounts.push(decode(value, &at)),
                 "ClusterRole" => manifests.cluster_roles.push(decode(value, &at)),
                 "ClusterRoleBinding" => manifests.bindings.push(decode(value, &at)),
@@ -60,6 +62,7 @@ fn load() -> Manifests {
 fn every_manifest_parses_into_api_types() {
     let manifests = load();
     assert_eq!(manifests.daemon_sets.len(), 1);
+    assert_eq!(manifests.config_maps.len(), 1);
     assert_eq!(manifests.service_accounts.len(), 1);
     assert_eq!(manifests.cluster_roles.len(), 1);
     assert_eq!(manifests.bindings.len(), 1);
@@ -142,7 +145,9 @@ fn the_daemon_set_runs_everywhere_with_minimal_capabilities() {
         .as_ref()
         .and_then(|p| p.http_get.as_ref())
         .expect("HTTP liveness probe");
-    assert_eq!(probe.path.as_deref(), Some("/healthz"));
+    // /livez: a node being deleted fails /healthz, which must not restart
+    // the agent.
+    assert_eq!(probe.path.as_deref(), Some("/livez"));
     assert_eq!(
         probe.port,
         k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(10256)
@@ -169,5 +174,67 @@ fn the_daemon_set_runs_everywhere_with_minimal_capabilities() {
     assert!(
         args.iter().any(|a| a.starts_with("--bpffs=/sys/fs/bpf/")),
         "{args:?}"
+    );
+}
+
+/// The DaemonSet reads the ConfigMap's KubeProxyConfiguration with
+/// `--config`, as kube-proxy's does: mounted where the flag points, and a
+/// file the agent takes whole (no field ignored or unknown).
+#[test]
+fn the_daemon_set_reads_the_config_map_with_config() {
+    let manifests = load();
+    let config_map = &manifests.config_maps[0];
+    let pod = manifests.daemon_sets[0]
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.template.spec.as_ref())
+        .expect("pod spec");
+    let container = &pod.containers[0];
+    let args = container.args.clone().unwrap_or_default();
+    let config = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--config="))
+        .expect("--config in the args");
+    let config = Path::new(config);
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| config.starts_with(&m.mount_path))
+        .expect("a volume mounted where --config points");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("the mounted volume");
+    assert_eq!(
+        volume.config_map.as_ref().map(|c| c.name.as_str()),
+        config_map.metadata.name.as_deref(),
+        "the volume is the ConfigMap"
+    );
+    let key = config
+        .strip_prefix(&mount.mount_path)
+        .expect("under the mount")
+        .to_str()
+        .expect("utf-8");
+    let text = config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .unwrap_or_else(|| panic!("ConfigMap key {key}"));
+    let loaded = lb_agent::kube_proxy::parse(text).unwrap_or_else(|e| panic!("{key}: {e}"));
+    assert!(loaded.ignored.is_empty(), "{:?}", loaded.ignored);
+    assert!(loaded.unknown.is_empty(), "{:?}", loaded.unknown);
+    assert!(loaded.notes.is_empty(), "{:?}", loaded.notes);
+    assert_eq!(loaded.config.mode.as_deref(), Some("ebpf"));
+    assert_eq!(
+        loaded.config.healthz_bind_address.map(|a| a.port()),
+        Some(10256),
+        "the probes' port"
+    );
+    assert_eq!(
+        loaded.config.udp_timeout,
+        Some(std::time::Duration::from_secs(30))
     );
 }

@@ -2,6 +2,7 @@
 //! pins and adopts the maps under `--bpffs`, attaches to devices, and writes
 //! the difference between desired and programmed tables.
 
+mod cleanup;
 pub mod ct_sweep;
 mod devices;
 mod maps;
@@ -29,6 +30,7 @@ use lb_common::{
     affinity, backend, config, conntrack, maglev, member, service, slot, sock, source_range, stats,
 };
 
+pub use cleanup::{CleanupReport, cleanup};
 pub use devices::{accept_local_sources, glob_match, interface_addresses, list_interfaces};
 pub use maps::{KernelTables, SockRevnatKey, StatsReader};
 pub use programmer::{

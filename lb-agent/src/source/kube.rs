@@ -56,19 +56,39 @@ use crate::source::{ClusterObject, ObjectKey};
 
 /// A client from `--kubeconfig PATH`, or inferred (`$KUBECONFIG`,
 /// `~/.kube/config`, then the in-cluster service account) without it.
+/// `--master URL` replaces the server either gives; alone, with no
+/// in-cluster service account either, it is the whole configuration (no
+/// credentials), as kube-proxy's `--master` without `--kubeconfig`.
 /// Plain `http://` servers are accepted as well as `https://`.
-pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
+pub async fn client(kubeconfig: Option<&Path>, master: Option<&str>) -> anyhow::Result<Client> {
+    let master = master
+        .map(|url| {
+            url.parse()
+                .with_context(|| format!("--master {url:?}: not a URL"))
+        })
+        .transpose()?;
+    let config = match (kubeconfig, master) {
+        (Some(path), master) => {
             let file = Kubeconfig::read_from(path)
                 .with_context(|| format!("--kubeconfig {}: cannot read", path.display()))?;
-            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+            let mut config = Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
                 .await
-                .with_context(|| format!("--kubeconfig {}: unusable", path.display()))?
+                .with_context(|| format!("--kubeconfig {}: unusable", path.display()))?;
+            if let Some(url) = master {
+                config.cluster_url = url;
+            }
+            config
         }
-        None => Config::infer()
+        (None, Some(url)) => match Config::incluster() {
+            Ok(mut config) => {
+                config.cluster_url = url;
+                config
+            }
+            Err(_) => Config::new(url),
+        },
+        (None, None) => Config::infer()
             .await
-            .context("no --manifests or --kubeconfig, and no in-cluster configuration")?,
+            .context("no --manifests, --kubeconfig or --master, and no in-cluster configuration")?,
     };
     Client::try_from(config).context("building the Kubernetes client")
 }
