@@ -3,6 +3,7 @@
 //! the difference between desired and programmed tables.
 
 mod devices;
+mod link_events;
 mod maps;
 mod programmer;
 pub mod sockdiag;
@@ -28,7 +29,11 @@ use lb_common::{
     affinity, backend, config, conntrack, maglev, member, service, slot, sock, source_range, stats,
 };
 
-pub use devices::{accept_local_sources, glob_match, interface_addresses, list_interfaces};
+pub use devices::{
+    AcceptLocal, accept_local_sources, check_accept_local_at_start, glob_match,
+    interface_addresses, list_interfaces,
+};
+pub use link_events::{LinkChange, LinkEvents};
 pub use maps::{KernelTables, SockRevnatKey, StatsReader};
 pub use programmer::{
     ApplyReport, BackendEntry, Programmer, RemovedUdpBackend, ServiceKey, SourceRangeEntry,
