@@ -423,6 +423,17 @@ pub struct NodeAgents {
 
 impl NodeAgents {
     pub fn start(cluster: &xtask::Cluster, manifests: &std::path::Path, extra: &[&str]) -> Self {
+        Self::start_restricted(cluster, manifests, extra, None)
+    }
+
+    /// [`NodeAgents::start`], each agent under `restrictions` (a container's
+    /// capabilities and read-only /proc/sys) when given.
+    pub fn start_restricted(
+        cluster: &xtask::Cluster,
+        manifests: &std::path::Path,
+        extra: &[&str],
+        restrictions: Option<&xtask::Restrictions>,
+    ) -> Self {
         let mut pins = Vec::new();
         let mut agents = Vec::new();
         for k in 1..=cluster.node_count() {
@@ -440,12 +451,13 @@ impl NodeAgents {
                 pin.path().display().to_string(),
             ];
             args.extend(extra.iter().map(|s| s.to_string()));
-            let agent = AgentProcess::spawn(
+            let agent = AgentProcess::spawn_restricted(
                 cluster.node(k).ns(),
                 &agent_binary(),
                 &args,
                 &[("RUST_LOG", "info")],
                 None,
+                restrictions,
             )
             .expect("start agent");
             pins.push(pin);
