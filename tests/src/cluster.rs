@@ -159,6 +159,28 @@ impl Cluster {
         }
     }
 
+    /// Waits (at most `within`) until every pod device has a pinned link:
+    /// the agent attaches only after its first program, so filled maps
+    /// alone do not yet mean translated traffic.
+    pub fn wait_for_attached(&self, within: Duration) {
+        let started = Instant::now();
+        for pod in self.topology.pods() {
+            let pin = self
+                .pins
+                .path()
+                .join(format!("link_tcx_ingress_{}", pod.host_if()));
+            while !pin.exists() {
+                assert!(
+                    started.elapsed() < within,
+                    "{} never attached; agent log:\n{}",
+                    pod.host_if(),
+                    self.agent_log()
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
     /// Backends (pod IPs) the pinned maps give the frontend `vip:port`
     /// (any protocol); `None` when there is no such frontend.
     pub fn programmed_backends(&self, vip: Ipv4Addr, port: u16) -> Option<Vec<Ipv4Addr>> {
@@ -204,7 +226,11 @@ impl Cluster {
         loop {
             let programmed = self.programmed_backends(vip, port);
             if programmed == want {
-                return started.elapsed();
+                let took = started.elapsed();
+                if want.is_some() {
+                    self.wait_for_attached(within);
+                }
+                return took;
             }
             assert!(
                 started.elapsed() < within,
