@@ -315,6 +315,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         datapath.attach_socket_lb(cgroup)?;
                         info!("socket-level balancing attached to {}", cgroup.display());
                     }
+                    info!("{ATTACHED_LOG}: {} devices", datapath.attached().count());
                 }
                 if stale_slots.is_some() {
                     // The first program is done: pins of older map layouts are dead.
@@ -385,6 +386,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     info!("stopping; maps stay pinned under {}", args.bpffs.display());
     Ok(())
 }
+
+/// Logged once the first program is done and everything is attached
+/// (benchmarks and tools wait for it).
+const ATTACHED_LOG: &str = "programs attached after the first program";
 
 /// How soon writes that failed are tried again.
 const APPLY_RETRY: Duration = Duration::from_secs(5);
