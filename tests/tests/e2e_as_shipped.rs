@@ -204,6 +204,15 @@ fn the_agent_as_shipped_serves_cluster_ip_and_node_port() {
             "the agent runs with capabilities {cap_eff:#x}, the DaemonSet gives {shipped_mask:#x}"
         );
         assert!(proc_sys_ro, "/proc/sys is writable for the agent");
+        // allowPrivilegeEscalation: false.
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).expect("status");
+        assert!(
+            status
+                .lines()
+                .any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"])),
+            "the agent may gain privileges"
+        );
     }
     shipped.agents.wait_until("the ClusterIP answers", || {
         http_get(
