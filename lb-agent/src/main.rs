@@ -186,6 +186,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         info!("accept_local: on for every device (net.ipv4.conf.all.accept_local=1)");
     }
+    if let Some(cgroup) = &args.socket_lb_cgroup {
+        // Attached after the first program; a wrong path stops us now.
+        datapath::open_cgroup2(cgroup)?;
+    }
     let mut datapath = Datapath::load(&args.bpffs, sizes)?;
     let mut tables = datapath.take_tables()?;
     lb_agent::bpf_log::set_flag(&mut tables, args.bpf_log)?;
