@@ -589,12 +589,19 @@ async fn run(args: Args, node_name: String) -> anyhow::Result<()> {
     };
     let maglev_table_size =
         (args.lb_algorithm == Algorithm::Maglev).then_some(args.maglev_table_size);
+    // Before anything is attached: a container that cannot write
+    // /proc/sys must find what it needs set already.
+    if datapath::check_accept_local_at_start(&args.devices, !args.pod_devices.is_empty())? {
+        info!("accept_local: set per device as devices are attached");
+    } else {
+        info!("accept_local: on for every device (net.ipv4.conf.all.accept_local=1)");
+    }
+    if let Some(cgroup) = &args.socket_lb_cgroup {
+        // Attached after the first program; a wrong path stops us now.
+        datapath::open_cgroup2(cgroup)?;
+    }
     let mut datapath = Datapath::load(&args.bpffs, sizes)?;
     let mut tables = datapath.take_tables()?;
-    if let Some(cgroup) = &args.socket_lb_cgroup {
-        datapath.attach_socket_lb(cgroup)?;
-        info!("socket-level balancing attached to {}", cgroup.display());
-    }
     lb_agent::bpf_log::set_flag(&mut tables, args.bpf_log)?;
     let bpf_log = if args.bpf_log {
         Some(lb_agent::bpf_log::spawn(&mut datapath)?)
@@ -678,8 +685,19 @@ async fn run(args: Args, node_name: String) -> anyhow::Result<()> {
     };
     let mut health_checks = HealthCheckServers::new(healthz.clone());
 
+    // Nothing is attached before the first program: after a map layout
+    // upgrade the maps this agent created are empty until then, while the
+    // programs a previous agent left attached still translate with theirs.
     let mut devices = DeviceTracker::default();
-    devices.sync(&mut datapath, &args);
+    // New pod devices are attached on their link notification; the
+    // once-a-second resync stays as the fallback for anything missed.
+    let mut link_events = match datapath::LinkEvents::open() {
+        Ok(events) => Some(events),
+        Err(e) => {
+            warn!("link notifications unavailable ({e}); new devices are found by the 1 s resync");
+            None
+        }
+    };
     let mut device_tick = tokio::time::interval(Duration::from_secs(1));
     // A write that failed (a full map) is retried without waiting for an
     // unrelated change: room may have come back.
@@ -719,6 +737,17 @@ async fn run(args: Args, node_name: String) -> anyhow::Result<()> {
                 );
                 healthz.updated();
                 last_state = Some(state);
+                if !devices.started {
+                    // The maps hold this state now: only from here may
+                    // packets meet this agent's programs.
+                    devices.started = true;
+                    devices.sync(&mut datapath, &args, None);
+                    if let Some(cgroup) = &args.socket_lb_cgroup {
+                        datapath.attach_socket_lb(cgroup)?;
+                        info!("socket-level balancing attached to {}", cgroup.display());
+                    }
+                    info!("{ATTACHED_LOG}: {} devices", datapath.attached().count());
+                }
                 if stale_slots.is_some() {
                     // The first program is done: pins of older map layouts are dead.
                     match upgrade::remove_superseded_pins(&args.bpffs, &datapath::MAP_NAMES) {
@@ -739,8 +768,20 @@ async fn run(args: Args, node_name: String) -> anyhow::Result<()> {
                     }
                 }
             }
+            change = next_link_change(&mut link_events) => {
+                match change {
+                    Ok(change) if devices.started => devices.sync(&mut datapath, &args, Some(change)),
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!("reading link notifications: {e}; falling back to the 1 s resync");
+                        link_events = None;
+                    }
+                }
+            }
             _ = device_tick.tick() => {
-                devices.sync(&mut datapath, &args);
+                if devices.started {
+                    devices.sync(&mut datapath, &args, None);
+                }
                 let changed = refresh_addresses(&args, &node_ips, &mut addresses, &mut node, &mut tables);
                 if let (true, Some(state)) = (changed, &last_state) {
                     let (_, desired) = program(state, &node, &mut programmer, &mut tables, args.socket_lb_cgroup.as_deref());
@@ -831,6 +872,10 @@ fn datapath_ct_timeouts(args: &Args) -> anyhow::Result<lb_common::conntrack::CtT
         _pad: 0,
     })
 }
+
+/// Logged once the first program is done and everything is attached
+/// (benchmarks and tools wait for it).
+const ATTACHED_LOG: &str = "programs attached after the first program";
 
 /// How soon writes that failed are tried again.
 const APPLY_RETRY: Duration = Duration::from_secs(5);
@@ -969,16 +1014,35 @@ fn refresh_addresses(
     true
 }
 
+/// The next batch of link notifications; never, without a socket.
+async fn next_link_change(
+    events: &mut Option<datapath::LinkEvents>,
+) -> std::io::Result<datapath::LinkChange> {
+    match events {
+        Some(events) => events.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Attaches to node devices and to pod devices as they appear.
 #[derive(Default)]
 struct DeviceTracker {
+    /// The first program is done: devices may be attached.
+    started: bool,
     /// Devices whose attach failed, so the warning is logged once.
     failed: BTreeSet<(String, u32)>,
     missing_logged: BTreeSet<String>,
 }
 
 impl DeviceTracker {
-    fn sync(&mut self, datapath: &mut Datapath, args: &Args) {
+    /// Attaches what is missing; `trigger` is the link notification that
+    /// asked, whose age the attach log line reports.
+    fn sync(
+        &mut self,
+        datapath: &mut Datapath,
+        args: &Args,
+        trigger: Option<datapath::LinkChange>,
+    ) {
         let present = match datapath::list_interfaces() {
             Ok(p) => p,
             Err(e) => {
@@ -1011,10 +1075,17 @@ impl DeviceTracker {
             if !datapath.is_attached(name, *index)
                 && let Err(e) = datapath::accept_local_sources(name)
             {
-                warn!("{name}: setting accept_local: {e}");
+                error!("{e:#}");
             }
             match datapath.attach(name, *index, role) {
-                Ok(Some(how)) => info!("attached to {name} (ifindex {index}): {how}"),
+                Ok(Some(how)) => match trigger {
+                    Some(change) => info!(
+                        "attached to {name} (ifindex {index}): {how}, {} us after its link \
+                         notification",
+                        change.at.elapsed().as_micros()
+                    ),
+                    None => info!("attached to {name} (ifindex {index}): {how}"),
+                },
                 Ok(None) => {}
                 Err(e) => {
                     warn!("{e:#}");

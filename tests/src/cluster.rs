@@ -168,6 +168,28 @@ impl Cluster {
         }
     }
 
+    /// Waits (at most `within`) until every pod device has a pinned link:
+    /// the agent attaches only after its first program, so filled maps
+    /// alone do not yet mean translated traffic.
+    pub fn wait_for_attached(&self, within: Duration) {
+        let started = Instant::now();
+        for pod in self.topology.pods() {
+            let pin = self
+                .pins
+                .path()
+                .join(format!("link_tcx_ingress_{}", pod.host_if()));
+            while !pin.exists() {
+                assert!(
+                    started.elapsed() < within,
+                    "{} never attached; agent log:\n{}",
+                    pod.host_if(),
+                    self.agent_log()
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
     /// Backends (pod IPs) the pinned maps give the frontend `vip:port`
     /// (any protocol); `None` when there is no such frontend.
     pub fn programmed_backends(&self, vip: Ipv4Addr, port: u16) -> Option<Vec<Ipv4Addr>> {
@@ -213,7 +235,11 @@ impl Cluster {
         loop {
             let programmed = self.programmed_backends(vip, port);
             if programmed == want {
-                return started.elapsed();
+                let took = started.elapsed();
+                if want.is_some() {
+                    self.wait_for_attached(within);
+                }
+                return took;
             }
             assert!(
                 started.elapsed() < within,
@@ -432,6 +458,17 @@ pub struct NodeAgents {
 
 impl NodeAgents {
     pub fn start(cluster: &xtask::Cluster, manifests: &std::path::Path, extra: &[&str]) -> Self {
+        Self::start_restricted(cluster, manifests, extra, None)
+    }
+
+    /// [`NodeAgents::start`], each agent under `restrictions` (a container's
+    /// capabilities and read-only /proc/sys) when given.
+    pub fn start_restricted(
+        cluster: &xtask::Cluster,
+        manifests: &std::path::Path,
+        extra: &[&str],
+        restrictions: Option<&xtask::Restrictions>,
+    ) -> Self {
         let mut pins = Vec::new();
         let mut agents = Vec::new();
         for k in 1..=cluster.node_count() {
@@ -449,12 +486,13 @@ impl NodeAgents {
                 pin.path().display().to_string(),
             ];
             args.extend(extra.iter().map(|s| s.to_string()));
-            let agent = AgentProcess::spawn(
+            let agent = AgentProcess::spawn_restricted(
                 cluster.node(k).ns(),
                 &agent_binary(),
                 &args,
                 &[("RUST_LOG", "info")],
                 None,
+                restrictions,
             )
             .expect("start agent");
             pins.push(pin);

@@ -5,6 +5,7 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod deploy;
 pub mod fixture;
 pub mod packet;
 pub mod packet6;

@@ -2,70 +2,18 @@
 //! types (k8s-openapi, the same schema the API server enforces), so they
 //! cannot rot silently, and they keep the properties the README promises.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use k8s_openapi::api::{
-    apps::v1::DaemonSet,
-    core::v1::{ConfigMap, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
-};
-use serde::Deserialize;
-
-#[derive(Default)]
-struct Manifests {
-    daemon_sets: Vec<DaemonSet>,
-    config_maps: Vec<ConfigMap>,
-    service_accounts: Vec<ServiceAccount>,
-    cluster_roles: Vec<ClusterRole>,
-    bindings: Vec<ClusterRoleBinding>,
-}
-
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-/// Every document of every `*.yaml` file, decoded by its kind; anything
-/// unknown or malformed fails the test naming the file and document.
-fn load() -> Manifests {
-    let mut manifests = Manifests::default();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy_dir())
-        .expect("deploy/ exists")
-        .map(|entry| entry.expect("entry").path())
-        .filter(|path| path.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no manifests in deploy/");
-    for file in files {
-        let text = std::fs::read_to_string(&file).expect("read manifest");
-        for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let value = serde_yaml::Value::deserialize(document)
-                .unwrap_or_else(|e| panic!("{} document {}: {e}", file.display(), index + 1));
-            let kind = value["kind"].as_str().unwrap_or_default().to_owned();
-            let at = format!("{} document {} ({kind})", file.display(), index + 1);
-            fn decode<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, at: &str) -> T {
-                serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{at}: {e}"))
-            }
-            match kind.as_str() {
-                "DaemonSet" => manifests.daemon_sets.push(decode(value, &at)),
-                "ConfigMap" => manifests.config_maps.push(decode(value, &at)),
-                "ServiceAccount" => manifests.service_accounts.push(decode(value, &at)),
-                "ClusterRole" => manifests.cluster_roles.push(decode(value, &at)),
-                "ClusterRoleBinding" => manifests.bindings.push(decode(value, &at)),
-                other => panic!("{at}: unexpected kind {other:?}"),
-            }
-        }
-    }
-    manifests
-}
+use lb_tests::deploy::{self, load};
 
 #[test]
 fn every_manifest_parses_into_api_types() {
     let manifests = load();
     assert_eq!(manifests.daemon_sets.len(), 1);
-    assert_eq!(manifests.config_maps.len(), 1);
     assert_eq!(manifests.service_accounts.len(), 1);
     assert_eq!(manifests.cluster_roles.len(), 1);
     assert_eq!(manifests.bindings.len(), 1);
+    assert_eq!(manifests.config_maps.len(), 1);
 }
 
 #[test]
@@ -237,4 +185,139 @@ fn the_daemon_set_reads_the_config_map_with_config() {
         loaded.config.udp_timeout,
         Some(std::time::Duration::from_secs(30))
     );
+}
+
+#[test]
+fn an_init_container_sets_what_the_read_only_agent_checks() {
+    let manifests = load();
+    let commands = deploy::init_commands(&manifests);
+    // The agent refuses to start without it (tests/e2e_as_shipped.rs runs
+    // this very command line in each node before the agent).
+    let sets_accept_local = commands.iter().any(|(line, privileged)| {
+        *privileged
+            && line
+                .join(" ")
+                .contains("echo 1 > /proc/sys/net/ipv4/conf/all/accept_local")
+    });
+    assert!(sets_accept_local, "{commands:?}");
+    // Same image as the agent: nothing else to pull or trust.
+    let pod = deploy::pod_spec(&manifests);
+    let agent_image = &deploy::agent_container(&manifests).image;
+    for init in pod.init_containers.iter().flatten() {
+        assert_eq!(&init.image, agent_image, "init container {}", init.name);
+    }
+}
+
+#[test]
+fn a_slow_first_sync_is_not_killed_by_the_liveness_probe() {
+    let manifests = load();
+    let container = deploy::agent_container(&manifests);
+    let startup = container.startup_probe.as_ref().expect("startupProbe");
+    let get = startup.http_get.as_ref().expect("HTTP startup probe");
+    // /livez: the node's eligibility is no reason to restart the agent.
+    assert_eq!(get.path.as_deref(), Some("/livez"));
+    let budget = startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3);
+    // The first program of 100k services took 11 s on the benchmark
+    // machine (docs/benchmarks.md): ten times that and more.
+    assert!(budget >= 120, "startup budget {budget} s");
+    let liveness = container.liveness_probe.as_ref().expect("livenessProbe");
+    assert_eq!(
+        liveness.initial_delay_seconds, None,
+        "startupProbe gates it"
+    );
+}
+
+/// MiB in a Kubernetes quantity (`192Mi`, `1536Mi`, `2Gi`).
+fn mebibytes(quantity: &str) -> f64 {
+    if let Some(n) = quantity.strip_suffix("Mi") {
+        n.parse().expect("Mi quantity")
+    } else if let Some(n) = quantity.strip_suffix("Gi") {
+        n.parse::<f64>().expect("Gi quantity") * 1024.0
+    } else {
+        panic!("memory quantity {quantity:?}: use Mi or Gi")
+    }
+}
+
+/// The agent's RSS in MiB at `services` (`10k`, `100k`) from
+/// docs/benchmarks.md's agent memory table: (median, highest).
+fn measured_rss(services: &str) -> (f64, f64) {
+    let doc = std::fs::read_to_string(deploy::deploy_dir().join("../docs/benchmarks.md"))
+        .expect("docs/benchmarks.md");
+    let section = doc
+        .split("## 5. Agent memory")
+        .nth(1)
+        .expect("benchmarks.md has the agent memory section");
+    let row = section
+        .lines()
+        .find(|l| l.starts_with(&format!("| {services} |")))
+        .unwrap_or_else(|| panic!("no {services} row in the agent memory table"));
+    // | 10k | 132 (132-143) | ...
+    let cell = row.split('|').nth(2).expect("RSS cell").trim();
+    let (median, range) = cell.split_once(' ').expect("median (low-high)");
+    let high = range
+        .trim_matches(|c| c == '(' || c == ')')
+        .split('-')
+        .nth(1)
+        .expect("high");
+    (median.parse().expect("median"), high.parse().expect("high"))
+}
+
+#[test]
+fn memory_request_and_limit_come_from_the_measured_rss() {
+    let manifests = load();
+    let resources = deploy::agent_container(&manifests)
+        .resources
+        .as_ref()
+        .expect("resources");
+    let quantity = |map: &Option<
+        std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    >| {
+        mebibytes(&map.as_ref().expect("set").get("memory").expect("memory").0)
+    };
+    let request = quantity(&resources.requests);
+    let limit = quantity(&resources.limits);
+    let (_, high_10k) = measured_rss("10k");
+    let (median_100k, high_100k) = measured_rss("100k");
+    // A 10k-service node is scheduled with room to spare, a 100k-service
+    // one is not OOM-killed on its first sync, and neither is far off.
+    assert!(
+        request >= high_10k * 1.2 && request <= high_10k * 2.0,
+        "request {request} MiB against 10k services' {high_10k} MiB"
+    );
+    assert!(
+        limit >= high_100k * 1.2 && limit <= median_100k * 2.0,
+        "limit {limit} MiB against 100k services' {high_100k} MiB"
+    );
+}
+
+#[test]
+fn the_api_server_address_can_come_from_the_config_map() {
+    let manifests = load();
+    let config = &manifests.config_maps[0];
+    let name = config.metadata.name.clone().expect("ConfigMap name");
+    assert_eq!(
+        config.metadata.namespace,
+        manifests.daemon_sets[0].metadata.namespace
+    );
+    let env = deploy::agent_container(&manifests)
+        .env
+        .clone()
+        .unwrap_or_default();
+    for var in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
+        let from = env
+            .iter()
+            .find(|e| e.name == var)
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.config_map_key_ref.as_ref())
+            .unwrap_or_else(|| panic!("{var} does not come from a ConfigMap"));
+        assert_eq!(from.name, name, "{var}");
+        assert_eq!(from.key, var);
+        // Unset keys keep the kubelet's value (a cluster with kube-proxy).
+        assert_eq!(from.optional, Some(true), "{var}");
+    }
+    // Shipped unset: an address only the cluster's owner knows.
+    let data = config.data.clone().unwrap_or_default();
+    for var in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
+        assert!(!data.contains_key(var), "{var} is set in the shipped ConfigMap");
+    }
 }

@@ -3,6 +3,10 @@
 //! agent is SIGKILLed and started again on the same `--bpffs`. The pinned
 //! TCX links keep the program attached while no agent runs; the pinned maps
 //! keep services and conntrack; the new agent adopts both.
+//!
+//! A map layout upgrade drops nothing either: the new agent finds only
+//! pins of an older version, creates its maps empty, and must fill them
+//! before its programs replace the old ones on the devices.
 
 use std::{
     io::{Read, Write},
@@ -67,6 +71,138 @@ fn udp_request() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs TCP and UDP requests from the client pod until `stop` (bounded by
+/// [`MAX_ROUNDS`] and [`MAX_LOAD_TIME`]), counting them in `tally`.
+fn start_load(
+    cluster: &ApiCluster,
+    stop: &Arc<AtomicBool>,
+    tally: &Arc<Tally>,
+) -> std::thread::JoinHandle<()> {
+    let (thread_stop, thread_tally) = (stop.clone(), tally.clone());
+    cluster
+        .client()
+        .spawn_thread("load", move || {
+            let started = Instant::now();
+            for round in 0..MAX_ROUNDS {
+                if thread_stop.load(Ordering::Relaxed) || started.elapsed() > MAX_LOAD_TIME {
+                    break;
+                }
+                match tcp_request() {
+                    Ok(()) => _ = thread_tally.tcp_ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => thread_tally.failures.lock().expect("tally").push(format!(
+                        "round {round} TCP at {:?}: {e:#}",
+                        started.elapsed()
+                    )),
+                }
+                match udp_request() {
+                    Ok(()) => _ = thread_tally.udp_ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => thread_tally.failures.lock().expect("tally").push(format!(
+                        "round {round} UDP at {:?}: {e:#}",
+                        started.elapsed()
+                    )),
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+        .expect("start the load thread")
+}
+
+/// What a previous agent of an older layout leaves: every versioned pin
+/// under `pins` one version lower (`LB4_SERVICES_V1` -> `_V0`), except
+/// conntrack's, whose layout this simulated upgrade keeps. Returns the new
+/// names. (A conntrack layout change also loses the flows that cross two
+/// devices while their programs are replaced one after the other; see
+/// docs/decisions.md.)
+fn age_pins(pins: &std::path::Path) -> Vec<String> {
+    let keep = [lb_common::conntrack::NAME, lb_common::conntrack::NAME6];
+    let mut aged = Vec::new();
+    for entry in std::fs::read_dir(pins).expect("list pins") {
+        let name = entry
+            .expect("entry")
+            .file_name()
+            .into_string()
+            .expect("utf-8");
+        if keep.contains(&name.as_str()) {
+            continue;
+        }
+        let Some((base, version)) = name.rsplit_once("_V") else {
+            continue;
+        };
+        let Ok(version) = version.parse::<u32>() else {
+            continue;
+        };
+        let older = format!("{base}_V{}", version.saturating_sub(1));
+        std::fs::rename(pins.join(&name), pins.join(&older)).expect("rename a pin");
+        aged.push(older);
+    }
+    aged.sort();
+    aged
+}
+
+#[test]
+fn a_map_layout_upgrade_drops_no_request() {
+    let pods = [
+        ("echo-a", Ipv4Addr::new(10, 244, 1, 11)),
+        ("echo-b", Ipv4Addr::new(10, 244, 1, 12)),
+    ];
+    let mut cluster = ApiCluster::start(
+        "a_map_layout_upgrade_drops_no_request",
+        &pods,
+        &[
+            objects::service("echo", VIP),
+            objects::endpoint_slice("echo", "echo-1", &pods),
+        ],
+    );
+    cluster.wait_for_backends(
+        VIP,
+        80,
+        Some(pods.iter().map(|(_, ip)| *ip).collect()),
+        Duration::from_secs(20),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let load = start_load(&cluster, &stop, &tally);
+
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.kill_agent();
+    let aged = age_pins(cluster.pins.path());
+    assert!(
+        aged.iter().any(|n| n.starts_with("LB4_SERVICES_V")),
+        "no service map pin to age: {aged:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let before_upgrade = tally.ok();
+    cluster.restart_agent();
+    cluster
+        .agent_mut()
+        .wait_for_log("removed pins of older map layouts", Duration::from_secs(30))
+        .expect("the new agent created its maps fresh and dropped the old pins");
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    load.join().expect("load thread");
+    let after_upgrade = tally.ok() - before_upgrade;
+
+    let failures = tally.failures.lock().expect("tally").clone();
+    println!(
+        "layout upgrade: {} requests answered ({after_upgrade} from the agent's restart on), \
+         {} failed",
+        tally.ok(),
+        failures.len()
+    );
+    assert!(after_upgrade > 0, "no request completed after the upgrade");
+    assert!(
+        failures.is_empty(),
+        "{} requests failed across the upgrade: {failures:#?}\nagent log:\n{}",
+        failures.len(),
+        cluster.agent_log()
+    );
+    // The new maps hold the service: the old ones are gone.
+    assert!(
+        !cluster.pins.path().join("LB4_SERVICES_V0").exists(),
+        "old pins left"
+    );
+}
+
 #[test]
 fn sigkill_and_restart_of_the_agent_drop_no_request() {
     let pods = [
@@ -95,33 +231,7 @@ fn sigkill_and_restart_of_the_agent_drop_no_request() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
-    let (thread_stop, thread_tally) = (stop.clone(), tally.clone());
-    let load = cluster
-        .client()
-        .spawn_thread("load", move || {
-            let started = Instant::now();
-            for round in 0..MAX_ROUNDS {
-                if thread_stop.load(Ordering::Relaxed) || started.elapsed() > MAX_LOAD_TIME {
-                    break;
-                }
-                match tcp_request() {
-                    Ok(()) => _ = thread_tally.tcp_ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => thread_tally.failures.lock().expect("tally").push(format!(
-                        "round {round} TCP at {:?}: {e:#}",
-                        started.elapsed()
-                    )),
-                }
-                match udp_request() {
-                    Ok(()) => _ = thread_tally.udp_ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => thread_tally.failures.lock().expect("tally").push(format!(
-                        "round {round} UDP at {:?}: {e:#}",
-                        started.elapsed()
-                    )),
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        })
-        .expect("start the load thread");
+    let load = start_load(&cluster, &stop, &tally);
 
     std::thread::sleep(Duration::from_millis(500));
     cluster.kill_agent();

@@ -21,7 +21,7 @@ pub mod topology;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub use agent::AgentProcess;
+pub use agent::{AgentProcess, Restrictions};
 pub use cgroup::Cgroup;
 pub use echo::{EchoServer, HoldConnection, client_of, http_get, pod_of, udp_request};
 pub use netns::{BpffsDir, CleanupReport, NetNs, cleanup_leftovers, cleanup_stale};

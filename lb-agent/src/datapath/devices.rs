@@ -72,6 +72,22 @@ pub fn interface_addresses() -> std::io::Result<BTreeMap<String, Vec<IpAddr>>> {
     Ok(out)
 }
 
+/// How a device came to accept packets from the node's own addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcceptLocal {
+    /// `net.ipv4.conf.all.accept_local` is 1: the kernel ORs it with each
+    /// device's own value, so every device, present or future, accepts.
+    All,
+    /// The device's own value was 1 already.
+    Device,
+    /// The agent wrote the device's value.
+    Written,
+}
+
+/// Where the `accept_local` sysctls live (the agent's network namespace:
+/// /proc/sys/net shows the namespace of the process that opens it).
+const PROC_SYS_CONF: &str = "/proc/sys/net/ipv4/conf";
+
 /// Lets a device accept packets whose source is one of the node's own
 /// addresses (`accept_local`). The programs give packets such a source
 /// before the stack sees them: traffic from outside SNATed to this node
@@ -79,17 +95,74 @@ pub fn interface_addresses() -> std::io::Result<BTreeMap<String, Vec<IpAddr>>> {
 /// frontend, which is a node address (pod device, after TC). Without it the
 /// stack drops them as martians. The setting is per device and per network
 /// namespace (the agent's).
-pub fn accept_local_sources(ifname: &str) -> std::io::Result<()> {
+///
+/// Reads first and writes only when neither `all` nor the device has it:
+/// the shipped DaemonSet's container sees /proc/sys read-only (its init
+/// container sets `all`), and an error there names the sysctl, the device
+/// and the way out.
+pub fn accept_local_sources(ifname: &str) -> anyhow::Result<AcceptLocal> {
     if ifname.is_empty() || ifname.contains('/') || ifname.starts_with('.') {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{ifname:?} is not an interface name"),
-        ));
+        anyhow::bail!("{ifname:?} is not an interface name");
     }
-    std::fs::write(
-        format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local"),
-        "1",
+    if read_flag("all")? {
+        return Ok(AcceptLocal::All);
+    }
+    if read_flag(ifname)? {
+        return Ok(AcceptLocal::Device);
+    }
+    std::fs::write(format!("{PROC_SYS_CONF}/{ifname}/accept_local"), "1").map_err(|e| {
+        anyhow::anyhow!(
+            "net.ipv4.conf.{ifname}.accept_local is 0 (and net.ipv4.conf.all.accept_local is \
+             0), and writing it failed ({e}): packets translated to a node address as source \
+             (SNAT, NodePort replies) are dropped as martians on {ifname}; set \
+             net.ipv4.conf.all.accept_local=1 on the node (deploy/daemonset.yaml's init \
+             container does)"
+        )
+    })?;
+    Ok(AcceptLocal::Written)
+}
+
+/// Checked once at start, before any device is attached: when this process
+/// cannot write /proc/sys (a container that is not privileged), every
+/// device it will attach to, present or future, relies on
+/// `net.ipv4.conf.all.accept_local` being 1 already. Returns whether the
+/// agent will write the per-device values itself.
+pub fn check_accept_local_at_start(devices: &[String], pod_devices: bool) -> anyhow::Result<bool> {
+    if read_flag("all")? {
+        return Ok(false);
+    }
+    // SAFETY: access(2) on a NUL-terminated constant path; it only reads.
+    if unsafe {
+        libc::access(
+            c"/proc/sys/net/ipv4/conf/all/accept_local".as_ptr(),
+            libc::W_OK,
+        )
+    } == 0
+    {
+        return Ok(true);
+    }
+    let why = std::io::Error::last_os_error();
+    // Node devices that have it set on their own are fine; pod devices come
+    // later and copy `default` at best, so only `all` covers them.
+    let device = match devices.iter().find(|d| !read_flag(d).unwrap_or(false)) {
+        Some(d) => format!("{d} (net.ipv4.conf.{d}.accept_local is 0 too)"),
+        None if pod_devices => "every pod device".to_owned(),
+        None => return Ok(false),
+    };
+    anyhow::bail!(
+        "net.ipv4.conf.all.accept_local is 0 and /proc/sys is not writable here ({why}): \
+         packets translated to a node address as source (SNAT, NodePort replies) would be \
+         dropped as martians on {device}; set net.ipv4.conf.all.accept_local=1 on the node \
+         before the agent starts (deploy/daemonset.yaml's privileged init container does)"
     )
+}
+
+/// `net.ipv4.conf.<device>.accept_local` (`all` for the global one) is 1.
+fn read_flag(device: &str) -> anyhow::Result<bool> {
+    let path = format!("{PROC_SYS_CONF}/{device}/accept_local");
+    let value = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("reading net.ipv4.conf.{device}.accept_local: {e}"))?;
+    Ok(value.trim() != "0")
 }
 
 /// Shell-style glob: `*` any run, `?` one character, everything else literal.

@@ -5,6 +5,7 @@
 mod cleanup;
 pub mod ct_sweep;
 mod devices;
+mod link_events;
 mod maps;
 mod programmer;
 pub mod sockdiag;
@@ -31,7 +32,11 @@ use lb_common::{
 };
 
 pub use cleanup::{CleanupReport, cleanup};
-pub use devices::{accept_local_sources, glob_match, interface_addresses, list_interfaces};
+pub use devices::{
+    AcceptLocal, accept_local_sources, check_accept_local_at_start, glob_match,
+    interface_addresses, list_interfaces,
+};
+pub use link_events::{LinkChange, LinkEvents};
 pub use maps::{KernelTables, SockRevnatKey, StatsReader};
 pub use programmer::{
     ApplyReport, BackendEntry, Programmer, RemovedUdpBackend, ServiceKey, SourceRangeEntry,
@@ -231,21 +236,7 @@ impl Datapath {
     /// run, a translated address is no service address any more, so nothing
     /// is translated twice) and then drops the old pins.
     pub fn attach_socket_lb(&mut self, cgroup: &Path) -> anyhow::Result<()> {
-        let dir = std::fs::File::open(cgroup)
-            .with_context(|| format!("--socket-lb-cgroup {}: cannot open", cgroup.display()))?;
-        // SAFETY: statfs on a path we just opened; the struct is plain data.
-        let is_cgroup2 = unsafe {
-            let mut fs: libc::statfs = std::mem::zeroed();
-            let path = std::ffi::CString::new(cgroup.as_os_str().as_encoded_bytes())
-                .map_err(|_| anyhow!("--socket-lb-cgroup {}: NUL in path", cgroup.display()))?;
-            libc::statfs(path.as_ptr(), &mut fs) == 0 && fs.f_type as i64 == CGROUP2_SUPER_MAGIC
-        };
-        if !is_cgroup2 {
-            anyhow::bail!(
-                "--socket-lb-cgroup {}: not a cgroup v2 directory",
-                cgroup.display()
-            );
-        }
+        let dir = open_cgroup2(cgroup)?;
         // Links always coexist with other programs on the cgroup; the
         // flags of the legacy attach modes must stay 0 for them. The two
         // program types share the steps but not a type.
@@ -439,6 +430,28 @@ impl Datapath {
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
     }
+}
+
+/// Opens `cgroup` (`--socket-lb-cgroup`), refusing anything but a cgroup v2
+/// directory. Also called at start, long before the attach, so a wrong
+/// path stops the agent at once.
+pub fn open_cgroup2(cgroup: &Path) -> anyhow::Result<std::fs::File> {
+    let dir = std::fs::File::open(cgroup)
+        .with_context(|| format!("--socket-lb-cgroup {}: cannot open", cgroup.display()))?;
+    // SAFETY: statfs on a path we just opened; the struct is plain data.
+    let is_cgroup2 = unsafe {
+        let mut fs: libc::statfs = std::mem::zeroed();
+        let path = std::ffi::CString::new(cgroup.as_os_str().as_encoded_bytes())
+            .map_err(|_| anyhow!("--socket-lb-cgroup {}: NUL in path", cgroup.display()))?;
+        libc::statfs(path.as_ptr(), &mut fs) == 0 && fs.f_type as i64 == CGROUP2_SUPER_MAGIC
+    };
+    if !is_cgroup2 {
+        anyhow::bail!(
+            "--socket-lb-cgroup {}: not a cgroup v2 directory",
+            cgroup.display()
+        );
+    }
+    Ok(dir)
 }
 
 /// Only root reads or writes the pins: the directory 0700, each map 0600

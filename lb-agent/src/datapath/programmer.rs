@@ -354,14 +354,29 @@ impl Programmer {
         stale
     }
 
-    /// Deletes Maglev chunks no frontend uses (from [`Self::adopt_maglev`]).
+    /// Deletes Maglev chunks no frontend uses (from [`Self::adopt_maglev`]),
+    /// except those a frontend uses by now: an agent killed after writing a
+    /// new frontend's table but before its entry leaves chunks under the
+    /// id the next agent hands that frontend again, and its first apply
+    /// writes them for real.
     pub fn delete_maglev_chunks(
         &self,
         stale: &[Lb4MaglevKey],
         maps: &mut impl TableWriter,
     ) -> Vec<String> {
+        let live: BTreeSet<u32> = self
+            .services
+            .values()
+            .filter(|s| !s.maglev.is_empty())
+            .map(|s| s.entry.service_id)
+            .collect();
         stale
             .iter()
+            .filter(|k| {
+                !(self.maglev_table_size == Some(k.table_size)
+                    && k.chunk < chunk_count(k.table_size)
+                    && live.contains(&k.service_id))
+            })
             .filter_map(|k| {
                 maps.delete_maglev_chunk(k)
                     .err()
@@ -628,10 +643,29 @@ impl Programmer {
         }
     }
 
-    /// Deletes slots left by an interrupted update (from [`Self::adopt`]).
+    /// Deletes slots left by an interrupted update (from [`Self::adopt`]),
+    /// except those a service entry points at by now. An agent killed
+    /// between writing a new revision's slots and switching the entry
+    /// leaves exactly the keys the next agent's first apply writes again
+    /// (same service id, same next revision, same backends): stale at
+    /// adoption, live once that apply switched to them.
     pub fn delete_slots(&self, stale: &[Lb4SlotKey], maps: &mut impl TableWriter) -> Vec<String> {
+        let live: BTreeMap<u32, (u32, u32)> = self
+            .services
+            .values()
+            .map(|s| {
+                (
+                    s.entry.service_id,
+                    (s.entry.revision, s.entry.backend_count),
+                )
+            })
+            .collect();
         stale
             .iter()
+            .filter(|k| {
+                live.get(&k.service_id)
+                    .is_none_or(|&(revision, count)| k.revision != revision || k.slot >= count)
+            })
             .filter_map(|k| {
                 maps.delete_slot(k)
                     .err()
@@ -1309,7 +1343,7 @@ mod tests {
     /// In-memory maps that check, after every single write, that no service
     /// entry points at a missing slot or a missing backend: what a packet
     /// arriving between two writes would see.
-    #[derive(Default)]
+    #[derive(Clone, Default)]
     struct CheckedMaps {
         services: BTreeMap<Lb4ServiceKey, Lb4Service>,
         services6: BTreeMap<Lb6ServiceKey, Lb4Service>,
@@ -1324,6 +1358,11 @@ mod tests {
         maglev_writes: usize,
         capacity_slots: usize,
         ops: usize,
+        /// The next service entry write kills the agent: the maps as it
+        /// left them are kept in `at_kill` (every later write of the dying
+        /// apply, its undo included, never happened).
+        kill_before_service_put: bool,
+        at_kill: Option<Box<CheckedMaps>>,
     }
 
     impl CheckedMaps {
@@ -1494,6 +1533,11 @@ mod tests {
             self.wrote()
         }
         fn put_service(&mut self, key: &Lb4ServiceKey, value: &Lb4Service) -> anyhow::Result<()> {
+            if self.kill_before_service_put {
+                self.kill_before_service_put = false;
+                self.at_kill = Some(Box::new(self.clone()));
+                anyhow::bail!("killed");
+            }
             self.services.insert(*key, *value);
             self.wrote()
         }
@@ -1731,6 +1775,85 @@ mod tests {
             ids.contains(&4),
             "new backend did not get a fresh id: {ids:?}"
         );
+    }
+
+    /// An agent killed between writing a new revision's slots (and Maglev
+    /// chunks) and switching the service entry; the next agent adopts the
+    /// maps, applies the same desired state and cleans up what it found
+    /// stale. `check` runs after every write, so a live slot deleted by the
+    /// clean-up fails right there.
+    #[test]
+    fn a_restart_after_a_kill_before_the_switch_never_deletes_live_slots() {
+        let web = || (frontend(10, 80), spec("web", &[11, 12, 13]));
+        // A changed backend set (new revision of an adopted service), and a
+        // new service (its id and first revision handed out again).
+        let scenarios = [
+            ("changed", vec![(frontend(10, 80), spec("web", &[11, 14]))]),
+            ("new", vec![web(), (frontend(20, 80), spec("api", &[15]))]),
+        ];
+        for maglev_size in [None, Some(M)] {
+            for (scenario, after) in &scenarios {
+                let at = format!("{scenario} service, Maglev {maglev_size:?}");
+                let mut maps = CheckedMaps::default();
+                let mut prog = Programmer::default().with_maglev(maglev_size);
+                let r = prog.apply(&tables(&[web()]), &mut maps);
+                assert!(r.errors.is_empty(), "{:?}", r.errors);
+
+                let after = tables(after);
+                maps.kill_before_service_put = true;
+                prog.apply(&after, &mut maps);
+                let mut maps = *maps
+                    .at_kill
+                    .take()
+                    .expect("the apply reached a service write");
+                let (adopted, stale) = Programmer::adopt(
+                    maps.all_services(),
+                    &maps.slots.clone(),
+                    maps.all_backends(),
+                    maps.ranges.clone(),
+                );
+                let mut adopted = adopted.with_maglev(maglev_size);
+                let stale_chunks = adopted.adopt_maglev(maps.maglev.clone());
+                assert!(!stale.is_empty(), "{at}: the kill left no slots behind");
+                if *scenario == "new" && maglev_size.is_some() {
+                    assert!(!stale_chunks.is_empty(), "{at}: the kill left no chunks");
+                }
+
+                let r = adopted.apply(&after, &mut maps);
+                assert!(r.errors.is_empty(), "{at}: {:?}", r.errors);
+                let errors = adopted.delete_slots(&stale, &mut maps);
+                assert!(errors.is_empty(), "{at}: {errors:?}");
+                let errors = adopted.delete_maglev_chunks(&stale_chunks, &mut maps);
+                assert!(errors.is_empty(), "{at}: {errors:?}");
+
+                maps.check();
+                for (frontend, spec) in &after.frontends {
+                    let IpAddr::V4(addr) = frontend.addr else {
+                        unreachable!("IPv4 frontends only")
+                    };
+                    let k = key(addr.octets()[3], frontend.port);
+                    let want: Vec<u8> = spec
+                        .backends
+                        .iter()
+                        .map(|b| match b.addr {
+                            IpAddr::V4(a) => a.octets()[3],
+                            IpAddr::V6(_) => 0,
+                        })
+                        .collect();
+                    assert_eq!(addrs(&maps.backends_of(&k)), want, "{at}");
+                    if let Some(m) = maglev_size {
+                        let id = maps.services[&k].service_id;
+                        assert!(
+                            !maps.table_of(id, m).is_empty(),
+                            "{at}: {k:?}'s Maglev table lost chunks to the clean-up"
+                        );
+                    }
+                }
+                // Only the live revisions' slots are left.
+                let live: u32 = maps.services.values().map(|s| s.backend_count).sum();
+                assert_eq!(maps.slots.len(), live as usize, "{at}: {:?}", maps.slots);
+            }
+        }
     }
 
     #[test]

@@ -179,7 +179,10 @@ pub fn start_agent(
                 .and_then(|n| n.parse::<u32>().ok())
                 .is_some_and(|n| n >= services)
         });
-        if programmed {
+        // The agent attaches only after its first program.
+        let attached = matches!(attach, Attach::Nothing)
+            || log.contains("programs attached after the first program");
+        if programmed && attached {
             return Ok((agent, started.elapsed()));
         }
         if let Some(status) = agent.exit_status()? {
