@@ -13,6 +13,7 @@ pub mod affinity;
 pub mod backend;
 pub mod config;
 pub mod conntrack;
+pub mod frag;
 pub mod maglev;
 pub mod member;
 pub mod service;

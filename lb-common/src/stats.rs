@@ -63,6 +63,9 @@ pub enum Reason {
     /// An IPv6 packet whose extension-header chain is longer than the
     /// parser walks (a constant bound for the verifier): passed untouched.
     PassExtHeaderLimit = 11,
+    /// A non-first fragment of a translated datagram: its addresses
+    /// rewritten as its first fragment's (`LB4_FRAGS_V1`, `LB6_FRAGS_V1`).
+    PassFragmentTranslated = 12,
     /// The service has no usable backend.
     DropNoBackend = 16,
     /// A header ended before the packet did.
@@ -85,6 +88,10 @@ pub enum Reason {
     SockTranslated = 8,
     /// Socket-level balancing refused a connect() (no endpoint).
     SockRefused = 25,
+    /// A non-first fragment addressed to a ClusterIP whose first fragment
+    /// was not seen (lost, evicted, or arriving later): it cannot be
+    /// translated, and untranslated it could only be misdelivered.
+    DropFragmentUnknown = 27,
 }
 
 impl Reason {
@@ -92,7 +99,7 @@ impl Reason {
     pub const FIRST_DROP: u32 = 16;
 
     /// Every reason, for readers that list all counters.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 24] = [
         Reason::PassNotIpv4,
         Reason::PassOtherL4,
         Reason::PassFragment,
@@ -104,6 +111,7 @@ impl Reason {
         Reason::NewFlowMaglev,
         Reason::IcmpErrorTranslated,
         Reason::PassExtHeaderLimit,
+        Reason::PassFragmentTranslated,
         Reason::SockTranslated,
         Reason::DropNoBackend,
         Reason::DropMalformed,
@@ -115,6 +123,7 @@ impl Reason {
         Reason::DropNoNodeAddress,
         Reason::DropUnknownPort,
         Reason::SockRefused,
+        Reason::DropFragmentUnknown,
     ];
 
     /// Stable name for metrics and `lbctl stats`.
@@ -131,6 +140,7 @@ impl Reason {
             Reason::NewFlowMaglev => "new_flow_maglev",
             Reason::IcmpErrorTranslated => "icmp_error_translated",
             Reason::PassExtHeaderLimit => "pass_ext_header_limit",
+            Reason::PassFragmentTranslated => "pass_fragment_translated",
             Reason::SockTranslated => "sock_translated",
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropMalformed => "drop_malformed",
@@ -142,6 +152,7 @@ impl Reason {
             Reason::DropNoNodeAddress => "drop_no_node_address",
             Reason::DropUnknownPort => "drop_unknown_port",
             Reason::SockRefused => "sock_refused",
+            Reason::DropFragmentUnknown => "drop_fragment_unknown",
         }
     }
 
@@ -151,4 +162,4 @@ impl Reason {
     }
 }
 
-const _: () = assert!((Reason::SockRefused as u32) < MAX_ENTRIES);
+const _: () = assert!((Reason::DropFragmentUnknown as u32) < MAX_ENTRIES);

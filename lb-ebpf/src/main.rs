@@ -6,6 +6,7 @@
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
 mod ct;
+mod frag;
 mod icmp;
 mod nat;
 mod parse;
@@ -28,6 +29,7 @@ use lb_common::{
     backend::{self, Lb4Backend, Lb6Backend},
     config::{self, Lb6Config, LbConfig},
     conntrack::{self, DIR_FORWARD, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey, REWRITE_HAIRPIN},
+    frag::{self as fr, Lb4FragKey, Lb6FragKey, LbFragFlow},
     maglev::{self, Lb4MaglevChunk, Lb4MaglevKey},
     member::{self, Lb4Member, Lb4MemberKey},
     service::{self as svc, Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
@@ -44,7 +46,7 @@ use lb_common::{
 };
 
 use crate::{
-    nat::{Action, Nat6, Translation},
+    nat::{Action, Nat6, NatFragment, Translation},
     parse::{Flow, Flow6, Packet, Packet6, PacketBuf},
     trace::Observation,
 };
@@ -141,6 +143,19 @@ static LB_CONFIG_V2: Array<LbConfig, { config::MAX_ENTRIES as usize }> = Array::
 /// Node-wide IPv6 settings (index 0): the SNAT source address.
 #[btf_map]
 static LB6_CONFIG_V1: Array<Lb6Config, { config::MAX_ENTRIES as usize }> = Array::new();
+
+/// Fragments of translated IPv4 datagrams: (addresses, protocol, IP id)
+/// -> the flow's ports. Not pinned: an entry lives as long as one
+/// datagram's fragments take to pass.
+#[btf_map]
+static LB4_FRAGS_V1: LruHashMap<Lb4FragKey, LbFragFlow, { fr::MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// Fragments of translated IPv6 datagrams: (addresses, fragment
+/// identification, next header) -> the flow's ports and protocol.
+#[btf_map]
+static LB6_FRAGS_V1: LruHashMap<Lb6FragKey, LbFragFlow, { fr::MAX_ENTRIES as usize }> =
+    LruHashMap::new();
 
 /// Per-CPU packet/byte counters indexed by [`Reason`].
 #[btf_map]
@@ -311,7 +326,7 @@ fn tc_verdict(ctx: &TcContext, hook: Hook) -> i32 {
 /// `Ok` carries the pass reason and the rewrite to apply, `Err` a drop reason.
 /// `obs` collects what the packet matched, for per-service counters and tracing.
 #[inline(always)]
-fn process_packet<C: PacketBuf + Nat6>(
+fn process_packet<C: PacketBuf + Nat6 + NatFragment>(
     ctx: &C,
     hook: Hook,
     obs: &mut Observation,
@@ -327,6 +342,11 @@ fn process_packet<C: PacketBuf + Nat6>(
                 reason = balance_new_flow6(ctx, hook, obs);
             } else if reason == Reason::PassOtherL4 && parsed_icmp6() {
                 reason = icmp::translate6(ctx, obs);
+            } else if reason == Reason::PassFragment {
+                reason = frag::follow6(ctx, obs);
+            }
+            if frag::translated(reason) {
+                frag::remember6(ctx);
             }
             if rejects6(reason) {
                 return Ok((reason, Action::reject()));
@@ -341,7 +361,16 @@ fn process_packet<C: PacketBuf + Nat6>(
             };
         }
         Packet::OtherL4 => return untouched(Reason::PassOtherL4),
-        Packet::Fragment => return untouched(Reason::PassFragment),
+        Packet::Fragment => {
+            let reason = frag::follow4(ctx, obs);
+            if reason.is_drop() {
+                return Err(reason);
+            }
+            return Ok((
+                reason,
+                Action::forward(Translation::hairpin_only(obs.hairpin)),
+            ));
+        }
         Packet::Icmp(icmp_off) => return untouched(icmp::translate(ctx, icmp_off, obs)?),
     };
     obs.src_addr = flow.key.src_addr;
@@ -366,10 +395,17 @@ fn process_packet<C: PacketBuf + Nat6>(
             } else {
                 Reason::CtReply
             };
+            frag::remember4(ctx, &flow.key);
             return Ok((reason, Action::forward(Translation::of(&flow, &entry))));
         }
     }
-    balance_new_flow(&flow, hook, len, obs)
+    let verdict = balance_new_flow(&flow, hook, len, obs);
+    if let Ok((reason, _)) = &verdict
+        && frag::translated(*reason)
+    {
+        frag::remember4(ctx, &flow.key);
+    }
+    verdict
 }
 
 /// Not inlined: the new-flow path gets its own stack frame beside the
@@ -432,6 +468,8 @@ pub struct Scratch6 {
     flow: Flow6,
     entry: Lb6CtEntry,
     reply_key: Lb6CtKey,
+    /// The datagram of a fragment (`frag`).
+    frag_key: Lb6FragKey,
     /// The backend a new flow was given (read by the flow trace).
     backend_addr: [u8; 16],
 }
