@@ -16,6 +16,7 @@ pub mod conntrack;
 pub mod frag;
 pub mod maglev;
 pub mod member;
+pub mod reject_limit;
 pub mod service;
 pub mod service_name;
 pub mod service_stats;

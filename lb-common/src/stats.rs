@@ -92,6 +92,9 @@ pub enum Reason {
     /// was not seen (lost, evicted, or arriving later): it cannot be
     /// translated, and untranslated it could only be misdelivered.
     DropFragmentUnknown = 27,
+    /// A reject (ICMP port unreachable) above the per-CPU rate limit
+    /// (`LB_REJECT_LIMIT_V1`): the packet is dropped unanswered.
+    DropRejectRateLimited = 28,
 }
 
 impl Reason {
@@ -99,7 +102,7 @@ impl Reason {
     pub const FIRST_DROP: u32 = 16;
 
     /// Every reason, for readers that list all counters.
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 25] = [
         Reason::PassNotIpv4,
         Reason::PassOtherL4,
         Reason::PassFragment,
@@ -124,6 +127,7 @@ impl Reason {
         Reason::DropUnknownPort,
         Reason::SockRefused,
         Reason::DropFragmentUnknown,
+        Reason::DropRejectRateLimited,
     ];
 
     /// Stable name for metrics and `lbctl stats`.
@@ -153,6 +157,7 @@ impl Reason {
             Reason::DropUnknownPort => "drop_unknown_port",
             Reason::SockRefused => "sock_refused",
             Reason::DropFragmentUnknown => "drop_fragment_unknown",
+            Reason::DropRejectRateLimited => "drop_reject_rate_limited",
         }
     }
 
@@ -162,4 +167,4 @@ impl Reason {
     }
 }
 
-const _: () = assert!((Reason::DropFragmentUnknown as u32) < MAX_ENTRIES);
+const _: () = assert!((Reason::DropRejectRateLimited as u32) < MAX_ENTRIES);

@@ -32,6 +32,7 @@ use lb_common::{
     frag::{self as fr, Lb4FragKey, Lb6FragKey, LbFragFlow},
     maglev::{self, Lb4MaglevChunk, Lb4MaglevKey},
     member::{self, Lb4Member, Lb4MemberKey},
+    reject_limit::{self as rl, LbRejectBucket, LbRejectLimit},
     service::{self as svc, Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
     sock::{self as sk, Lb4SockKey, Lb4SockRevnat, Lb6SockKey, Lb6SockRevnat},
@@ -157,6 +158,14 @@ static LB4_FRAGS_V1: LruHashMap<Lb4FragKey, LbFragFlow, { fr::MAX_ENTRIES as usi
 static LB6_FRAGS_V1: LruHashMap<Lb6FragKey, LbFragFlow, { fr::MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
+/// Node-wide reject rate limit (index 0; zeros: the defaults).
+#[btf_map]
+static LB_REJECT_LIMIT_V1: Array<LbRejectLimit, { rl::MAX_ENTRIES as usize }> = Array::new();
+
+/// Each CPU's reject token bucket. Not pinned: program state.
+#[btf_map]
+static LB_REJECT_BUCKET_V1: PerCpuArray<LbRejectBucket, 1> = PerCpuArray::new();
+
 /// Per-CPU packet/byte counters indexed by [`Reason`].
 #[btf_map]
 static LB_STATS_V1: PerCpuArray<Counter, { st::MAX_ENTRIES as usize }> = PerCpuArray::new();
@@ -276,7 +285,10 @@ pub fn lb_xdp_node(ctx: XdpContext) -> u32 {
     let (reason, verdict) = match process_packet(&ctx, Hook::FromNetwork, &mut obs) {
         // The reply is built after the counters and the trace have read
         // the packet: it overwrites it.
-        Ok((reason, action)) if action.reject => (reason, xdp_action::XDP_TX),
+        Ok((reason, action)) if action.reject => match reject::allow() {
+            true => (reason, xdp_action::XDP_TX),
+            false => (Reason::DropRejectRateLimited, xdp_action::XDP_DROP),
+        },
         Ok((reason, action)) => match nat::apply_xdp(&ctx, &action.translation) {
             Ok(()) => (reason, xdp_action::XDP_PASS),
             Err(drop) => (drop, xdp_action::XDP_DROP),
@@ -299,8 +311,12 @@ fn tc_verdict(ctx: &TcContext, hook: Hook) -> i32 {
     let mut reject = false;
     let (reason, verdict) = match process_packet(ctx, hook, &mut obs) {
         Ok((reason, action)) if action.reject => {
-            reject = true;
-            (reason, TC_ACT_SHOT)
+            if reject::allow() {
+                reject = true;
+                (reason, TC_ACT_SHOT)
+            } else {
+                (Reason::DropRejectRateLimited, TC_ACT_SHOT)
+            }
         }
         Ok((reason, action)) => match nat::apply_tc(ctx, &action.translation) {
             Ok(()) if action.translation.hairpin => match nat::hairpin_tc(ctx) {
