@@ -129,8 +129,10 @@ fn datagram4(fx: &mut Fixture, hook: Hook, packet: &Packet, id: u16, first: Reas
     assert_eq!(frames.len(), 3, "three fragments");
     let (before, later) = (fx.count(first), fx.count(Reason::PassFragmentTranslated));
     let out = pass_all(fx, hook, &frames);
-    let whole =
-        reassemble(&out).unwrap_or_else(|e| panic!("{hook:?}: {packet:?} fragments broken: {e}"));
+    let whole = reassemble(&out).unwrap_or_else(|e| {
+        let (src, dst) = (packet.src, packet.dst);
+        panic!("{hook:?}: fragments of {src} -> {dst} broken: {e}")
+    });
     assert_eq!(whole.payload, packet.payload, "{hook:?}: payload changed");
     assert_eq!(fx.count(first), before + 1, "{hook:?}: {first:?} counter");
     assert_eq!(
@@ -147,8 +149,10 @@ fn datagram6(fx: &mut Fixture, hook: Hook, packet: &Packet6, id: u32, first: Rea
     assert_eq!(frames.len(), 3, "three fragments");
     let (before, later) = (fx.count(first), fx.count(Reason::PassFragmentTranslated));
     let out = pass_all(fx, hook, &frames);
-    let whole =
-        reassemble6(&out).unwrap_or_else(|e| panic!("{hook:?}: {packet:?} fragments broken: {e}"));
+    let whole = reassemble6(&out).unwrap_or_else(|e| {
+        let (src, dst) = (packet.src, packet.dst);
+        panic!("{hook:?}: fragments of {src} -> {dst} broken: {e}")
+    });
     assert_eq!(whole.payload, packet.payload, "{hook:?}: payload changed");
     assert_eq!(fx.count(first), before + 1, "{hook:?}: {first:?} counter");
     assert_eq!(
