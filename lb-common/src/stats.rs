@@ -63,6 +63,9 @@ pub enum Reason {
     /// An IPv6 packet whose extension-header chain is longer than the
     /// parser walks (a constant bound for the verifier): passed untouched.
     PassExtHeaderLimit = 11,
+    /// A non-first fragment of a translated datagram: its addresses
+    /// rewritten as its first fragment's (`LB4_FRAGS_V1`, `LB6_FRAGS_V1`).
+    PassFragmentTranslated = 12,
     /// The service has no usable backend.
     DropNoBackend = 16,
     /// A header ended before the packet did.
@@ -88,6 +91,13 @@ pub enum Reason {
     /// Every SNAT port tried for a new flow is held by a live flow to the
     /// same backend (the pool of that backend and SNAT address is used up).
     DropSnatExhausted = 26,
+    /// A non-first fragment addressed to a ClusterIP whose first fragment
+    /// was not seen (lost, evicted, or arriving later): it cannot be
+    /// translated, and untranslated it could only be misdelivered.
+    DropFragmentUnknown = 27,
+    /// A reject (ICMP port unreachable) above the per-CPU rate limit
+    /// (`LB_REJECT_LIMIT_V1`): the packet is dropped unanswered.
+    DropRejectRateLimited = 28,
 }
 
 impl Reason {
@@ -95,7 +105,7 @@ impl Reason {
     pub const FIRST_DROP: u32 = 16;
 
     /// Every reason, for readers that list all counters.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 26] = [
         Reason::PassNotIpv4,
         Reason::PassOtherL4,
         Reason::PassFragment,
@@ -107,6 +117,7 @@ impl Reason {
         Reason::NewFlowMaglev,
         Reason::IcmpErrorTranslated,
         Reason::PassExtHeaderLimit,
+        Reason::PassFragmentTranslated,
         Reason::SockTranslated,
         Reason::DropNoBackend,
         Reason::DropMalformed,
@@ -119,6 +130,8 @@ impl Reason {
         Reason::DropUnknownPort,
         Reason::SockRefused,
         Reason::DropSnatExhausted,
+        Reason::DropFragmentUnknown,
+        Reason::DropRejectRateLimited,
     ];
 
     /// Stable name for metrics and `lbctl stats`.
@@ -135,6 +148,7 @@ impl Reason {
             Reason::NewFlowMaglev => "new_flow_maglev",
             Reason::IcmpErrorTranslated => "icmp_error_translated",
             Reason::PassExtHeaderLimit => "pass_ext_header_limit",
+            Reason::PassFragmentTranslated => "pass_fragment_translated",
             Reason::SockTranslated => "sock_translated",
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropMalformed => "drop_malformed",
@@ -147,6 +161,8 @@ impl Reason {
             Reason::DropUnknownPort => "drop_unknown_port",
             Reason::SockRefused => "sock_refused",
             Reason::DropSnatExhausted => "drop_snat_exhausted",
+            Reason::DropFragmentUnknown => "drop_fragment_unknown",
+            Reason::DropRejectRateLimited => "drop_reject_rate_limited",
         }
     }
 
@@ -156,4 +172,4 @@ impl Reason {
     }
 }
 
-const _: () = assert!((Reason::DropSnatExhausted as u32) < MAX_ENTRIES);
+const _: () = assert!((Reason::DropRejectRateLimited as u32) < MAX_ENTRIES);

@@ -6,6 +6,7 @@
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
 mod ct;
+mod frag;
 mod icmp;
 mod nat;
 mod parse;
@@ -27,8 +28,10 @@ use lb_common::{
     backend::{self, Lb4Backend, Lb6Backend},
     config::{self, Lb6Config, LbConfig},
     conntrack::{self, DIR_FORWARD, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey, REWRITE_HAIRPIN},
+    frag::{self as fr, Lb4FragKey, Lb6FragKey, LbFragFlow},
     maglev::{self, Lb4MaglevChunk, Lb4MaglevKey},
     member::{self, Lb4Member, Lb4MemberKey},
+    reject_limit::{self as rl, LbRejectBucket, LbRejectLimit},
     service::{self as svc, Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
     sock::{self as sk, Lb4SockKey, Lb4SockRevnat, Lb6SockKey, Lb6SockRevnat},
@@ -44,7 +47,7 @@ use lb_common::{
 
 use crate::{
     ct::CtTable,
-    nat::{Action, Nat6, Translation},
+    nat::{Action, Nat6, NatFragment, Translation},
     parse::{Flow, Flow6, Packet, Packet6, PacketBuf},
     trace::Observation,
 };
@@ -143,6 +146,27 @@ static LB_CONFIG_V3: Array<LbConfig, { config::MAX_ENTRIES as usize }> = Array::
 /// Node-wide IPv6 settings (index 0): the SNAT source address.
 #[btf_map]
 static LB6_CONFIG_V1: Array<Lb6Config, { config::MAX_ENTRIES as usize }> = Array::new();
+
+/// Fragments of translated IPv4 datagrams: (addresses, protocol, IP id)
+/// -> the flow's ports. Not pinned: an entry lives as long as one
+/// datagram's fragments take to pass.
+#[btf_map]
+static LB4_FRAGS_V1: LruHashMap<Lb4FragKey, LbFragFlow, { fr::MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// Fragments of translated IPv6 datagrams: (addresses, fragment
+/// identification, next header) -> the flow's ports and protocol.
+#[btf_map]
+static LB6_FRAGS_V1: LruHashMap<Lb6FragKey, LbFragFlow, { fr::MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// Node-wide reject rate limit (index 0; zeros: the defaults).
+#[btf_map]
+static LB_REJECT_LIMIT_V1: Array<LbRejectLimit, { rl::MAX_ENTRIES as usize }> = Array::new();
+
+/// Each CPU's reject token bucket. Not pinned: program state.
+#[btf_map]
+static LB_REJECT_BUCKET_V1: PerCpuArray<LbRejectBucket, 1> = PerCpuArray::new();
 
 /// Per-CPU packet/byte counters indexed by [`Reason`].
 #[btf_map]
@@ -263,7 +287,10 @@ pub fn lb_xdp_node(ctx: XdpContext) -> u32 {
     let (reason, verdict) = match process_packet(&ctx, Hook::FromNetwork, &mut obs) {
         // The reply is built after the counters and the trace have read
         // the packet: it overwrites it.
-        Ok((reason, action)) if action.reject => (reason, xdp_action::XDP_TX),
+        Ok((reason, action)) if action.reject => match reject::allow() {
+            true => (reason, xdp_action::XDP_TX),
+            false => (Reason::DropRejectRateLimited, xdp_action::XDP_DROP),
+        },
         Ok((reason, action)) => match nat::apply_xdp(&ctx, &action.translation) {
             Ok(()) => (reason, xdp_action::XDP_PASS),
             Err(drop) => (drop, xdp_action::XDP_DROP),
@@ -286,8 +313,12 @@ fn tc_verdict(ctx: &TcContext, hook: Hook) -> i32 {
     let mut reject = false;
     let (reason, verdict) = match process_packet(ctx, hook, &mut obs) {
         Ok((reason, action)) if action.reject => {
-            reject = true;
-            (reason, TC_ACT_SHOT)
+            if reject::allow() {
+                reject = true;
+                (reason, TC_ACT_SHOT)
+            } else {
+                (Reason::DropRejectRateLimited, TC_ACT_SHOT)
+            }
         }
         Ok((reason, action)) => match nat::apply_tc(ctx, &action.translation) {
             Ok(()) if action.translation.hairpin => match nat::hairpin_tc(ctx) {
@@ -313,7 +344,7 @@ fn tc_verdict(ctx: &TcContext, hook: Hook) -> i32 {
 /// `Ok` carries the pass reason and the rewrite to apply, `Err` a drop reason.
 /// `obs` collects what the packet matched, for per-service counters and tracing.
 #[inline(always)]
-fn process_packet<C: PacketBuf + Nat6>(
+fn process_packet<C: PacketBuf + Nat6 + NatFragment>(
     ctx: &C,
     hook: Hook,
     obs: &mut Observation,
@@ -329,6 +360,11 @@ fn process_packet<C: PacketBuf + Nat6>(
                 reason = balance_new_flow6(ctx, hook, obs);
             } else if reason == Reason::PassOtherL4 && parsed_icmp6() {
                 reason = icmp::translate6(ctx, obs);
+            } else if reason == Reason::PassFragment {
+                reason = frag::follow6(ctx, obs);
+            }
+            if frag::translated(reason) {
+                frag::remember6(ctx);
             }
             if rejects6(reason) {
                 return Ok((reason, Action::reject()));
@@ -343,7 +379,16 @@ fn process_packet<C: PacketBuf + Nat6>(
             };
         }
         Packet::OtherL4 => return untouched(Reason::PassOtherL4),
-        Packet::Fragment => return untouched(Reason::PassFragment),
+        Packet::Fragment => {
+            let reason = frag::follow4(ctx, obs);
+            if reason.is_drop() {
+                return Err(reason);
+            }
+            return Ok((
+                reason,
+                Action::forward(Translation::hairpin_only(obs.hairpin)),
+            ));
+        }
         Packet::Icmp(icmp_off) => return untouched(icmp::translate(ctx, icmp_off, obs)?),
     };
     obs.src_addr = flow.key.src_addr;
@@ -367,10 +412,17 @@ fn process_packet<C: PacketBuf + Nat6>(
             } else {
                 Reason::CtReply
             };
+            frag::remember4(ctx, &flow.key);
             return Ok((reason, Action::forward(Translation::of(&flow, entry))));
         }
     }
-    balance_new_flow(&flow, hook, len, obs)
+    let verdict = balance_new_flow(&flow, hook, len, obs);
+    if let Ok((reason, _)) = &verdict
+        && frag::translated(*reason)
+    {
+        frag::remember4(ctx, &flow.key);
+    }
+    verdict
 }
 
 /// Not inlined: the new-flow path gets its own stack frame beside the
@@ -435,6 +487,8 @@ pub struct Scratch6 {
     reply_key: Lb6CtKey,
     /// The other direction's key of a tracked flow (conntrack lifecycle).
     peer_key: Lb6CtKey,
+    /// The datagram of a fragment (`frag`).
+    frag_key: Lb6FragKey,
     /// The backend a new flow was given (read by the flow trace).
     backend_addr: [u8; 16],
 }

@@ -3,13 +3,13 @@
 //! packets) and by hand on XDP (whose packets carry full checksums).
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     helpers::bpf_csum_diff,
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
     PROTO_UDP,
-    conntrack::{Lb4CtEntry, Lb6CtEntry, REWRITE_DST, REWRITE_HAIRPIN, REWRITE_SRC},
+    conntrack::{Lb4CtEntry, Lb4CtKey, Lb6CtEntry, REWRITE_DST, REWRITE_HAIRPIN, REWRITE_SRC},
     stats::Reason,
 };
 
@@ -448,6 +448,100 @@ const _: () = {
     assert!(offset_of!(Lb6CtEntry, src_addr) % 4 == 0);
     assert!(offset_of!(Lb6CtEntry, dst_addr) % 4 == 0);
 };
+
+/// Rewrites the addresses of a non-first fragment as its datagram's
+/// conntrack entry says. Nothing else: the ports and the L4 checksum are
+/// in the first fragment, whose incremental update (pseudo-header
+/// included) already covers the whole datagram.
+pub trait NatFragment {
+    /// IPv4: the header checksum absorbs the change (so the packet's
+    /// overall sum, a CHECKSUM_COMPLETE skb's `csum`, stays the same).
+    /// `key` holds the fragment's addresses as they are.
+    fn rewrite_fragment4(&self, key: &Lb4CtKey, entry: &Lb4CtEntry) -> Result<(), Reason>;
+    /// IPv6: no header checksum to update.
+    fn rewrite_fragment6(&self, entry: &Lb6CtEntry) -> Result<(), Reason>;
+}
+
+impl NatFragment for TcContext {
+    #[inline(always)]
+    fn rewrite_fragment4(&self, key: &Lb4CtKey, entry: &Lb4CtEntry) -> Result<(), Reason> {
+        if entry.rewrite & REWRITE_SRC != 0 {
+            store_addr4_tc(self, IP_SRC_OFF, key.src_addr, entry.src_addr)?;
+        }
+        if entry.rewrite & REWRITE_DST != 0 {
+            store_addr4_tc(self, IP_DST_OFF, key.dst_addr, entry.dst_addr)?;
+        }
+        Ok(())
+    }
+
+    /// No checksum absorbs an IPv6 address change: the store folds it
+    /// into a CHECKSUM_COMPLETE skb's `csum` (`BPF_F_RECOMPUTE_CSUM`).
+    #[inline(always)]
+    fn rewrite_fragment6(&self, entry: &Lb6CtEntry) -> Result<(), Reason> {
+        let flags = BPF_F_RECOMPUTE_CSUM as u64;
+        if entry.rewrite & REWRITE_SRC != 0 {
+            self.store(IP6_SRC_OFF, &entry.src_addr, flags)
+                .map_err(|_| Reason::DropRewrite)?;
+        }
+        if entry.rewrite & REWRITE_DST != 0 {
+            self.store(IP6_DST_OFF, &entry.dst_addr, flags)
+                .map_err(|_| Reason::DropRewrite)?;
+        }
+        Ok(())
+    }
+}
+
+/// One IPv4 address of a fragment, from `old` to `new`, at `off`.
+#[inline(always)]
+fn store_addr4_tc(ctx: &TcContext, off: usize, old: [u8; 4], new: [u8; 4]) -> Result<(), Reason> {
+    let (old_a, new_a) = (
+        u32::from_ne_bytes(old) as u64,
+        u32::from_ne_bytes(new) as u64,
+    );
+    ctx.l3_csum_replace(IP_CSUM_OFF, old_a, new_a, 4)
+        .map_err(|_| Reason::DropRewrite)?;
+    ctx.store(off, &new, 0).map_err(|_| Reason::DropRewrite)
+}
+
+impl NatFragment for XdpContext {
+    #[inline(always)]
+    fn rewrite_fragment4(&self, key: &Lb4CtKey, entry: &Lb4CtEntry) -> Result<(), Reason> {
+        let ip_csum = ptr_at::<XdpContext, [u8; 2]>(self, IP_CSUM_OFF)?;
+        let src = ptr_at::<XdpContext, [u8; 4]>(self, IP_SRC_OFF)?;
+        let dst = ptr_at::<XdpContext, [u8; 4]>(self, IP_DST_OFF)?;
+        // SAFETY: every pointer was bounds-checked against data_end above.
+        unsafe {
+            let mut sum = u16::from_be_bytes(*ip_csum);
+            if entry.rewrite & REWRITE_SRC != 0 {
+                sum = csum_replace4(sum, key.src_addr, entry.src_addr);
+                *src = entry.src_addr;
+            }
+            if entry.rewrite & REWRITE_DST != 0 {
+                sum = csum_replace4(sum, key.dst_addr, entry.dst_addr);
+                *dst = entry.dst_addr;
+            }
+            *ip_csum = sum.to_be_bytes();
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn rewrite_fragment6(&self, entry: &Lb6CtEntry) -> Result<(), Reason> {
+        let src = ptr_at::<XdpContext, [u8; 16]>(self, IP6_SRC_OFF)?;
+        let dst = ptr_at::<XdpContext, [u8; 16]>(self, IP6_DST_OFF)?;
+        // SAFETY: bounds-checked above; the packet and the entry (a map
+        // value) do not overlap.
+        unsafe {
+            if entry.rewrite & REWRITE_SRC != 0 {
+                copy_addr(src, &entry.src_addr);
+            }
+            if entry.rewrite & REWRITE_DST != 0 {
+                copy_addr(dst, &entry.dst_addr);
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Sends a hairpin packet straight back out of the device it came in on
 /// (the pod is both client and backend): the MAC addresses swap, as the

@@ -112,6 +112,10 @@ pub struct Flow6 {
     pub csum_off: usize,
     /// TCP flags byte, 0 for UDP.
     pub tcp_flags: u8,
+    /// Offset of the fragment header of a fragment that has others after
+    /// it (a first fragment with more to come, or a non-first one); 0
+    /// otherwise (`crate::frag` reads it).
+    pub frag_hdr_off: usize,
 }
 
 impl Flow6 {
@@ -373,8 +377,9 @@ struct Ipv6Hdr {
 /// then up to [`MAX_EXT_HEADERS`] hop-by-hop, routing, fragment,
 /// authentication and destination-options headers, then TCP or UDP. A
 /// fragment header with a non-zero offset ends the walk: what follows is
-/// payload, never read as ports. A first fragment is parsed like a whole
-/// packet (it carries the L4 header).
+/// payload, never read as ports (`flow.frag_hdr_off` says where the
+/// fragment header is). A first fragment is parsed like a whole packet (it
+/// carries the L4 header).
 #[inline(always)]
 pub fn parse_ipv6<C: PacketBuf>(ctx: &C, flow: &mut Flow6) -> Result<Packet6, Reason> {
     ctx.pull_headers6();
@@ -385,6 +390,7 @@ pub fn parse_ipv6<C: PacketBuf>(ctx: &C, flow: &mut Flow6) -> Result<Packet6, Re
         return Err(Reason::DropMalformed);
     }
     let mut off = ETH_HLEN + IP6_HLEN;
+    flow.frag_hdr_off = 0;
     let mut walked = 0;
     while walked < MAX_EXT_HEADERS {
         let len = match next {
@@ -406,8 +412,15 @@ pub fn parse_ipv6<C: PacketBuf>(ctx: &C, flow: &mut Flow6) -> Result<Packet6, Re
                 let hdr = ptr_at::<C, [u8; 8]>(ctx, off)?;
                 // SAFETY: bounds-checked by ptr_at.
                 let hdr = unsafe { *hdr };
-                if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 {
+                let offset_flags = u16::from_be_bytes([hdr[2], hdr[3]]);
+                if offset_flags & 0xfff8 != 0 {
+                    flow.frag_hdr_off = off;
                     return Ok(Packet6::Fragment);
+                }
+                // A first fragment with more to come (M flag): its
+                // datagram's later fragments follow it (`crate::frag`).
+                if offset_flags & 1 != 0 {
+                    flow.frag_hdr_off = off;
                 }
                 next = hdr[0];
                 8

@@ -7,15 +7,88 @@
 //! in functions that are not inlined, so the main path keeps its share of
 //! the verifier's 512-byte stack. IPv6 gets ICMPv6 destination unreachable
 //! / port unreachable (RFC 4443) the same way.
+//!
+//! Each CPU answers at most `LB_REJECT_LIMIT_V1`'s rate (default 1000 per
+//! second after a burst of 50, the kernel's own ICMP limit): a token
+//! bucket per CPU ([`allow`]); above it the packet is dropped unanswered
+//! (`drop_reject_rate_limited`), so the reject path cannot be used to
+//! reflect a flood at a forged source.
 
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, xdp_action},
-    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail},
+    helpers::{
+        bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail,
+    },
     programs::{TcContext, XdpContext},
 };
-use lb_common::{PROTO_ICMP, PROTO_ICMPV6, stats::Reason};
+use lb_common::{
+    PROTO_ICMP, PROTO_ICMPV6,
+    reject_limit::{DEFAULT_BURST, DEFAULT_RATE_PER_SEC, MAX_RATE_PER_SEC},
+    stats::Reason,
+};
 
-use crate::parse::{ETH_HLEN, PacketBuf, ptr_at};
+use crate::{
+    LB_REJECT_BUCKET_V1, LB_REJECT_LIMIT_V1,
+    parse::{ETH_HLEN, PacketBuf, ptr_at},
+};
+
+/// One token, in the bucket's unit (billionths of a token): a refill is
+/// then `elapsed_ns * rate`, no division.
+const TOKEN: u64 = 1_000_000_000;
+/// The longest quiet time a refill counts: `MAX_REFILL_NS * MAX_RATE_PER_SEC`
+/// plus a full bucket (at most `u32::MAX` tokens) stays within 64 bits.
+const MAX_REFILL_NS: u64 = 10_000 * TOKEN;
+const _: () = assert!(
+    MAX_REFILL_NS as u128 * MAX_RATE_PER_SEC as u128 + u32::MAX as u128 * TOKEN as u128
+        <= u64::MAX as u128
+);
+
+/// Takes a token from this CPU's reject bucket: whether a reject may be
+/// sent now. The bucket holds `burst` tokens and gains `rate_per_sec` a
+/// second (`LB_REJECT_LIMIT_V1`, zeros meaning the defaults); per CPU, so
+/// no two programs ever update one bucket at once.
+#[inline(never)]
+pub fn allow() -> bool {
+    let Some(bucket) = LB_REJECT_BUCKET_V1.get_ptr_mut(0) else {
+        return false;
+    };
+    let (mut rate, mut burst) = match LB_REJECT_LIMIT_V1.get(0) {
+        Some(limit) => (limit.rate_per_sec, limit.burst),
+        None => (0, 0),
+    };
+    if rate == 0 {
+        rate = DEFAULT_RATE_PER_SEC;
+    }
+    if rate > MAX_RATE_PER_SEC {
+        rate = MAX_RATE_PER_SEC;
+    }
+    if burst == 0 {
+        burst = DEFAULT_BURST;
+    }
+    let full = burst as u64 * TOKEN;
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's bucket; nothing else runs on it meanwhile.
+    let bucket = unsafe { &mut *bucket };
+    let mut tokens = if bucket.last_ns == 0 {
+        full
+    } else {
+        let mut elapsed = now.saturating_sub(bucket.last_ns);
+        if elapsed > MAX_REFILL_NS {
+            elapsed = MAX_REFILL_NS;
+        }
+        bucket.nano_tokens + elapsed * rate as u64
+    };
+    if tokens > full {
+        tokens = full;
+    }
+    bucket.last_ns = now;
+    if tokens < TOKEN {
+        bucket.nano_tokens = tokens;
+        return false;
+    }
+    bucket.nano_tokens = tokens - TOKEN;
+    true
+}
 
 /// IPv4 header (no options) + ICMP header + the original IPv4 header and
 /// the first 8 bytes of its payload (RFC 792).

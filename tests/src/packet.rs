@@ -451,3 +451,121 @@ impl IcmpError {
         Packet::parse(&frame)
     }
 }
+
+/// `packet`'s frame split into IPv4 fragments with identification `id`,
+/// each carrying at most `chunk` bytes of the IP payload (rounded down to
+/// a multiple of 8, as offsets count 8-byte units), in order; DF cleared,
+/// every header checksum correct.
+pub fn fragments(packet: &Packet, id: u16, chunk: usize) -> Vec<Vec<u8>> {
+    let frame = packet.emit();
+    let header = &frame[ETH_HLEN..ETH_HLEN + IPV4_HLEN];
+    let payload = &frame[ETH_HLEN + IPV4_HLEN..];
+    let chunk = chunk / 8 * 8;
+    assert!(chunk > 0, "fragments of at least 8 bytes");
+    payload
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, part)| {
+            let offset = i * chunk;
+            let more = offset + part.len() < payload.len();
+            let mut ip = header.to_vec();
+            ip[2..4].copy_from_slice(&((IPV4_HLEN + part.len()) as u16).to_be_bytes());
+            ip[4..6].copy_from_slice(&id.to_be_bytes());
+            let flags_offset = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+            ip[6..8].copy_from_slice(&flags_offset.to_be_bytes());
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let sum = !fold(sum_words(&ip));
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            ethernet_frame(0x0800, &[&ip, part])
+        })
+        .collect()
+}
+
+/// One IPv4 fragment as read back: header checksum verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fragment {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub id: u16,
+    pub protocol: u8,
+    /// Offset in bytes.
+    pub offset: usize,
+    pub more: bool,
+    pub payload: Vec<u8>,
+}
+
+impl Fragment {
+    /// Parses a fragment's frame; the error says what is wrong.
+    pub fn parse(frame: &[u8]) -> Result<Fragment, String> {
+        let ip = ip_part(frame, (0x0800, "IPv4"), IPV4_HLEN)?;
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        if ip[0] >> 4 != 4 || ihl < IPV4_HLEN || total > ip.len() || total < ihl {
+            return Err("bad IPv4 header".into());
+        }
+        if fold(sum_words(&ip[..ihl])) != 0xffff {
+            return Err("IPv4 header checksum is wrong".into());
+        }
+        let flags_offset = u16::from_be_bytes([ip[6], ip[7]]);
+        Ok(Fragment {
+            src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+            dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+            id: u16::from_be_bytes([ip[4], ip[5]]),
+            protocol: ip[9],
+            offset: usize::from(flags_offset & 0x1fff) * 8,
+            more: flags_offset & 0x2000 != 0,
+            payload: ip[ihl..total].to_vec(),
+        })
+    }
+}
+
+/// Reassembles the frames of one datagram's fragments (any order): every
+/// header checksum, the fragments' agreement on addresses, id and
+/// protocol, their contiguity, and the reassembled L4 checksum are
+/// verified; the error says which is wrong.
+pub fn reassemble(frames: &[Vec<u8>]) -> Result<Packet, String> {
+    let mut parts = frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Fragment::parse(f).map_err(|e| format!("fragment {i}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    parts.sort_by_key(|f| f.offset);
+    let first = parts.first().ok_or("no fragments")?.clone();
+    let mut payload = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        if (part.src, part.dst, part.id, part.protocol)
+            != (first.src, first.dst, first.id, first.protocol)
+        {
+            return Err(format!(
+                "fragment at {} has {}->{} id {} proto {}, the first {}->{} id {} proto {}",
+                part.offset,
+                part.src,
+                part.dst,
+                part.id,
+                part.protocol,
+                first.src,
+                first.dst,
+                first.id,
+                first.protocol
+            ));
+        }
+        if part.offset != payload.len() {
+            return Err(format!("a hole before offset {}", part.offset));
+        }
+        if part.more != (i + 1 < parts.len()) {
+            return Err(format!("fragment at {} has the wrong MF flag", part.offset));
+        }
+        payload.extend_from_slice(&part.payload);
+    }
+    let mut ip = vec![0u8; IPV4_HLEN];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((IPV4_HLEN + payload.len()) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = first.protocol;
+    ip[12..16].copy_from_slice(&first.src.octets());
+    ip[16..20].copy_from_slice(&first.dst.octets());
+    let sum = !fold(sum_words(&ip));
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    Packet::parse(&ethernet_frame(0x0800, &[&ip, &payload]))
+        .map_err(|e| format!("reassembled datagram: {e}"))
+}

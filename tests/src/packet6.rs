@@ -360,3 +360,118 @@ mod tests {
         );
     }
 }
+
+/// `packet`'s frame (without extension headers) split into IPv6 fragments
+/// with identification `id`, each carrying at most `chunk` bytes of the
+/// fragmentable part (rounded down to a multiple of 8), in order.
+pub fn fragments6(packet: &Packet6, id: u32, chunk: usize) -> Vec<Vec<u8>> {
+    assert!(packet.ext.is_empty(), "a packet without extension headers");
+    let frame = packet.emit();
+    let header = &frame[14..14 + IPV6_HLEN];
+    let payload = &frame[14 + IPV6_HLEN..];
+    let chunk = chunk / 8 * 8;
+    assert!(chunk > 0, "fragments of at least 8 bytes");
+    payload
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, part)| {
+            let offset = i * chunk;
+            let more = offset + part.len() < payload.len();
+            let mut ip = header.to_vec();
+            ip[4..6].copy_from_slice(&((8 + part.len()) as u16).to_be_bytes());
+            ip[6] = FRAGMENT;
+            let mut fragment = vec![header[6], 0];
+            fragment.extend_from_slice(&((offset as u16) | u16::from(more)).to_be_bytes());
+            fragment.extend_from_slice(&id.to_be_bytes());
+            ethernet_frame(0x86dd, &[&ip, &fragment, part])
+        })
+        .collect()
+}
+
+/// One IPv6 fragment as read back (a fragment header right after the
+/// fixed header).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fragment6 {
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub id: u32,
+    pub next_header: u8,
+    /// Offset in bytes.
+    pub offset: usize,
+    pub more: bool,
+    pub payload: Vec<u8>,
+}
+
+impl Fragment6 {
+    /// Parses a fragment's frame; the error says what is wrong.
+    pub fn parse(frame: &[u8]) -> Result<Fragment6, String> {
+        let ip = ip_part(frame, (0x86dd, "IPv6"), IPV6_HLEN + 8)?;
+        let payload_len = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+        if ip[0] >> 4 != 6 || IPV6_HLEN + payload_len > ip.len() || payload_len < 8 {
+            return Err("bad IPv6 header".into());
+        }
+        if ip[6] != FRAGMENT {
+            return Err(format!("next header {} is not a fragment header", ip[6]));
+        }
+        let octets = |b: &[u8]| -> [u8; 16] { b.try_into().unwrap_or([0; 16]) };
+        let hdr = &ip[IPV6_HLEN..IPV6_HLEN + 8];
+        let offset_flags = u16::from_be_bytes([hdr[2], hdr[3]]);
+        Ok(Fragment6 {
+            src: Ipv6Addr::from(octets(&ip[8..24])),
+            dst: Ipv6Addr::from(octets(&ip[24..40])),
+            id: u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]),
+            next_header: hdr[0],
+            offset: usize::from(offset_flags & 0xfff8),
+            more: offset_flags & 1 != 0,
+            payload: ip[IPV6_HLEN + 8..IPV6_HLEN + payload_len].to_vec(),
+        })
+    }
+}
+
+/// [`crate::packet::reassemble`] for IPv6 fragments: agreement on
+/// addresses, id and next header, contiguity, and the reassembled L4
+/// checksum verified.
+pub fn reassemble6(frames: &[Vec<u8>]) -> Result<Packet6, String> {
+    let mut parts = frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Fragment6::parse(f).map_err(|e| format!("fragment {i}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    parts.sort_by_key(|f| f.offset);
+    let first = parts.first().ok_or("no fragments")?.clone();
+    let mut payload = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        if (part.src, part.dst, part.id, part.next_header)
+            != (first.src, first.dst, first.id, first.next_header)
+        {
+            return Err(format!(
+                "fragment at {} has {}->{} id {} next {}, the first {}->{} id {} next {}",
+                part.offset,
+                part.src,
+                part.dst,
+                part.id,
+                part.next_header,
+                first.src,
+                first.dst,
+                first.id,
+                first.next_header
+            ));
+        }
+        if part.offset != payload.len() {
+            return Err(format!("a hole before offset {}", part.offset));
+        }
+        if part.more != (i + 1 < parts.len()) {
+            return Err(format!("fragment at {} has the wrong M flag", part.offset));
+        }
+        payload.extend_from_slice(&part.payload);
+    }
+    let mut ip = vec![0u8; IPV6_HLEN];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    ip[6] = first.next_header;
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&first.src.octets());
+    ip[24..40].copy_from_slice(&first.dst.octets());
+    Packet6::parse(&ethernet_frame(0x86dd, &[&ip, &payload]))
+        .map_err(|e| format!("reassembled datagram: {e}"))
+}

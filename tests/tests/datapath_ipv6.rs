@@ -364,27 +364,46 @@ fn ipv6_extension_headers_before_tcp_are_walked_and_kept() {
 }
 
 #[test]
-fn ipv6_non_first_fragment_passes_untouched_and_is_never_read_as_ports() {
-    let mut fx = fixture("ipv6_non_first_fragment_passes_untouched_and_is_never_read_as_ports");
+fn ipv6_unknown_non_first_fragment_is_never_read_as_ports() {
+    let mut fx = fixture("ipv6_unknown_non_first_fragment_is_never_read_as_ports");
     // Payload that reads as ports 40000 -> 80 if misparsed as TCP: a
-    // misreading datapath would translate it to a backend.
-    let fragment = Packet6 {
-        transport: Transport::Other { protocol: 6 },
-        payload: vec![
-            0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, SYN, 0xff, 0xff,
-        ],
-        ..syn(40000)
-    }
-    .with_ext(vec![
-        ExtHeader::hop_by_hop(),
-        ExtHeader::fragment(185, false, 7),
-    ]);
-    let frame = fragment.emit();
+    // misreading datapath would translate it to a backend. Its first
+    // fragment was never seen, so there is nothing to translate it by:
+    // to a ClusterIP it is dropped, elsewhere it passes untouched
+    // (`tests/datapath_fragments.rs` has the fragments of known datagrams).
+    let fragment = |dst: Ipv6Addr| {
+        Packet6 {
+            dst,
+            transport: Transport::Other { protocol: 6 },
+            payload: vec![
+                0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, SYN, 0xff, 0xff,
+            ],
+            ..syn(40000)
+        }
+        .with_ext(vec![
+            ExtHeader::hop_by_hop(),
+            ExtHeader::fragment(185, false, 7),
+        ])
+        .emit()
+    };
+    let (to_vip, to_pod) = (fragment(VIP), fragment(POD_B));
     for hook in [Hook::TcPod, Hook::Xdp, Hook::TcNode] {
+        let before = fx.count(Reason::DropFragmentUnknown);
+        let (verdict, _) = fx.run(hook, &to_vip);
+        assert_eq!(
+            verdict,
+            hook.drop(),
+            "{hook:?}: unknown fragment to a ClusterIP passed"
+        );
+        assert_eq!(
+            fx.count(Reason::DropFragmentUnknown),
+            before + 1,
+            "{hook:?}: drop_fragment_unknown"
+        );
         let before = fx.count(Reason::PassFragment);
-        let (verdict, out) = fx.run(hook, &frame);
+        let (verdict, out) = fx.run(hook, &to_pod);
         assert_eq!(verdict, hook.pass(), "{hook:?}: fragment not passed");
-        assert_eq!(out, frame, "{hook:?}: a non-first fragment was changed");
+        assert_eq!(out, to_pod, "{hook:?}: a non-first fragment was changed");
         assert_eq!(
             fx.count(Reason::PassFragment),
             before + 1,

@@ -11,7 +11,9 @@ use lb_common::{
     backend::{Lb4Backend, Lb6Backend},
     config::{Lb6Config, LbConfig},
     conntrack::{CtTimeouts, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
+    frag::{Lb4FragKey, Lb6FragKey, LbFragFlow},
     maglev::{Lb4MaglevChunk, Lb4MaglevKey},
+    reject_limit::{LbRejectBucket, LbRejectLimit},
     service::{Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{Lb4Slot, Lb4SlotKey},
     sock::{Lb4SockKey, Lb4SockRevnat, Lb6SockKey, Lb6SockRevnat},
@@ -193,6 +195,34 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             _pad
         }),
         host_layout!(Lb6Config { node_addr6 }),
+        host_layout!(Lb4FragKey {
+            src_addr,
+            dst_addr,
+            id,
+            proto,
+            _pad
+        }),
+        host_layout!(Lb6FragKey {
+            src_addr,
+            dst_addr,
+            id,
+            next_header,
+            _pad
+        }),
+        host_layout!(LbFragFlow {
+            src_port,
+            dst_port,
+            proto,
+            _pad
+        }),
+        host_layout!(LbRejectLimit {
+            rate_per_sec,
+            burst
+        }),
+        host_layout!(LbRejectBucket {
+            nano_tokens,
+            last_ns
+        }),
         host_layout!(Lb6SourceRangeKey {
             service_id_be,
             addr

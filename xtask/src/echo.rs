@@ -6,7 +6,9 @@
 //!   response whose body is the answer, then the server closes;
 //! - TCP, a first line `HOLD`: the connection stays open and every further
 //!   line gets an answer (long-lived connection tests);
-//! - UDP: every datagram gets an answer.
+//! - UDP: every datagram gets an answer; one that starts with
+//!   [`ECHO_PREFIX`] gets the answer followed by the whole datagram (a
+//!   large request makes an equally large answer: fragmentation tests).
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -26,6 +28,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// First line of a connection that asks to be held open.
 pub const HOLD_LINE: &str = "HOLD";
+
+/// First bytes of a UDP datagram that asks to be echoed after the answer.
+pub const ECHO_PREFIX: &[u8] = b"ECHO ";
+/// The largest UDP datagram the servers and clients read (the IPv4 limit).
+const MAX_DATAGRAM: usize = 65536;
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -317,12 +324,16 @@ fn serve_held(
 }
 
 fn udp_loop(socket: UdpSocket, pod: Arc<str>, stop: Arc<AtomicBool>, counters: Arc<Counters>) {
-    let mut datagram = [0u8; 2048];
+    let mut datagram = vec![0u8; MAX_DATAGRAM];
     while !stop.load(Ordering::Relaxed) {
         match socket.recv_from(&mut datagram) {
-            Ok((_, peer)) => {
+            Ok((n, peer)) => {
                 counters.udp.fetch_add(1, Ordering::Relaxed);
-                let _ = socket.send_to(answer(&pod, peer).as_bytes(), peer);
+                let mut reply = answer(&pod, peer).into_bytes();
+                if datagram[..n].starts_with(ECHO_PREFIX) {
+                    reply.extend_from_slice(&datagram[..n]);
+                }
+                let _ = socket.send_to(&reply, peer);
             }
             Err(error) if is_timeout(&error) => {}
             // E.g. ECONNREFUSED from an earlier ICMP error: keep serving.
@@ -400,7 +411,7 @@ pub fn udp_request(
         socket.connect(addr)?;
         socket.set_read_timeout(Some(timeout))?;
         socket.send(&payload).context("sending")?;
-        let mut answer = [0u8; 2048];
+        let mut answer = vec![0u8; MAX_DATAGRAM];
         let n = socket.recv(&mut answer).map_err(|error| {
             if is_timeout(&error) {
                 anyhow::anyhow!("no answer within {timeout:?}")

@@ -23,7 +23,7 @@ use std::process::Command;
 
 pub use agent::{AgentProcess, Restrictions};
 pub use cgroup::Cgroup;
-pub use echo::{EchoServer, HoldConnection, client_of, http_get, pod_of, udp_request};
+pub use echo::{ECHO_PREFIX, EchoServer, HoldConnection, client_of, http_get, pod_of, udp_request};
 pub use netns::{BpffsDir, CleanupReport, NetNs, cleanup_leftovers, cleanup_stale};
 pub use setup::setup;
 pub use tempdir::TempDir;

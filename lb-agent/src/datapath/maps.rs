@@ -23,6 +23,7 @@ use lb_common::{
     conntrack::{self, Lb4CtEntry, Lb4CtKey, Lb6CtEntry, Lb6CtKey},
     maglev::{self, Lb4MaglevChunk, Lb4MaglevKey},
     member::{self, Lb4Member, Lb4MemberKey},
+    reject_limit::{self, LbRejectLimit},
     service::{self, Lb4Service, Lb4ServiceKey, Lb6ServiceKey},
     slot::{self, Lb4Slot, Lb4SlotKey},
     sock::{self, Lb4SockKey, Lb4SockRevnat, Lb6SockKey, Lb6SockRevnat},
@@ -98,6 +99,8 @@ pub struct KernelTables {
     pub config: Array<MapData, LbConfig>,
     /// The node's IPv6 address (SNAT source).
     pub config6: Array<MapData, Lb6Config>,
+    /// The per-CPU rate limit of ICMP rejects (zeros: the defaults).
+    pub reject_limit: Array<MapData, LbRejectLimit>,
     pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
     pub affinity6: HashMap<MapData, Lb6AffinityKey, Lb4Affinity>,
     pub members: HashMap<MapData, Lb4MemberKey, Lb4Member>,
@@ -169,6 +172,8 @@ impl KernelTables {
                 .with_context(|| layout(source_range::NAME6))?,
             config: Array::try_from(get(config::NAME)?).with_context(|| layout(config::NAME))?,
             config6: Array::try_from(get(config::NAME6)?).with_context(|| layout(config::NAME6))?,
+            reject_limit: Array::try_from(get(reject_limit::NAME)?)
+                .with_context(|| layout(reject_limit::NAME))?,
             affinity: HashMap::try_from(get(affinity::NAME)?)
                 .with_context(|| layout(affinity::NAME))?,
             affinity6: HashMap::try_from(get(affinity::NAME6)?)
@@ -301,6 +306,17 @@ impl KernelTables {
     /// Writes the node-wide IPv6 settings.
     pub fn set_config6(&mut self, value: &Lb6Config) -> anyhow::Result<()> {
         Ok(self.config6.set(0, value, 0)?)
+    }
+
+    /// The reject rate limit (zeros: the defaults of
+    /// `lb_common::reject_limit`).
+    pub fn reject_limit(&self) -> anyhow::Result<LbRejectLimit> {
+        Ok(self.reject_limit.get(&0, 0)?)
+    }
+
+    /// Writes the reject rate limit every CPU's bucket follows.
+    pub fn set_reject_limit(&mut self, value: &LbRejectLimit) -> anyhow::Result<()> {
+        Ok(self.reject_limit.set(0, value, 0)?)
     }
 
     /// Removes the UDP conntrack entries (both directions) of flows that

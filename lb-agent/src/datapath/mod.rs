@@ -123,7 +123,7 @@ impl Default for MapSizes {
 }
 
 /// Every map the programs use, with its pinned name.
-pub const MAP_NAMES: [&str; 21] = [
+pub const MAP_NAMES: [&str; 22] = [
     service::NAME,
     slot::NAME,
     backend::NAME,
@@ -143,6 +143,7 @@ pub const MAP_NAMES: [&str; 21] = [
     sock::NAME,
     source_range::NAME,
     config::NAME,
+    lb_common::reject_limit::NAME,
     stats::NAME,
     // Inspection: names, per-service counters, flow trace (lbctl).
     lb_common::service_name::NAME,
