@@ -71,6 +71,8 @@ pub struct Metrics {
     /// the last full pass; and the most seen since the agent started.
     snat_ports: Family<MapLabel, Gauge>,
     snat_ports_max: Family<MapLabel, Gauge>,
+    /// Every SNAT address seen in use, so one no longer in use reads 0.
+    snat_addresses: Mutex<std::collections::BTreeSet<std::net::IpAddr>>,
     /// When the oldest change not yet programmed arrived.
     pending_since: Mutex<Option<Instant>>,
 }
@@ -177,6 +179,7 @@ impl Metrics {
             conntrack_collected,
             snat_ports,
             snat_ports_max,
+            snat_addresses: Mutex::default(),
             pending_since: Mutex::new(None),
         }
     }
@@ -243,7 +246,18 @@ impl Metrics {
                 ])
                 .set(i64::try_from(count).unwrap_or(i64::MAX));
         }
-        for census in report.completed.values() {
+        let mut known = lock(&self.snat_addresses);
+        for (family, census) in &report.completed {
+            // Addresses of this family no longer in use.
+            for addr in known.iter() {
+                let ipv6 = addr.is_ipv6();
+                if (*family == "ipv6") == ipv6 && !census.snat_ports.contains_key(addr) {
+                    self.snat_ports
+                        .get_or_create(&vec![("address", addr.to_string())])
+                        .set(0);
+                }
+            }
+            known.extend(census.snat_ports.keys().copied());
             for (addr, ports) in &census.snat_ports {
                 let label = vec![("address", addr.to_string())];
                 let ports = i64::try_from(*ports).unwrap_or(i64::MAX);
@@ -480,6 +494,47 @@ mod tests {
         let text = metrics.encode().expect("encode");
         assert!(
             text.contains("lb_map_full_total{map=\"LB4_SLOTS_V1\"} 3"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn conntrack_sweeps_show_states_collections_and_snat_ports() {
+        use crate::datapath::ct_sweep::TableCensus;
+        let metrics = Metrics::new(None);
+        let node: std::net::IpAddr = "198.51.100.11".parse().expect("address");
+        let pass = |ports: Option<u64>, collected: u64| {
+            let mut census = TableCensus::default();
+            census.by_state.insert("established", 4);
+            if let Some(ports) = ports {
+                census.snat_ports.insert(node, ports);
+            }
+            SweepReport {
+                collected: [("ipv4", collected)].into_iter().collect(),
+                completed: [("ipv4", census)].into_iter().collect(),
+            }
+        };
+        metrics.conntrack_swept(&pass(Some(7), 3));
+        metrics.conntrack_swept(&pass(Some(5), 2));
+        let text = metrics.encode().expect("encode");
+        for line in [
+            "lb_conntrack_entries{family=\"ipv4\",state=\"established\"} 4",
+            "lb_conntrack_entries{family=\"ipv4\",state=\"time_wait\"} 0",
+            "lb_conntrack_collected_total{family=\"ipv4\"} 5",
+            "lb_snat_ports_in_use{address=\"198.51.100.11\"} 5",
+            "lb_snat_ports_in_use_max{address=\"198.51.100.11\"} 7",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+        // An address no longer in use reads 0, its high-water mark stays.
+        metrics.conntrack_swept(&pass(None, 0));
+        let text = metrics.encode().expect("encode");
+        assert!(
+            text.contains("lb_snat_ports_in_use{address=\"198.51.100.11\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lb_snat_ports_in_use_max{address=\"198.51.100.11\"} 7"),
             "{text}"
         );
     }

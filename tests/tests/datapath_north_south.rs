@@ -299,66 +299,6 @@ fn the_tc_fallback_on_node_devices_translates_like_xdp() {
     assert_eq!((reply.src, reply.dst), (NODE, EXT));
 }
 
-/// One backend behind the node address has 4523 SNAT ports (61000-65522):
-/// new flows from many clients (addresses and ports spread as real ones
-/// are) keep getting distinct free ports until the range is nearly full,
-/// and only then are dropped, counted as a full table. (With these clients
-/// the first drop comes after 4269 ports; linear probing of 8 candidates in
-/// a 4000-port range dropped one after 1674.)
-#[test]
-fn snat_ports_fill_nearly_their_whole_range_before_a_drop() {
-    const RANGE: std::ops::RangeInclusive<u16> = 61000..=65522;
-    let mut fx = fixture("snat_ports_fill_nearly_their_whole_range_before_a_drop");
-    let full_before = fx.count(Reason::DropCtFull);
-    let mut used = std::collections::HashSet::new();
-    let mut first_drop = None;
-    let mut x: u32 = 12_345;
-    let clients: Vec<(Ipv4Addr, u16)> = (0..4600u32)
-        .map(|k| {
-            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345) & 0x7fff_ffff;
-            let [_, _, c, d] = k.to_be_bytes();
-            (
-                Ipv4Addr::new(198, 18, c, d),
-                1024 + ((x >> 8) % 60_000) as u16,
-            )
-        })
-        .collect();
-    for (k, &client) in clients.iter().enumerate() {
-        let frame = syn(client, (NODE, CLUSTER_REMOTE)).emit();
-        let (verdict, out) = fx.run(Hook::Xdp, &frame);
-        if verdict != Hook::Xdp.pass() {
-            first_drop = Some(k);
-            break;
-        }
-        let out = Packet::parse(&out).expect("translated frame");
-        assert_eq!((out.src, out.dst), (NODE, REMOTE), "flow {k}");
-        let port = out.ports().expect("ports").0;
-        assert!(RANGE.contains(&port), "flow {k}: SNAT port {port}");
-        assert!(used.insert(port), "flow {k}: SNAT port {port} given twice");
-    }
-    let first_drop = first_drop.expect("4600 flows cannot fit 4523 ports");
-    eprintln!(
-        "{} of 4523 SNAT ports allocated before the first drop",
-        used.len()
-    );
-    assert!(
-        used.len() >= 3900,
-        "only {} of 4523 ports were allocated before the first drop",
-        used.len()
-    );
-    assert_eq!(
-        fx.count(Reason::DropCtFull),
-        full_before + 1,
-        "drop at flow {first_drop}"
-    );
-    // Established flows are untouched by the exhaustion.
-    let again = fx.pass(
-        Hook::Xdp,
-        &Packet::tcp(clients[0], (NODE, CLUSTER_REMOTE), ACK, b"data"),
-    );
-    assert_eq!((again.src, again.dst), (NODE, REMOTE));
-}
-
 #[test]
 fn snat_without_a_node_address_drops_and_counts() {
     let mut fx = Fixture::new("snat_without_a_node_address_drops_and_counts", &desired());

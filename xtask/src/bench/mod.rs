@@ -24,6 +24,7 @@
 mod kubeproxy;
 mod report;
 mod services;
+mod snat;
 mod socket_lb;
 mod traffic;
 mod variants;
@@ -82,6 +83,8 @@ struct Plan {
     conn_sizes: Vec<u32>,
     conn_duration: Duration,
     conn_threads: usize,
+    /// How long each repetition of the SNAT run opens connections.
+    snat_duration: Duration,
     flow_duration: Duration,
     agent_sizes: Vec<u32>,
     agent_reps: u32,
@@ -109,6 +112,7 @@ impl Plan {
                 conn_sizes: vec![100],
                 conn_duration: Duration::from_millis(500),
                 conn_threads: 2,
+                snat_duration: Duration::from_secs(1),
                 flow_duration: Duration::from_millis(300),
                 agent_sizes: vec![1000],
                 agent_reps: 1,
@@ -129,6 +133,7 @@ impl Plan {
                 conn_sizes: vec![1000, 10_000],
                 conn_duration: Duration::from_secs(2),
                 conn_threads: 4,
+                snat_duration: Duration::from_secs(10),
                 flow_duration: Duration::from_secs(2),
                 agent_sizes: vec![10_000, 100_000],
                 agent_reps: 1,
@@ -149,6 +154,7 @@ impl Plan {
                 conn_sizes: vec![1000, 10_000, 30_000, 100_000],
                 conn_duration: Duration::from_secs(5),
                 conn_threads: 4,
+                snat_duration: Duration::from_secs(60),
                 flow_duration: Duration::from_secs(5),
                 agent_sizes: vec![10_000, 100_000],
                 agent_reps: 3,
@@ -275,6 +281,9 @@ pub fn bench(options: &BenchOptions) -> Result<()> {
         "==> socket-level balancing: direct, packet path, socket-level, one fresh topology each"
     );
     socket_lb::socket_lb_runs(&plan, &agent, &mut results, &mut notes)?;
+
+    println!("==> sustained connections through SNAT (two nodes, remote endpoint)");
+    snat::snat_runs(&plan, &agent, &mut results, &mut notes)?;
 
     println!("==> agent memory and CPU");
     agent_runs(&plan, &agent, &mut results, &mut notes)?;
@@ -685,7 +694,7 @@ fn agent_runs(
             let pins = BpffsDir::with_prefix(PREFIX)?;
             match start_agent(
                 agent,
-                &ns,
+                (services::NODE_NAME, &ns),
                 manifests.path(),
                 &pins,
                 size,
@@ -1159,6 +1168,7 @@ fn write_report(
          | variant | services | p50(N)/p50(1k) | against direct |\n|---|---|---|---|\n{lat_rows}"
     );
     let socket_chart = socket_lb::report(&mut md, results, plan);
+    snat::report(&mut md, results, plan);
 
     // 3. established
     let first = plan.conn_sizes[0];

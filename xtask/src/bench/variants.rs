@@ -20,7 +20,8 @@ use xtask::{AgentProcess, BpffsDir, Cgroup, Cluster, NODE_DEVICE, NetNs, TempDir
 
 use super::kubeproxy;
 use super::services::{
-    CLIENT_POD_IP, ENDPOINTS_PER_SERVICE, NODE_PORT, SERVER_POD_IP, ServiceSet, TARGET_PORT,
+    CLIENT_POD_IP, ENDPOINTS_PER_SERVICE, NODE_NAME, NODE_PORT, SERVER_POD_IP, ServiceSet,
+    TARGET_PORT,
 };
 use super::traffic::{BenchServer, wait_until_answering};
 
@@ -140,11 +141,11 @@ pub enum Attach<'a> {
     DevicesAndCgroup(&'a Path),
 }
 
-/// Starts the agent in `ns` on `manifests`; waits until it logged that
-/// `services` frontends (or more) are programmed.
+/// Starts the agent of `node` (its name) in `ns` on `manifests`; waits
+/// until it logged that `services` frontends (or more) are programmed.
 pub fn start_agent(
     config: &AgentConfig,
-    ns: &NetNs,
+    (node, ns): (&str, &NetNs),
     manifests: &Path,
     pins: &BpffsDir,
     services: u32,
@@ -153,7 +154,7 @@ pub fn start_agent(
 ) -> Result<(AgentProcess, Duration)> {
     let mut args: Vec<String> = vec![
         "--node-name".into(),
-        "node-1".into(),
+        node.into(),
         "--manifests".into(),
         manifests.display().to_string(),
         "--bpffs".into(),
@@ -281,7 +282,7 @@ impl Bench {
                 };
                 let (process, _) = start_agent(
                     agent,
-                    node_ns,
+                    (NODE_NAME, node_ns),
                     files.path(),
                     &pin,
                     set.count,
