@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
     HAIRPIN_ADDR4, HAIRPIN_ADDR6, PROTO_TCP,
@@ -48,6 +48,18 @@ const EEXIST: i32 = -17;
 pub fn now() -> u64 {
     // SAFETY: no arguments, no side effects.
     unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// A new flow's creation stamp: `now` with random bits below the
+/// microsecond. A coarse tick is the same for every flow created in it,
+/// and the stamp is part of the identity both entries of a flow share
+/// ([`CtTable::flow_id`]); the noise keeps two flows of one tick and one
+/// backend apart, and is invisible in an age shown in tenths of seconds.
+#[inline(always)]
+pub fn creation_stamp(now: u64) -> u64 {
+    // SAFETY: no arguments, no side effects.
+    let noise = unsafe { bpf_get_prandom_u32() } & 0x3ff;
+    (now & !0x3ff) | u64::from(noise)
 }
 
 /// The node's conntrack timeouts; kube-proxy's defaults while the agent
@@ -210,25 +222,39 @@ pub fn follow<T: CtTable>(
         return Follow::New;
     }
     let forward = e.direction() == DIR_FORWARD;
-    if forward
-        && seen.is_syn()
-        && (CtState::of(seen.proto, state).is_closed() || !backend_current::<T>(e))
-    {
+    let closed = CtState::of(seen.proto, state).is_closed();
+    if forward && seen.is_syn() && (closed || !backend_current::<T>(e)) {
         return Follow::New;
+    }
+    // A flow that is over may have lost its reply tuple to a newer flow
+    // (its SNAT port claimed again): its stragglers must not reach the
+    // backend as that flow's packets, nor touch its state. Only packets
+    // after a close pay this lookup.
+    if closed {
+        T::peer_key(key, e, peer);
+        match T::get(peer) {
+            // SAFETY: a map value, only read.
+            Some(other) if T::flow_id(unsafe { &*other }) == T::flow_id(e) => {}
+            _ => return Follow::New,
+        }
     }
     let mut next = state;
     if !forward {
         next |= CT_REPLIED;
     }
-    if seen.tcp_flags & parse::TCP_FIN != 0 && seen.proto == PROTO_TCP {
-        next |= if forward {
-            CT_FIN_FORWARD
-        } else {
-            CT_FIN_REPLY
-        };
-    }
-    if seen.tcp_flags & parse::TCP_RST != 0 && seen.proto == PROTO_TCP {
-        next |= CT_RST;
+    if seen.proto == PROTO_TCP {
+        // A FIN before any answer closes nothing (netfilter ignores it in
+        // SYN_SENT): it must not hold the tuple for close-wait's hour.
+        if seen.tcp_flags & parse::TCP_FIN != 0 && next & CT_REPLIED != 0 {
+            next |= if forward {
+                CT_FIN_FORWARD
+            } else {
+                CT_FIN_REPLY
+            };
+        }
+        if seen.tcp_flags & parse::TCP_RST != 0 {
+            next |= CT_RST;
+        }
     }
     let changed = next != state;
     if changed || needs_refresh(timeouts, seen.proto, state, e.last_seen_ns(), now) {
@@ -432,7 +458,7 @@ pub fn create(
         _pad: 0,
         service_id: service.service_id,
         backend_id,
-        created_ns: now,
+        created_ns: creation_stamp(now),
         last_seen_ns: now,
         packets: 0,
         bytes: 0,
@@ -541,7 +567,7 @@ pub fn create6(
     entry._pad = 0;
     entry.service_id = service.service_id;
     entry.backend_id = backend_id;
-    entry.created_ns = now;
+    entry.created_ns = creation_stamp(now);
     entry.last_seen_ns = now;
     entry.packets = 0;
     entry.bytes = 0;

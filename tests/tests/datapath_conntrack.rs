@@ -13,7 +13,7 @@ use lb_agent::{
     model::{DesiredTables, Frontend, FrontendKind, FrontendSpec, Protocol},
 };
 use lb_common::{
-    PROTO_TCP,
+    PROTO_TCP, PROTO_UDP,
     conntrack::{
         CT_FIN_FORWARD, CT_FIN_REPLY, CT_REPLIED, CT_RST, CtState, CtTimeouts, Lb4CtKey, Lb6CtKey,
     },
@@ -100,6 +100,9 @@ fn desired(f: &Family, web: &[IpAddr], other: &[IpAddr]) -> DesiredTables {
     let local = |addrs: &[IpAddr]| -> Vec<(IpAddr, u16, bool)> {
         addrs.iter().map(|a| (*a, 8080, true)).collect()
     };
+    let udp = |addrs: &[IpAddr]| -> Vec<(IpAddr, u16, bool)> {
+        addrs.iter().map(|a| (*a, 5353, true)).collect()
+    };
     DesiredTables {
         frontends: [
             (
@@ -109,6 +112,10 @@ fn desired(f: &Family, web: &[IpAddr], other: &[IpAddr]) -> DesiredTables {
             (
                 Frontend::new(f.vip2, 80, Protocol::Tcp),
                 spec_of("other", FrontendKind::ClusterIp, &local(other)),
+            ),
+            (
+                Frontend::new(f.vip, 53, Protocol::Udp),
+                spec_of("dns", FrontendKind::ClusterIp, &udp(web)),
             ),
             (
                 Frontend::new(f.node, NODE_PORT, Protocol::Tcp),
@@ -143,6 +150,19 @@ fn tcp(src: SocketAddr, dst: SocketAddr, flags: u8) -> Vec<u8> {
     }
 }
 
+/// A UDP frame of either family.
+fn udp(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            Packet::udp((s, src.port()), (d, dst.port()), b"query").emit()
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            Packet6::udp((s, src.port()), (d, dst.port()), b"query").emit()
+        }
+        _ => panic!("mixed families {src} -> {dst}"),
+    }
+}
+
 /// Runs `frame` through `hook`, expects it passed, and returns its
 /// (source, destination) after the program, checksums verified.
 fn pass(fx: &mut Fixture, hook: Hook, frame: &[u8]) -> (SocketAddr, SocketAddr) {
@@ -159,19 +179,28 @@ fn pass(fx: &mut Fixture, hook: Hook, frame: &[u8]) -> (SocketAddr, SocketAddr) 
 
 /// The (state bits, last seen) of the TCP entry at `src -> dst`.
 fn entry(fx: &Fixture, src: SocketAddr, dst: SocketAddr) -> Option<(u8, u64)> {
+    entry_of(fx, PROTO_TCP, src, dst)
+}
+
+/// The (state bits, last seen) of the `proto` entry at `src -> dst`.
+fn entry_of(fx: &Fixture, proto: u8, src: SocketAddr, dst: SocketAddr) -> Option<(u8, u64)> {
     match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => fx
-            .tables
-            .conntrack
-            .get(&key4(s, d, src.port(), dst.port()), 0)
-            .ok()
-            .map(|e| (e.state, e.last_seen_ns)),
-        (IpAddr::V6(s), IpAddr::V6(d)) => fx
-            .tables
-            .conntrack6
-            .get(&key6(s, d, src.port(), dst.port()), 0)
-            .ok()
-            .map(|e| (e.state, e.last_seen_ns)),
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let key = Lb4CtKey {
+                proto,
+                ..key4(s, d, src.port(), dst.port())
+            };
+            let e = fx.tables.conntrack.get(&key, 0).ok()?;
+            Some((e.state, e.last_seen_ns))
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let key = Lb6CtKey {
+                proto,
+                ..key6(s, d, src.port(), dst.port())
+            };
+            let e = fx.tables.conntrack6.get(&key, 0).ok()?;
+            Some((e.state, e.last_seen_ns))
+        }
         _ => None,
     }
 }
@@ -270,6 +299,13 @@ fn a_connection_goes_through_its_states_in_both_entries() {
         assert_eq!(state, CT_REPLIED, "{}: the SYN-ACK established it", f.name);
         assert_eq!(state_of(state), CtState::Established);
 
+        // Within a second of the last write, a packet that changes nothing
+        // does not write the time again.
+        let (_, stamped) = entry(&fx, client, vip).expect("entry");
+        pass(&mut fx, Hook::TcPod, &tcp(client, vip, ACK));
+        let (_, after) = entry(&fx, client, vip).expect("entry");
+        assert_eq!(after, stamped, "{}: last seen written per packet", f.name);
+
         pass(&mut fx, Hook::TcPod, &tcp(client, vip, ACK));
         pass(&mut fx, Hook::TcPod, &tcp(client, vip, FIN | ACK));
         let state = flow_state(&fx, client, vip, backend);
@@ -285,6 +321,26 @@ fn a_connection_goes_through_its_states_in_both_entries() {
             f.name
         );
         assert_eq!(state_of(state), CtState::TimeWait);
+
+        // A FIN before any answer closes nothing.
+        let early = sa(f.client, 40002);
+        pass(&mut fx, Hook::TcPod, &tcp(early, vip, SYN));
+        pass(&mut fx, Hook::TcPod, &tcp(early, vip, FIN | ACK));
+        let state = flow_state(&fx, early, vip, backend);
+        assert_eq!(state_of(state), CtState::SynSent, "{}", f.name);
+
+        // A UDP flow: unreplied until the backend answers.
+        let dns = sa(f.vip, 53);
+        let dns_backend = sa(f.backend_a, 5353);
+        let (_, to) = pass(&mut fx, Hook::TcPod, &udp(client, dns));
+        assert_eq!(to, dns_backend, "{}", f.name);
+        let (bits, _) = entry_of(&fx, PROTO_UDP, client, dns).expect("UDP entry");
+        assert_eq!(CtState::of(PROTO_UDP, bits), CtState::Unreplied);
+        pass(&mut fx, Hook::TcPod, &udp(dns_backend, client));
+        for (src, dst) in [(client, dns), (dns_backend, client)] {
+            let (bits, _) = entry_of(&fx, PROTO_UDP, src, dst).expect("UDP entry");
+            assert_eq!(CtState::of(PROTO_UDP, bits), CtState::Replied, "{}", f.name);
+        }
 
         // Another connection, reset by the backend.
         let client2 = sa(f.client, 40001);
@@ -570,6 +626,30 @@ fn the_collector_removes_expired_entries_and_keeps_live_ones() {
         assert!(entry(&fx, live, vip).is_some(), "{}", f.name);
         assert!(entry(&fx, backend, live).is_some(), "{}", f.name);
         let census = &report.completed[f.name];
+        assert_eq!(census.by_state.get("established"), Some(&2), "{}", f.name);
+
+        // More entries than one batch reads: a small budget walks them in
+        // slices, each sweep going on where the last stopped.
+        for port in 0..3000u16 {
+            pass(
+                &mut fx,
+                Hook::TcPod,
+                &tcp(sa(f.client, 20_000 + port), vip, SYN),
+            );
+        }
+        let mut sweeps = 0;
+        let census = loop {
+            sweeps += 1;
+            let report = sweeper
+                .sweep(&mut fx.tables, &timeouts, coarse_now_ns(), 1)
+                .expect("sweep");
+            if let Some(census) = report.completed.get(f.name) {
+                break census.clone();
+            }
+            assert!(sweeps < 10, "{}: the walk never completed", f.name);
+        };
+        assert!(sweeps > 1, "{}: 6002 entries read in one slice", f.name);
+        assert_eq!(census.by_state.get("syn_sent"), Some(&6000), "{}", f.name);
         assert_eq!(census.by_state.get("established"), Some(&2), "{}", f.name);
     }
 }

@@ -5,8 +5,9 @@
 //!
 //! The sweep reads the tables with `BPF_MAP_LOOKUP_BATCH` (one syscall per
 //! few thousand entries instead of two per entry) and re-reads each expired
-//! entry just before removing it, so a flow that came back to life in
-//! between stays. Each call does a bounded amount of work and resumes where
+//! entry just before removing it, so a flow that came back to life since
+//! the batch stays (one that does so between that read and the removal,
+//! a window of one syscall, loses its entry and is balanced afresh). Each call does a bounded amount of work and resumes where
 //! the previous one stopped; a full pass over a table publishes its counts.
 
 use std::{
@@ -145,6 +146,7 @@ fn sweep_table<K, V>(
 where
     K: SweptKey,
     V: aya::Pod + CtEntry,
+    V::Addr: Into<IpAddr>,
 {
     let mut read = 0;
     let mut collected = 0;
@@ -165,8 +167,14 @@ where
             *walk.census.by_state.entry(state.name()).or_default() += 1;
             // A reply entry that rewrites its destination back to the
             // client came to a translated source: its key's destination
-            // is the SNAT address, and holds one of its ports.
-            if entry.direction() == DIR_REPLY && entry.rewrite() & REWRITE_DST != 0 {
+            // is the SNAT address (the node's or the hairpin address; a
+            // client's own address, for a remapped port, is not counted),
+            // and a live flow holds one of its ports.
+            if entry.direction() == DIR_REPLY
+                && entry.rewrite() & REWRITE_DST != 0
+                && entry.dst().0.into() != key.dst()
+                && !state.is_closed()
+            {
                 *walk.census.snat_ports.entry(key.dst()).or_default() += 1;
             }
         }
