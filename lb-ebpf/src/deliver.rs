@@ -130,11 +130,17 @@ fn try_redirect_tc(ctx: &TcContext) -> Result<i32, Reason> {
 /// protocol are a service's): a reply XDP translated on this device,
 /// recognised by its source rather than by an XDP metadata mark, whose
 /// support varies with the driver. One hash lookup per packet from the
-/// network.
+/// network. A later fragment carries no ports: its source must be a
+/// ClusterIP (the replies of NodePorts come from the node's own address,
+/// which passes the check; those of LoadBalancer IPs and externalIPs are
+/// not recognised in later fragments).
 #[inline(always)]
 pub fn from_frontend(ctx: &TcContext) -> bool {
     match parse::parse_packet(ctx) {
         Ok(Packet::Flow(flow)) => service::is_frontend_source(&flow.key),
+        Ok(Packet::Fragment) => ptr_at::<TcContext, [u8; 4]>(ctx, IP_SRC_OFF)
+            // SAFETY: bounds-checked by ptr_at.
+            .is_ok_and(|src| service::is_cluster_ip(unsafe { *src })),
         Ok(Packet::Ipv6) => from_frontend6(ctx),
         _ => false,
     }
@@ -148,6 +154,11 @@ fn from_frontend6(ctx: &TcContext) -> bool {
     };
     // SAFETY: this CPU's scratch entry; nothing else runs on it meanwhile.
     let flow = unsafe { &mut (*scratch).flow };
-    matches!(parse::parse_ipv6(ctx, flow), Ok(Packet6::Flow))
-        && service::is_frontend_source6(&flow.key)
+    match parse::parse_ipv6(ctx, flow) {
+        Ok(Packet6::Flow) => service::is_frontend_source6(&flow.key),
+        Ok(Packet6::Fragment) => ptr_at::<TcContext, [u8; 16]>(ctx, IP6_SRC_OFF)
+            // SAFETY: bounds-checked by ptr_at.
+            .is_ok_and(|src| service::is_cluster_ip6(unsafe { *src })),
+        _ => false,
+    }
 }
