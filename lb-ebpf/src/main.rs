@@ -482,7 +482,8 @@ fn reverse_host_reply(
             let reason = follow_flow6(ctx, obs, true);
             return match reason {
                 Reason::CtReply => Some(Ok((reason, Translation::none()))),
-                _ if reason.is_drop() => Some(Err(reason)),
+                // A rewrite that failed half-way; a parse failure passes.
+                Reason::DropRewrite => Some(Err(reason)),
                 _ => None,
             };
         }
