@@ -39,6 +39,8 @@ pub const FAMILY_IPV6: u8 = 6;
 pub const HOOK_POD: u8 = 1;
 /// The packet came from a node device (TC or XDP).
 pub const HOOK_NETWORK: u8 = 2;
+/// The packet left the node's own stack (egress of a pod or node device).
+pub const HOOK_HOST: u8 = 3;
 
 /// One trace event. Addresses network order, ports host order, as in the
 /// maps; both families in one layout (version 2: version 1 had 4-byte

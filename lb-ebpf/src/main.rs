@@ -6,6 +6,7 @@
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
 mod ct;
+mod deliver;
 mod frag;
 mod icmp;
 mod nat;
@@ -265,12 +266,50 @@ pub enum Hook {
     /// From the network (node device): external view, SNAT when a backend
     /// on another node must send its reply back through this node.
     FromNetwork,
+    /// From the node's own stack (egress of pod and node devices):
+    /// replies of host-network backends, reverse translation only.
+    FromHost,
 }
 
 /// TC ingress on pod-facing devices.
 #[classifier]
 pub fn lb_tc_pod(ctx: TcContext) -> i32 {
     tc_verdict(&ctx, Hook::FromPod)
+}
+
+/// TCX egress on pod-facing and node devices: the node's own stack
+/// answering a client through a service (a host-network backend on this
+/// node, e.g. the API server behind the `kubernetes` service) gets its
+/// reply translated back here, the only hook such a reply passes: to a
+/// local pod out of its device, to anything else out of a node device.
+/// Untouched packets are not counted: every packet leaving passes here.
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let mut obs = Observation::default();
+    let (reason, verdict) = match reverse_host_reply(&ctx, &mut obs) {
+        None => return TC_ACT_OK,
+        Some(Ok((reason, translation))) => match nat::apply_tc(&ctx, &translation) {
+            Ok(()) => (reason, TC_ACT_OK),
+            Err(drop) => (drop, TC_ACT_SHOT),
+        },
+        Some(Err(drop)) => (drop, TC_ACT_SHOT),
+    };
+    stats::count(reason, len);
+    stats::count_service(&obs, reason, len);
+    trace::record(&ctx, &obs, reason, Hook::FromHost);
+    verdict
+}
+
+/// TCX ingress beside XDP on node devices: delivers the replies XDP
+/// translated past the stack's reverse-path check (`deliver`).
+#[classifier]
+pub fn lb_tc_node_deliver(ctx: TcContext) -> i32 {
+    if deliver::from_frontend(&ctx) {
+        deliver::redirect_tc(&ctx)
+    } else {
+        TC_ACT_OK
+    }
 }
 
 /// TC ingress on node devices where XDP is not available.
@@ -325,6 +364,8 @@ fn tc_verdict(ctx: &TcContext, hook: Hook) -> i32 {
                 Ok(verdict) => (reason, verdict),
                 Err(drop) => (drop, TC_ACT_SHOT),
             },
+            // Past the stack's reverse-path check (`deliver`).
+            Ok(()) if deliver::is_translated_reply(reason) => (reason, deliver::redirect_tc(ctx)),
             Ok(()) => (reason, TC_ACT_OK),
             Err(drop) => (drop, TC_ACT_SHOT),
         },
@@ -355,7 +396,7 @@ fn process_packet<C: PacketBuf + Nat6 + NatFragment>(
         Packet::NotIpv4 => return untouched(Reason::PassNotIpv4),
         // The IPv6 path rewrites the packet itself.
         Packet::Ipv6 => {
-            let mut reason = follow_flow6(ctx, obs);
+            let mut reason = follow_flow6(ctx, obs, false);
             if reason == Reason::PassNotService {
                 reason = balance_new_flow6(ctx, hook, obs);
             } else if reason == Reason::PassOtherL4 && parsed_icmp6() {
@@ -423,6 +464,46 @@ fn process_packet<C: PacketBuf + Nat6 + NatFragment>(
         frag::remember4(ctx, &flow.key);
     }
     verdict
+}
+
+/// The egress path: a TCP/UDP packet whose tuple is the reply
+/// entry of a tracked flow gets that flow's reverse translation. `None`
+/// for everything else, which passes untouched: nothing is balanced here
+/// (the node's own connections are socket-level balancing's), and a packet
+/// the parser refuses is the node's own, not ours to drop.
+#[inline(always)]
+fn reverse_host_reply(
+    ctx: &TcContext,
+    obs: &mut Observation,
+) -> Option<Result<(Reason, Translation), Reason>> {
+    let flow = match parse::parse_packet(ctx).ok()? {
+        Packet::Flow(flow) => flow,
+        Packet::Ipv6 => {
+            let reason = follow_flow6(ctx, obs, true);
+            return match reason {
+                Reason::CtReply => Some(Ok((reason, Translation::none()))),
+                // A rewrite that failed half-way; a parse failure passes.
+                Reason::DropRewrite => Some(Err(reason)),
+                _ => None,
+            };
+        }
+        _ => return None,
+    };
+    let entry = ct::V4::get(&flow.key)?;
+    // SAFETY: a map value; the direction never changes after insertion.
+    if unsafe { (*entry).direction } == DIR_FORWARD {
+        return None;
+    }
+    let mut peer = Lb4CtKey::default();
+    let seen = ct::Seen::of(&flow, ctx.len());
+    if ct::follow::<ct::V4>(&flow.key, entry, &mut peer, &seen, ct::now()) != ct::Follow::Track {
+        return None;
+    }
+    // SAFETY: a map value, read from here on.
+    let entry = unsafe { &*entry };
+    obs.service_id = entry.service_id;
+    obs.backend_id = entry.backend_id;
+    Some(Ok((Reason::CtReply, Translation::of(&flow, entry))))
 }
 
 /// Not inlined: the new-flow path gets its own stack frame beside the
@@ -503,15 +584,20 @@ static LB6_SCRATCH: PerCpuArray<Scratch6, 1> = PerCpuArray::new();
 /// half is called beside it, not from it: each frame sits alone on top of
 /// the entry point's. A plain `u32` reason, not a `Result`, so nothing
 /// returns through the caller's stack.
+/// With `replies_only`, a forward entry is left alone (`PassNotService`).
 #[inline(never)]
-fn follow_flow6<C: PacketBuf + Nat6>(ctx: &C, obs: &mut Observation) -> Reason {
-    match try_follow_flow6(ctx, obs) {
+fn follow_flow6<C: PacketBuf + Nat6>(ctx: &C, obs: &mut Observation, replies_only: bool) -> Reason {
+    match try_follow_flow6(ctx, obs, replies_only) {
         Ok(reason) | Err(reason) => reason,
     }
 }
 
 #[inline(always)]
-fn try_follow_flow6<C: PacketBuf + Nat6>(ctx: &C, obs: &mut Observation) -> Result<Reason, Reason> {
+fn try_follow_flow6<C: PacketBuf + Nat6>(
+    ctx: &C,
+    obs: &mut Observation,
+    replies_only: bool,
+) -> Result<Reason, Reason> {
     // Index 0 of a one-entry array always exists.
     let scratch = LB6_SCRATCH.get_ptr_mut(0).ok_or(Reason::DropRewrite)?;
     // SAFETY: this CPU's scratch entry; nothing else runs on it meanwhile.
@@ -532,6 +618,10 @@ fn try_follow_flow6<C: PacketBuf + Nat6>(ctx: &C, obs: &mut Observation) -> Resu
     let Some(entry_ptr) = ct::lookup6(&flow.key) else {
         return Ok(Reason::PassNotService);
     };
+    // SAFETY: a map value; the direction never changes after insertion.
+    if replies_only && unsafe { (*entry_ptr).direction } == DIR_FORWARD {
+        return Ok(Reason::PassNotService);
+    }
     // SAFETY: this CPU's scratch entry, as above.
     let peer = unsafe { &mut (*scratch).peer_key };
     let seen = ct::Seen::of6(flow, ctx.len());

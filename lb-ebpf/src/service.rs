@@ -56,6 +56,56 @@ pub fn is_service_address(flow: &Lb4CtKey) -> bool {
     unsafe { LB4_SERVICES_V1.get(key) }.is_some_and(|s| s.flags & FLAG_ADDRESS != 0)
 }
 
+/// Whether the flow's source is a frontend (address, port, protocol): a
+/// reply already translated back.
+#[inline(always)]
+pub fn is_frontend_source(flow: &Lb4CtKey) -> bool {
+    let key = Lb4ServiceKey {
+        addr: flow.src_addr,
+        port: flow.src_port,
+        proto: flow.proto,
+        scope: SCOPE_EXTERNAL,
+    };
+    unsafe { LB4_SERVICES_V1.get(key) }.is_some()
+}
+
+/// Whether `addr` is a ClusterIP (its address marker exists): the source
+/// of a later fragment of a translated reply, which carries no ports.
+#[inline(always)]
+pub fn is_cluster_ip(addr: [u8; 4]) -> bool {
+    let key = Lb4ServiceKey {
+        addr,
+        port: 0,
+        proto: 0,
+        scope: SCOPE_EXTERNAL,
+    };
+    unsafe { LB4_SERVICES_V1.get(key) }.is_some_and(|s| s.flags & FLAG_ADDRESS != 0)
+}
+
+/// [`is_cluster_ip`] for an IPv6 address.
+#[inline(always)]
+pub fn is_cluster_ip6(addr: [u8; 16]) -> bool {
+    let key = Lb6ServiceKey {
+        addr,
+        port: 0,
+        proto: 0,
+        scope: SCOPE_EXTERNAL,
+    };
+    unsafe { LB6_SERVICES_V1.get(key) }.is_some_and(|s| s.flags & FLAG_ADDRESS != 0)
+}
+
+/// [`is_frontend_source`] for an IPv6 flow.
+#[inline(always)]
+pub fn is_frontend_source6(flow: &Lb6CtKey) -> bool {
+    let key = Lb6ServiceKey {
+        addr: flow.src_addr,
+        port: flow.src_port,
+        proto: flow.proto,
+        scope: SCOPE_EXTERNAL,
+    };
+    unsafe { LB6_SERVICES_V1.get(key) }.is_some()
+}
+
 /// How a backend was chosen.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Selection {

@@ -14,7 +14,7 @@ use lb_common::{
     service::{FLAG_LOCAL_ONLY, Lb4Service},
     stats::Reason,
     trace::{
-        EVENT_DROP, EVENT_NEW_FLOW, FAMILY_IPV4, FAMILY_IPV6, HOOK_NETWORK, HOOK_POD,
+        EVENT_DROP, EVENT_NEW_FLOW, FAMILY_IPV4, FAMILY_IPV6, HOOK_HOST, HOOK_NETWORK, HOOK_POD,
         SELECT_AFFINITY, SELECT_LOCAL, SELECT_MAGLEV, SELECT_NONE, SELECT_RANDOM,
     },
 };
@@ -139,6 +139,7 @@ fn emit_event(obs: &Observation, reason: Reason, hook: Hook, new_flow: bool, sel
         (*event).hook = match hook {
             Hook::FromPod => HOOK_POD,
             Hook::FromNetwork => HOOK_NETWORK,
+            Hook::FromHost => HOOK_HOST,
         };
         (*event).reason = reason as u32;
         (*event).service_id = obs.service_id;

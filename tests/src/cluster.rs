@@ -508,11 +508,30 @@ impl NodeAgents {
         while !done() {
             assert!(
                 Instant::now() < deadline,
-                "{what}: not reached; agent logs:\n{}",
-                self.logs()
+                "{what}: not reached; agent logs:\n{}{}",
+                self.logs(),
+                self.stats()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Every node's counters (`lbctl stats`), for assertion messages.
+    pub fn stats(&self) -> String {
+        self.pins
+            .iter()
+            .enumerate()
+            .map(|(i, pin)| {
+                let stats = std::process::Command::new(crate::lbctl_binary())
+                    .arg("--bpffs")
+                    .arg(pin.path())
+                    .arg("stats")
+                    .output()
+                    .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                    .unwrap_or_else(|e| format!("lbctl: {e}"));
+                format!("--- node-{} stats\n{stats}\n", i + 1)
+            })
+            .collect()
     }
 
     /// The last lines of every agent's log, for assertion messages.

@@ -8,7 +8,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
-    datapath::{Datapath, KernelTables, MapSizes, Programmer, TC_NODE_PROGRAM, TC_POD_PROGRAM},
+    datapath::{
+        Datapath, KernelTables, MapSizes, Programmer, TC_EGRESS_PROGRAM, TC_NODE_PROGRAM,
+        TC_POD_PROGRAM,
+    },
     model::{Backend, DesiredTables, FrontendKind, FrontendSpec, ServiceRef},
 };
 use lb_common::{config::LbConfig, stats::Reason};
@@ -19,6 +22,7 @@ use crate::{packet::Packet, packet6::Packet6, require_root};
 /// TC verdicts.
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
 /// XDP verdicts.
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -32,13 +36,15 @@ pub enum Hook {
     TcNode,
     /// `lb_xdp_node`: a node device.
     Xdp,
+    /// `lb_tc_egress`: leaving a pod or node device.
+    TcEgress,
 }
 
 impl Hook {
     /// The verdict that passes a packet on.
     pub fn pass(self) -> u32 {
         match self {
-            Hook::TcPod | Hook::TcNode => TC_ACT_OK,
+            Hook::TcPod | Hook::TcNode | Hook::TcEgress => TC_ACT_OK,
             Hook::Xdp => XDP_PASS,
         }
     }
@@ -46,7 +52,7 @@ impl Hook {
     /// The verdict that drops it.
     pub fn drop(self) -> u32 {
         match self {
-            Hook::TcPod | Hook::TcNode => TC_ACT_SHOT,
+            Hook::TcPod | Hook::TcNode | Hook::TcEgress => TC_ACT_SHOT,
             Hook::Xdp => XDP_DROP,
         }
     }
@@ -144,6 +150,11 @@ impl Fixture {
             Hook::TcNode => self
                 .datapath
                 .tc_program(TC_NODE_PROGRAM)
+                .expect("program")
+                .test_run(opts),
+            Hook::TcEgress => self
+                .datapath
+                .tc_program(TC_EGRESS_PROGRAM)
                 .expect("program")
                 .test_run(opts),
             Hook::Xdp => self.datapath.xdp_program().expect("program").test_run(opts),

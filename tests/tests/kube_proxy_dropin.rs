@@ -318,7 +318,7 @@ fn cleanup_case(test: &str, links_held: bool) {
         let links = pinned_links(cluster.pins.path());
         let tcx = links
             .iter()
-            .filter(|(n, _, _)| n.starts_with("link_tcx_"))
+            .filter(|(n, _, _)| n.starts_with("link_tcx_ingress_"))
             .count();
         if tcx >= 3 {
             break links;

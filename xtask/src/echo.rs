@@ -74,6 +74,19 @@ impl EchoServer {
         EchoServer::bind(ns, pod_name, &["0.0.0.0", "::"], tcp_ports, udp_ports)
     }
 
+    /// The same on the given local addresses only, as a host-network
+    /// server bound to its node's addresses: a UDP answer leaves from the
+    /// address asked, not from the one the route to the client prefers.
+    pub fn start_on(
+        ns: &NetNs,
+        pod_name: &str,
+        hosts: &[&'static str],
+        tcp_ports: &[u16],
+        udp_ports: &[u16],
+    ) -> Result<EchoServer> {
+        EchoServer::bind(ns, pod_name, hosts, tcp_ports, udp_ports)
+    }
+
     fn bind(
         ns: &NetNs,
         pod_name: &str,

@@ -24,8 +24,11 @@
 //! - node K (1-based, Kubernetes name `node-K`): device [`NODE_DEVICE`]
 //!   (`eth0`) with `198.51.100.(10+K)/24`, pod CIDR `10.244.K.0/24` with gateway
 //!   `10.244.K.1`, and a route `10.244.J.0/24 via 198.51.100.(10+J)` for every
-//!   other node J (host-gw style). Forwarding on, rp_filter off (all,
-//!   default, eth0).
+//!   other node J (host-gw style). Forwarding on. Strict reverse-path
+//!   filtering (`rp_filter=1`: all, default, so every device, eth0 and the
+//!   pod veths; and in every pod), as on RHEL-family and CIS-hardened
+//!   nodes: the datapath must deliver translated replies without relying
+//!   on a lenient check.
 //! - dual stack: every address above has an IPv6 twin. The underlay is
 //!   2001:db8:100::/64 (documentation prefix): node K is
 //!   `2001:db8:100::(10+K)`, the external client `2001:db8:100::100`. Pod
@@ -159,10 +162,14 @@ pub struct Node {
     next_veth: u32,
 }
 
+/// `rp_filter` of every node and pod device: strict (RFC 3704), the
+/// default of RHEL-family and CIS-hardened nodes.
+pub const STRICT_RP_FILTER: &str = "1";
+
 impl Node {
-    /// Creates the node namespace with forwarding on and reverse-path
-    /// filtering off (pods answer from service addresses the node never
-    /// routed to them).
+    /// Creates the node namespace with forwarding on and strict
+    /// reverse-path filtering, as a production node has it (see the module
+    /// documentation).
     pub fn new(prefix: &str, name: &str, gateway: Ipv4Addr) -> Result<Node> {
         Node::create(prefix, name, gateway, false)
     }
@@ -178,8 +185,8 @@ impl Node {
         let ns = NetNs::with_prefix(prefix, name)?;
         // Before any veth exists: new devices copy conf.default.
         ns.sysctl("net.ipv4.ip_forward", "1")?;
-        ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
-        ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        ns.sysctl("net.ipv4.conf.all.rp_filter", STRICT_RP_FILTER)?;
+        ns.sysctl("net.ipv4.conf.default.rp_filter", STRICT_RP_FILTER)?;
         if dual_stack {
             no_dad(&ns)?;
             ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
@@ -271,6 +278,8 @@ impl Node {
         self.ns
             .ip(&["route", "add", &pod_addr, "dev", host_if, "scope", "link"])?;
 
+        pod_ns.sysctl("net.ipv4.conf.all.rp_filter", STRICT_RP_FILTER)?;
+        pod_ns.sysctl("net.ipv4.conf.eth0.rp_filter", STRICT_RP_FILTER)?;
         pod_ns.ip(&["addr", "add", &pod_addr, "dev", "eth0"])?;
         pod_ns.ip(&["link", "set", "eth0", "up"])?;
         pod_ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
@@ -495,8 +504,10 @@ impl Cluster {
                     cluster_node_ip6(k),
                 )
                 .with_context(|| format!("attaching {name} to the underlay"))?;
-            node.ns()
-                .sysctl(&format!("net.ipv4.conf.{NODE_DEVICE}.rp_filter"), "0")?;
+            node.ns().sysctl(
+                &format!("net.ipv4.conf.{NODE_DEVICE}.rp_filter"),
+                STRICT_RP_FILTER,
+            )?;
         }
         // Host-gw routes, once every node's address is up.
         for (i, node) in cluster.nodes.iter().enumerate() {

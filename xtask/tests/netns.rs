@@ -143,8 +143,8 @@ fn pods_added_later_are_reachable_and_node_sysctls_are_set() {
     let node = topology.node_ns();
     for (key, value) in [
         ("net.ipv4.ip_forward", "1"),
-        ("net.ipv4.conf.all.rp_filter", "0"),
-        ("net.ipv4.conf.default.rp_filter", "0"),
+        ("net.ipv4.conf.all.rp_filter", "1"),
+        ("net.ipv4.conf.default.rp_filter", "1"),
     ] {
         let seen = node.sh_ok(&["sysctl", "-n", key]).unwrap();
         assert_eq!(seen.trim(), value, "{key} in the node namespace");

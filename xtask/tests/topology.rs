@@ -157,9 +157,9 @@ fn two_node_cluster_routes_pods_nodes_and_the_external_client() {
     for node in cluster.nodes() {
         for (key, value) in [
             ("net.ipv4.ip_forward", "1"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-            ("net.ipv4.conf.eth0.rp_filter", "0"),
+            ("net.ipv4.conf.all.rp_filter", "1"),
+            ("net.ipv4.conf.default.rp_filter", "1"),
+            ("net.ipv4.conf.eth0.rp_filter", "1"),
         ] {
             let seen = node.ns().sh_ok(&["sysctl", "-n", key]).unwrap();
             assert_eq!(seen.trim(), value, "{key} on {}", node.name());

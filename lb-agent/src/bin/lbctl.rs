@@ -30,8 +30,8 @@ use lb_common::{
     slot::Lb4SlotKey,
     stats::{Counter, Reason},
     trace::{
-        self, EVENT_DROP, EVENT_NEW_FLOW, FAMILY_IPV6, HOOK_NETWORK, HOOK_POD, SELECT_AFFINITY,
-        SELECT_LOCAL, SELECT_MAGLEV, SELECT_RANDOM, TraceEvent,
+        self, EVENT_DROP, EVENT_NEW_FLOW, FAMILY_IPV6, HOOK_HOST, HOOK_NETWORK, HOOK_POD,
+        SELECT_AFFINITY, SELECT_LOCAL, SELECT_MAGLEV, SELECT_RANDOM, TraceEvent,
     },
 };
 use serde_json::{Value, json};
@@ -637,7 +637,7 @@ fn trace_json(event: &TraceEvent, names: &Names) -> Value {
         "client": endpoint(event_addr(event, event.src_addr), event.src_port),
         "frontend": endpoint(event_addr(event, event.dst_addr), event.dst_port),
         "protocol": proto_name(event.proto),
-        "hook": match event.hook { HOOK_POD => "pod", HOOK_NETWORK => "network", _ => "unknown" },
+        "hook": match event.hook { HOOK_POD => "pod", HOOK_NETWORK => "network", HOOK_HOST => "host", _ => "unknown" },
         "service_id": event.service_id,
         "service": (event.service_id != 0).then(|| names.service(event.service_id)).flatten(),
         "backend_id": new_flow.then_some(event.backend_id),

@@ -48,6 +48,12 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// TC program for pod-facing devices (traffic from pods).
 pub const TC_POD_PROGRAM: &str = "lb_tc_pod";
+/// TC egress program for pod and node devices (replies of the node's own
+/// stack: host-network backends).
+pub const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
+/// TC ingress program beside XDP on node devices: delivers the replies
+/// XDP translated past the reverse-path check.
+pub const TC_NODE_DELIVER_PROGRAM: &str = "lb_tc_node_deliver";
 /// TC program for node devices where XDP does not attach.
 pub const TC_NODE_PROGRAM: &str = "lb_tc_node";
 /// XDP program for node devices (traffic from the network).
@@ -68,6 +74,11 @@ pub const SOCK_PROGRAMS: [&str; 8] = [
 /// Socket-level balancing's clean-up: a released socket's reverse entry
 /// (either family).
 pub const SOCK_RELEASE_PROGRAM: &str = "lb_sock_release";
+
+/// Link pin name kinds: `link_<kind>_<device>`.
+const PIN_TCX_INGRESS: &str = "tcx_ingress";
+const PIN_TCX_EGRESS: &str = "tcx_egress";
+const PIN_XDP: &str = "xdp";
 
 /// cgroup2's statfs magic number.
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -92,9 +103,9 @@ pub enum Attachment {
 impl fmt::Display for Attachment {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Attachment::TcPod => "TCX ingress (pod)",
-            Attachment::TcNode => "TCX ingress (node, XDP unavailable)",
-            Attachment::Xdp => "XDP",
+            Attachment::TcPod => "TCX ingress and egress (pod)",
+            Attachment::TcNode => "TCX ingress and egress (node, XDP unavailable)",
+            Attachment::Xdp => "XDP, TCX ingress (delivery) and egress",
         })
     }
 }
@@ -209,7 +220,12 @@ impl Datapath {
                     .with_context(|| format!("verifying program {name}"))?;
             }};
         }
-        for name in [TC_POD_PROGRAM, TC_NODE_PROGRAM] {
+        for name in [
+            TC_POD_PROGRAM,
+            TC_EGRESS_PROGRAM,
+            TC_NODE_PROGRAM,
+            TC_NODE_DELIVER_PROGRAM,
+        ] {
             load!(SchedClassifier, name);
         }
         for name in SOCK_PROGRAMS {
@@ -294,12 +310,21 @@ impl Datapath {
 
     /// Where the link of `ifname` is pinned. Pinned links keep the programs
     /// attached while no agent runs (a crash or an upgrade).
-    fn link_pin(&self, ifname: &str, attachment: Attachment) -> PathBuf {
-        let kind = match attachment {
-            Attachment::TcPod | Attachment::TcNode => "tcx_ingress",
-            Attachment::Xdp => "xdp",
-        };
+    fn link_pin(&self, ifname: &str, kind: &str) -> PathBuf {
         self.bpffs.join(format!("link_{kind}_{ifname}"))
+    }
+
+    /// The pins of every link an attachment makes on a device.
+    fn link_pins(&self, ifname: &str, attachment: Attachment) -> Vec<PathBuf> {
+        let kinds: &[&str] = match attachment {
+            Attachment::TcPod => &[PIN_TCX_INGRESS, PIN_TCX_EGRESS],
+            Attachment::TcNode => &[PIN_TCX_INGRESS, PIN_TCX_EGRESS],
+            Attachment::Xdp => &[PIN_XDP, PIN_TCX_INGRESS, PIN_TCX_EGRESS],
+        };
+        kinds
+            .iter()
+            .map(|kind| self.link_pin(ifname, kind))
+            .collect()
     }
 
     /// Attaches to `ifname` as its role asks, unless this agent already did
@@ -322,14 +347,30 @@ impl Datapath {
             return Ok(None);
         }
         let attachment = match role {
-            DeviceRole::Pod => self.attach_tc(ifname, TC_POD_PROGRAM, Attachment::TcPod)?,
-            DeviceRole::Node => match self.attach_xdp(ifname, ifindex) {
-                Ok(attachment) => attachment,
-                Err(e) => {
-                    log::warn!("{e:#}; using TC on {ifname} instead");
-                    self.attach_tc(ifname, TC_NODE_PROGRAM, Attachment::TcNode)?
+            DeviceRole::Pod => {
+                // Egress first: a reply of the node's own stack must never
+                // find ingress translating its flow and egress missing.
+                self.attach_tc(ifname, TC_EGRESS_PROGRAM, TcAttachType::Egress)?;
+                self.attach_tc(ifname, TC_POD_PROGRAM, TcAttachType::Ingress)?;
+                Attachment::TcPod
+            }
+            DeviceRole::Node => {
+                // Replies of host-network backends to other nodes and the
+                // network leave here.
+                self.attach_tc(ifname, TC_EGRESS_PROGRAM, TcAttachType::Egress)?;
+                match self.attach_xdp(ifname, ifindex) {
+                    Ok(attachment) => {
+                        // Delivers the replies XDP translated and marked.
+                        self.attach_tc(ifname, TC_NODE_DELIVER_PROGRAM, TcAttachType::Ingress)?;
+                        attachment
+                    }
+                    Err(e) => {
+                        log::warn!("{e:#}; using TC on {ifname} instead");
+                        self.attach_tc(ifname, TC_NODE_PROGRAM, TcAttachType::Ingress)?;
+                        Attachment::TcNode
+                    }
                 }
-            },
+            }
         };
         self.attached
             .insert(ifname.to_owned(), (ifindex, attachment));
@@ -340,9 +381,13 @@ impl Datapath {
         &mut self,
         ifname: &str,
         program_name: &str,
-        attachment: Attachment,
-    ) -> anyhow::Result<Attachment> {
-        let pin = self.link_pin(ifname, attachment);
+        direction: TcAttachType,
+    ) -> anyhow::Result<()> {
+        let (kind, direction_name) = match direction {
+            TcAttachType::Egress => (PIN_TCX_EGRESS, "egress"),
+            _ => (PIN_TCX_INGRESS, "ingress"),
+        };
+        let pin = self.link_pin(ifname, kind);
         let program = self.tc_program(program_name)?;
         let mut adopted = None;
         if let Ok(pinned) = PinnedLink::from_pin(&pin) {
@@ -365,19 +410,21 @@ impl Datapath {
             None => program
                 .attach_with_options(
                     ifname,
-                    TcAttachType::Ingress,
+                    direction,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-                .with_context(|| format!("attaching {program_name} to {ifname} (TCX ingress)"))?,
+                .with_context(|| {
+                    format!("attaching {program_name} to {ifname} (TCX {direction_name})")
+                })?,
         };
         let link: FdLink = program.take_link(id)?.try_into()?;
         link.pin(&pin)
             .with_context(|| format!("pinning the link of {ifname} at {}", pin.display()))?;
-        Ok(attachment)
+        Ok(())
     }
 
     fn attach_xdp(&mut self, ifname: &str, ifindex: u32) -> anyhow::Result<Attachment> {
-        let pin = self.link_pin(ifname, Attachment::Xdp);
+        let pin = self.link_pin(ifname, PIN_XDP);
         let program = self.xdp_program()?;
         let mut adopted = None;
         if let Ok(pinned) = PinnedLink::from_pin(&pin) {
@@ -415,7 +462,9 @@ impl Datapath {
             .collect();
         for (name, attachment) in &gone {
             self.attached.remove(name);
-            let _ = std::fs::remove_file(self.link_pin(name, *attachment));
+            for pin in self.link_pins(name, *attachment) {
+                let _ = std::fs::remove_file(pin);
+            }
         }
         gone.into_iter().map(|(name, _)| name).collect()
     }

@@ -28,7 +28,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
-    datapath::{Datapath, KernelTables, MapSizes, Programmer, TC_POD_PROGRAM},
+    datapath::{Datapath, KernelTables, MapSizes, Programmer, TC_EGRESS_PROGRAM, TC_POD_PROGRAM},
     maglev::{BackendIdentity, build_table},
     model::{Backend, DesiredTables, Frontend, FrontendKind, FrontendSpec, Protocol, ServiceRef},
 };
@@ -330,6 +330,25 @@ impl Loaded {
         Ok(self.tables.stats.get(reason)?.packets)
     }
 
+    /// One BPF_PROG_TEST_RUN of `lb_tc_egress` (TCX egress of pod and node
+    /// devices): (verdict, output, kernel's ns per repeat).
+    fn run_egress(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, u64)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        };
+        let result = self
+            .datapath
+            .tc_program(TC_EGRESS_PROGRAM)?
+            .test_run(opts)
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out, result.duration.as_nanos() as u64))
+    }
+
     /// One BPF_PROG_TEST_RUN: (verdict, output, kernel's ns per repeat).
     fn run(&mut self, hook: Hook, frame: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, u64)> {
         let mut out = vec![0u8; frame.len() + 256];
@@ -607,6 +626,78 @@ fn measure_repeated(
     Ok(ns)
 }
 
+/// TCX egress (`lb_tc_egress`): every packet leaving a pod or node device
+/// pays its untracked case (`tc_egress_untracked`); a reply of a
+/// host-network backend its tracked one (`tc_egress_host_reply`: the
+/// reply of the flow `forward`, which the pod hook has tracked, leaving
+/// the node's stack). The untracked case is not counted (every packet
+/// leaving passes), so its output alone is checked.
+fn measure_egress(
+    one: &mut Loaded,
+    family: Family,
+    forward: &[u8],
+    (size, rep): (u32, u32),
+    repeat: u32,
+) -> Result<()> {
+    let suffix = family.suffix();
+    let client = (Hook::Tc.client_ip(family), 40_000);
+    let untracked = tcp_frame((not_a_service(family), 8080), client.0, ACK, REQUEST);
+    let (verdict, out, ns) = one.run_egress(&untracked, repeat)?;
+    ensure!(
+        verdict == 0,
+        "tc_egress: verdict {verdict} for an untracked packet"
+    );
+    ensure!(
+        out == untracked,
+        "tc_egress: an untracked packet was changed"
+    );
+    result(
+        "pkt_ns",
+        &format!("tc_egress_untracked{suffix}"),
+        size,
+        rep,
+        ns as f64,
+    );
+
+    // The backend the forward packet was translated to answers.
+    let (_, translated, _) = one.run(Hook::Tc, forward, 1)?;
+    let reply = match family {
+        Family::V4 => {
+            let p = Packet::parse(&translated).map_err(anyhow::Error::msg)?;
+            let (IpAddr::V4(client_ip), Some((_, backend_port))) = (client.0, p.ports()) else {
+                bail!("the translated IPv4 packet has no ports, or the client is not IPv4");
+            };
+            Packet::tcp((p.dst, backend_port), (client_ip, client.1), ACK, REQUEST).emit()
+        }
+        Family::V6 => {
+            let p = Packet6::parse(&translated).map_err(anyhow::Error::msg)?;
+            let (IpAddr::V6(client_ip), Some((_, backend_port))) = (client.0, p.ports()) else {
+                bail!("the translated IPv6 packet has no ports, or the client is not IPv6");
+            };
+            Packet6::tcp((p.dst, backend_port), (client_ip, client.1), ACK, REQUEST).emit()
+        }
+    };
+    let before = one.count(Reason::CtReply)?;
+    let (verdict, _, ns) = one.run_egress(&reply, repeat)?;
+    let counted = one.count(Reason::CtReply)? - before;
+    ensure!(
+        verdict == 0,
+        "tc_egress: verdict {verdict} for a host reply"
+    );
+    ensure!(
+        counted == u64::from(repeat),
+        "tc_egress: {counted} of {repeat} host replies counted as ct_reply"
+    );
+    result(
+        "pkt_ns",
+        &format!("tc_egress_host_reply{suffix}"),
+        size,
+        rep,
+        ns as f64,
+    );
+    Ok(())
+}
+
 /// New flows measured between two conntrack resets: a few hundred per
 /// backend, well inside the node address's SNAT port range.
 const FLOWS_PER_BATCH: u32 = 2000;
@@ -755,6 +846,9 @@ fn packet(options: &Options) -> Result<()> {
                     let ns =
                         measure_repeated(one, hook, &ack, Some(&ack), Reason::CtForward, repeat)?;
                     result("pkt_ns", &name("established"), size, rep, ns as f64);
+                    if let Hook::Tc = hook {
+                        measure_egress(one, family, &ack, (size, rep), repeat)?;
+                    }
 
                     let other = tcp_frame(
                         (hook.client_ip(family), 40_001),

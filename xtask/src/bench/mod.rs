@@ -987,13 +987,17 @@ fn write_report(
          `xdp_arp` is our XDP program on an ARP frame (returns at the first check, counts it).\n",
         plan.packet_repeat, plan.new_flows
     );
-    let cases: [(&str, &str); 9] = [
+    let cases: [(&str, &str); 11] = [
         ("xdp_established", "xdp_pass_floor"),
         ("xdp_not_service", "xdp_pass_floor"),
         ("xdp_new_flow", "xdp_pass_floor_single"),
         ("xdp_arp", "xdp_pass_floor"),
         ("tc_established", "tc_pass_floor"),
         ("tc_not_service", "tc_pass_floor"),
+        // TCX egress: what every packet leaving a device pays, and a
+        // host-network backend's reply.
+        ("tc_egress_untracked", "tc_pass_floor"),
+        ("tc_egress_host_reply", "tc_pass_floor"),
         ("tc_new_flow", "xdp_pass_floor_single"),
         ("xdp_pass_floor_single", "xdp_pass_floor"),
         ("tc_pass_floor", "xdp_pass_floor"),
