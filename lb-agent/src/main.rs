@@ -169,6 +169,11 @@ struct Args {
     /// a bounded slice of the tables and resumes there next time).
     #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
     conntrack_gc_interval: Duration,
+    /// At most this many backends in each `lb_backend_*` metric (the
+    /// busiest; the rest are counted in `lb_backend_series_omitted`), so a
+    /// large cluster cannot blow up the scrape. 0 turns them off.
+    #[arg(long, default_value_t = metrics::DEFAULT_BACKEND_SERIES)]
+    backend_metrics_limit: usize,
     /// Forward the programs' aya-log output (a debug line per new flow and
     /// per drop) to this log, target `lb_ebpf`. Off by default: costly.
     #[arg(long)]
@@ -603,6 +608,12 @@ async fn run(args: Args, node_name: String) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&args.bpffs, sizes)?;
     let mut tables = datapath.take_tables()?;
     lb_agent::bpf_log::set_flag(&mut tables, args.bpf_log)?;
+    // Memberships adopted from pins made before the counters existed.
+    match tables.backfill_backend_stats() {
+        Ok(0) => {}
+        Ok(made) => log::info!("per-backend counters made for {made} adopted memberships"),
+        Err(error) => log::warn!("making per-backend counters: {error:#}"),
+    }
     let bpf_log = if args.bpf_log {
         Some(lb_agent::bpf_log::spawn(&mut datapath)?)
     } else {
@@ -637,7 +648,9 @@ async fn run(args: Args, node_name: String) -> anyhow::Result<()> {
         programmer.frontends()
     );
 
-    let metrics = Arc::new(Metrics::new(Some(DatapathCollector::new(&args.bpffs))));
+    let metrics = Arc::new(Metrics::new(Some(
+        DatapathCollector::new(&args.bpffs).with_backend_series(args.backend_metrics_limit),
+    )));
     let metrics_server = match args.metrics_bind_address {
         BindAddress(Some(address)) => {
             let listener = metrics::bind(address).await?;
