@@ -567,6 +567,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args, node_name: String) -> anyhow::Result<()> {
+    // EndpointSlice changes triggered before this are not ours to measure
+    // (kube-proxy's tracker start time).
+    let started_at = std::time::SystemTime::now();
     if let Some(ClusterCidr(cidrs)) = &args.cluster_cidr {
         let cidrs: Vec<String> = cidrs
             .iter()
@@ -737,8 +740,10 @@ async fn run(args: Args, node_name: String) -> anyhow::Result<()> {
                     node_ips = ips;
                     refresh_addresses(&args, &node_ips, &mut addresses, &mut node, &mut tables);
                 }
+                let triggers = lb_agent::source::new_trigger_times(last_state.as_deref(), &state, started_at);
                 let (report, desired) = program(&state, &node, &mut programmer, &mut tables, args.socket_lb_cgroup.as_deref());
                 metrics.programmed(arrived, report.frontends, report.backends, report.errors.len());
+                metrics.changes_programmed(&triggers);
                 apply_failed = !report.errors.is_empty();
                 retry_tick.reset();
                 count_full_maps(&metrics, &mut tables);

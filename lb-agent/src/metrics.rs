@@ -58,6 +58,8 @@ type MapLabel = Vec<(&'static str, String)>;
 pub struct Metrics {
     registry: Registry,
     programming_duration: Histogram,
+    /// From each EndpointSlice change's trigger time (kube-proxy's figure).
+    programming_from_change: Histogram,
     programmed_frontends: Gauge,
     programmed_backends: Gauge,
     program_errors: Counter,
@@ -101,6 +103,19 @@ impl Metrics {
             "Time from a cluster change arriving at the agent to its map writes being done",
             prometheus_client::registry::Unit::Seconds,
             programming_duration.clone(),
+        );
+        // The same buckets: the controller's batching and the API server
+        // add seconds before the change even arrives.
+        let programming_from_change = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+        );
+        registry.register_with_unit(
+            "network_programming_from_change_duration",
+            "Time from an EndpointSlice change's trigger (its \
+             endpoints.kubernetes.io/last-change-trigger-time annotation) to its map writes \
+             being done, as kube-proxy's network_programming_duration_seconds measures it",
+            prometheus_client::registry::Unit::Seconds,
+            programming_from_change.clone(),
         );
         let programmed_frontends = Gauge::default();
         registry.register(
@@ -178,6 +193,7 @@ impl Metrics {
         Metrics {
             registry,
             programming_duration,
+            programming_from_change,
             programmed_frontends,
             programmed_backends,
             program_errors,
@@ -217,6 +233,17 @@ impl Metrics {
         self.programmed_backends
             .set(i64::try_from(backends).unwrap_or(i64::MAX));
         self.program_errors.inc_by(errors as u64);
+    }
+
+    /// Records the programming of EndpointSlice changes triggered at
+    /// `triggers` (see [`crate::source::new_trigger_times`]), done now. A
+    /// trigger time ahead of this node's clock counts as zero.
+    pub fn changes_programmed(&self, triggers: &[std::time::SystemTime]) {
+        let now = std::time::SystemTime::now();
+        for at in triggers {
+            let took = now.duration_since(*at).unwrap_or_default();
+            self.programming_from_change.observe(took.as_secs_f64());
+        }
     }
 
     pub fn source_error(&self, kind: &str) {
