@@ -537,6 +537,8 @@ fn backends_show_new_flows_failed_attempts_and_active_flows() {
     // The collector's census (1 s interval) has seen the held flow.
     std::thread::sleep(Duration::from_millis(2500));
 
+    // The table docs/inspecting.md shows (visible with --nocapture).
+    println!("{}", demo.lbctl(&["backends"]));
     let rows = demo.lbctl_json(&["backends"]);
     let tcp = backend_row(&rows, "10.244.1.11:9999", "TCP");
     assert_eq!(tcp["new_flows"], 5, "{tcp:#}");
