@@ -11,5 +11,6 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod outlier;
 pub mod source;
 pub mod upgrade;

@@ -169,6 +169,11 @@ struct Args {
     /// a bounded slice of the tables and resumes there next time).
     #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
     conntrack_gc_interval: Duration,
+    /// At most this many backends in each `lb_backend_*` metric (the
+    /// busiest; the rest are counted in `lb_backend_series_omitted`), so a
+    /// large cluster cannot blow up the scrape. 0 turns them off.
+    #[arg(long, default_value_t = metrics::DEFAULT_BACKEND_SERIES)]
+    backend_metrics_limit: usize,
     /// Forward the programs' aya-log output (a debug line per new flow and
     /// per drop) to this log, target `lb_ebpf`. Off by default: costly.
     #[arg(long)]
@@ -562,6 +567,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args, node_name: String) -> anyhow::Result<()> {
+    // EndpointSlice changes triggered before this are not ours to measure
+    // (kube-proxy's tracker start time).
+    let started_at = std::time::SystemTime::now();
     if let Some(ClusterCidr(cidrs)) = &args.cluster_cidr {
         let cidrs: Vec<String> = cidrs
             .iter()
@@ -603,6 +611,12 @@ async fn run(args: Args, node_name: String) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&args.bpffs, sizes)?;
     let mut tables = datapath.take_tables()?;
     lb_agent::bpf_log::set_flag(&mut tables, args.bpf_log)?;
+    // Memberships adopted from pins made before the counters existed.
+    match tables.backfill_backend_stats() {
+        Ok(0) => {}
+        Ok(made) => log::info!("per-backend counters made for {made} adopted memberships"),
+        Err(error) => log::warn!("making per-backend counters: {error:#}"),
+    }
     let bpf_log = if args.bpf_log {
         Some(lb_agent::bpf_log::spawn(&mut datapath)?)
     } else {
@@ -637,7 +651,9 @@ async fn run(args: Args, node_name: String) -> anyhow::Result<()> {
         programmer.frontends()
     );
 
-    let metrics = Arc::new(Metrics::new(Some(DatapathCollector::new(&args.bpffs))));
+    let metrics = Arc::new(Metrics::new(Some(
+        DatapathCollector::new(&args.bpffs).with_backend_series(args.backend_metrics_limit),
+    )));
     let metrics_server = match args.metrics_bind_address {
         BindAddress(Some(address)) => {
             let listener = metrics::bind(address).await?;
@@ -724,8 +740,10 @@ async fn run(args: Args, node_name: String) -> anyhow::Result<()> {
                     node_ips = ips;
                     refresh_addresses(&args, &node_ips, &mut addresses, &mut node, &mut tables);
                 }
+                let triggers = lb_agent::source::new_trigger_times(last_state.as_deref(), &state, started_at);
                 let (report, desired) = program(&state, &node, &mut programmer, &mut tables, args.socket_lb_cgroup.as_deref());
                 metrics.programmed(arrived, report.frontends, report.backends, report.errors.len());
+                metrics.changes_programmed(&triggers);
                 apply_failed = !report.errors.is_empty();
                 retry_tick.reset();
                 count_full_maps(&metrics, &mut tables);

@@ -13,14 +13,18 @@
 //!   [`FILL_REFRESH`], against the map's real capacity).
 
 use std::{
-    net::SocketAddr,
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
 use aya::maps::MapInfo;
-use lb_common::{backend, conntrack, service, slot, stats::Reason};
+use lb_common::{
+    backend, backend_stats::LbBackendStats, conntrack, member::Lb4MemberKey, service, slot,
+    stats::Reason,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -35,8 +39,8 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 
 use crate::datapath::{
-    KernelTables, StatsReader,
-    ct_sweep::{self, SweepReport},
+    BackendEntry, KernelTables, StatsReader,
+    ct_sweep::{self, BackendFlows, SweepReport},
 };
 use crate::http::{self, Handler, Response};
 
@@ -54,6 +58,8 @@ type MapLabel = Vec<(&'static str, String)>;
 pub struct Metrics {
     registry: Registry,
     programming_duration: Histogram,
+    /// From each EndpointSlice change's trigger time (kube-proxy's figure).
+    programming_from_change: Histogram,
     programmed_frontends: Gauge,
     programmed_backends: Gauge,
     program_errors: Counter,
@@ -75,12 +81,19 @@ pub struct Metrics {
     snat_addresses: Mutex<std::collections::BTreeSet<std::net::IpAddr>>,
     /// When the oldest change not yet programmed arrived.
     pending_since: Mutex<Option<Instant>>,
+    /// The collector's per-backend census, read at scrape time.
+    backend_flows: BackendCensus,
 }
+
+/// Live flows per (service id, backend id) of each family, from the
+/// collector's last full pass of that family's table.
+pub type BackendCensus = Arc<Mutex<BTreeMap<&'static str, BTreeMap<(u32, u32), BackendFlows>>>>;
 
 impl Metrics {
     /// The registry with the agent's instruments and, when `datapath` is
     /// given, the scrape-time kernel readings.
     pub fn new(datapath: Option<DatapathCollector>) -> Self {
+        let backend_flows = BackendCensus::default();
         let mut registry = Registry::with_prefix("lb");
         // 1 ms .. ~16 s: programming is milliseconds; the tail shows a
         // source that lags (a relist, a slow API server).
@@ -92,6 +105,19 @@ impl Metrics {
             "Time from a cluster change arriving at the agent to its map writes being done",
             prometheus_client::registry::Unit::Seconds,
             programming_duration.clone(),
+        );
+        // The same buckets: the controller's batching and the API server
+        // add seconds before the change even arrives.
+        let programming_from_change = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+        );
+        registry.register_with_unit(
+            "network_programming_from_change_duration",
+            "Time from an EndpointSlice change's trigger (its \
+             endpoints.kubernetes.io/last-change-trigger-time annotation) to its map writes \
+             being done, as kube-proxy's network_programming_duration_seconds measures it",
+            prometheus_client::registry::Unit::Seconds,
+            programming_from_change.clone(),
         );
         let programmed_frontends = Gauge::default();
         registry.register(
@@ -162,12 +188,14 @@ impl Metrics {
             "The most SNAT ports seen in use since the agent started, by address",
             snat_ports_max.clone(),
         );
-        if let Some(collector) = datapath {
+        if let Some(mut collector) = datapath {
+            collector.backend_flows = backend_flows.clone();
             registry.register_collector(Box::new(collector));
         }
         Metrics {
             registry,
             programming_duration,
+            programming_from_change,
             programmed_frontends,
             programmed_backends,
             program_errors,
@@ -181,6 +209,7 @@ impl Metrics {
             snat_ports_max,
             snat_addresses: Mutex::default(),
             pending_since: Mutex::new(None),
+            backend_flows,
         }
     }
 
@@ -207,6 +236,17 @@ impl Metrics {
         self.programmed_backends
             .set(i64::try_from(backends).unwrap_or(i64::MAX));
         self.program_errors.inc_by(errors as u64);
+    }
+
+    /// Records the programming of EndpointSlice changes triggered at
+    /// `triggers` (see [`crate::source::new_trigger_times`]), done now. A
+    /// trigger time ahead of this node's clock counts as zero.
+    pub fn changes_programmed(&self, triggers: &[std::time::SystemTime]) {
+        let now = std::time::SystemTime::now();
+        for at in triggers {
+            let took = now.duration_since(*at).unwrap_or_default();
+            self.programming_from_change.observe(took.as_secs_f64());
+        }
     }
 
     pub fn source_error(&self, kind: &str) {
@@ -245,6 +285,9 @@ impl Metrics {
                     ("state", state.to_owned()),
                 ])
                 .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        for (family, census) in &report.completed {
+            lock(&self.backend_flows).insert(family, census.by_backend.clone());
         }
         let mut known = lock(&self.snat_addresses);
         for (family, census) in &report.completed {
@@ -299,14 +342,70 @@ struct MapFill {
 pub struct DatapathCollector {
     bpffs: PathBuf,
     fill: Mutex<Option<(Instant, Vec<MapFill>)>>,
+    /// At most this many `lb_backend_*` series per metric.
+    backend_series: usize,
+    /// Shared with [`Metrics`], which fills it from the collector.
+    backend_flows: BackendCensus,
 }
+
+/// Default of `--backend-metrics-limit`.
+pub const DEFAULT_BACKEND_SERIES: usize = 1000;
 
 impl DatapathCollector {
     pub fn new(bpffs: impl Into<PathBuf>) -> Self {
         DatapathCollector {
             bpffs: bpffs.into(),
             fill: Mutex::new(None),
+            backend_series: DEFAULT_BACKEND_SERIES,
+            backend_flows: BackendCensus::default(),
         }
+    }
+
+    /// Bounds the `lb_backend_*` series per metric (`--backend-metrics-limit`;
+    /// 0 turns them off).
+    pub fn with_backend_series(mut self, limit: usize) -> Self {
+        self.backend_series = limit;
+        self
+    }
+
+    /// The per-backend rows, busiest first, at most `backend_series`, and
+    /// how many were left out.
+    fn backend_rows(&self) -> anyhow::Result<(Vec<BackendRow>, usize)> {
+        if self.backend_series == 0 {
+            return Ok((Vec::new(), 0));
+        }
+        let tables = KernelTables::open(&self.bpffs)?;
+        let counters = tables.dump_backend_stats()?;
+        let names = tables.dump_service_names()?;
+        let addresses: BTreeMap<u32, (IpAddr, u16)> = tables
+            .dump_all_backends()?
+            .into_iter()
+            .map(|(id, b)| match b {
+                BackendEntry::V4(b) => (id, (IpAddr::from(b.addr), b.port)),
+                BackendEntry::V6(b) => (id, (IpAddr::from(b.addr), b.port)),
+            })
+            .collect();
+        let census = lock(&self.backend_flows).clone();
+        let flows = census.values().flat_map(|family| family.iter());
+        Ok(backend_rows(
+            &counters,
+            flows,
+            |service_id| {
+                names.get(&service_id).map(|n| {
+                    [
+                        String::from_utf8_lossy(n.namespace_bytes()).into_owned(),
+                        String::from_utf8_lossy(n.name_bytes()).into_owned(),
+                        String::from_utf8_lossy(n.port_name_bytes()).into_owned(),
+                    ]
+                })
+            },
+            |backend_id| {
+                addresses
+                    .get(&backend_id)
+                    .map(|(addr, port)| SocketAddr::new(*addr, *port).to_string())
+            },
+            self.backend_series,
+        ))
     }
 
     /// Entries and capacity of every table map, walked at most once per
@@ -351,6 +450,87 @@ impl DatapathCollector {
     }
 }
 
+impl DatapathCollector {
+    /// The `lb_backend_*` families.
+    fn encode_backends(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (rows, omitted) = match self.backend_rows() {
+            Ok(rows) => rows,
+            Err(error) => {
+                log::warn!("metrics: reading per-backend counters: {error:#}");
+                return Ok(());
+            }
+        };
+        let counter = ConstCounter::new(0u64);
+        let gauge = ConstGauge::new(0i64);
+        let families: [BackendFamily; 5] = [
+            (
+                "backend_new_flows",
+                "Flows balanced to the backend by the service port",
+                true,
+                |r| r.new_flows,
+            ),
+            (
+                "backend_answered_attempts",
+                "Connection attempts the backend answered (first reply not a RST)",
+                true,
+                |r| r.answered,
+            ),
+            (
+                "backend_failed_attempts",
+                "Connection attempts that failed: a RST as the first reply, or an ICMP \
+                 destination unreachable before any reply",
+                true,
+                |r| r.failed,
+            ),
+            (
+                "backend_active_flows",
+                "Flows to the backend not closed, at the conntrack collector's last full pass",
+                false,
+                |r| r.active_flows,
+            ),
+            (
+                "backend_conntrack_bytes",
+                "Bytes both ways of the backend's flows still in conntrack, at the collector's \
+                 last full pass",
+                false,
+                |r| r.bytes,
+            ),
+        ];
+        for (name, help, is_counter, value) in families {
+            let kind = if is_counter {
+                counter.metric_type()
+            } else {
+                gauge.metric_type()
+            };
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+            for row in &rows {
+                let labels = [
+                    ("namespace", row.labels[0].as_str()),
+                    ("service", row.labels[1].as_str()),
+                    ("port", row.labels[2].as_str()),
+                    ("backend", row.labels[3].as_str()),
+                ];
+                let encoder = family.encode_family(&labels)?;
+                if is_counter {
+                    ConstCounter::new(value(row)).encode(encoder)?;
+                } else {
+                    ConstGauge::new(i64::try_from(value(row)).unwrap_or(i64::MAX))
+                        .encode(encoder)?;
+                }
+            }
+        }
+        let family = encoder.encode_descriptor(
+            "backend_series_omitted",
+            "Backends left out of the lb_backend_* metrics by --backend-metrics-limit \
+             (the least busy)",
+            None,
+            gauge.metric_type(),
+        )?;
+        ConstGauge::new(i64::try_from(omitted).unwrap_or(i64::MAX)).encode(family)?;
+        Ok(())
+    }
+}
+
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         match StatsReader::open(&self.bpffs).and_then(|stats| stats.all()) {
@@ -379,6 +559,7 @@ impl Collector for DatapathCollector {
             }
             Err(error) => log::warn!("metrics: reading {}: {error:#}", lb_common::stats::NAME),
         }
+        self.encode_backends(&mut encoder)?;
         let fill = self.map_fill();
         let gauge = ConstGauge::new(0i64);
         let mut family = encoder.encode_descriptor(
@@ -405,6 +586,71 @@ impl Collector for DatapathCollector {
         }
         Ok(())
     }
+}
+
+/// An `lb_backend_*` family: name, help, counter (or gauge), its value.
+type BackendFamily = (&'static str, &'static str, bool, fn(&BackendRow) -> u64);
+
+/// One `lb_backend_*` series' labels and values: a backend of a service
+/// port, summed over the frontends (ClusterIP, NodePort, ...) of that port.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendRow {
+    /// namespace, service, port (the service port's name), backend.
+    pub labels: [String; 4],
+    pub new_flows: u64,
+    pub answered: u64,
+    pub failed: u64,
+    pub active_flows: u64,
+    pub bytes: u64,
+}
+
+/// Builds the per-backend rows from the datapath's counters and the
+/// conntrack census, labelled through `service` (id -> namespace, name,
+/// port name) and `backend` (id -> address); rows whose service or backend
+/// is gone are skipped. Keeps the `limit` busiest (new flows, then active
+/// flows) and returns how many were left out.
+pub fn backend_rows<'a>(
+    counters: &BTreeMap<Lb4MemberKey, LbBackendStats>,
+    flows: impl Iterator<Item = (&'a (u32, u32), &'a BackendFlows)>,
+    service: impl Fn(u32) -> Option<[String; 3]>,
+    backend: impl Fn(u32) -> Option<String>,
+    limit: usize,
+) -> (Vec<BackendRow>, usize) {
+    let mut rows: BTreeMap<[String; 4], BackendRow> = BTreeMap::new();
+    let labels = |service_id: u32, backend_id: u32| {
+        let [namespace, name, port] = service(service_id)?;
+        Some([namespace, name, port, backend(backend_id)?])
+    };
+    for (key, stats) in counters {
+        if let Some(labels) = labels(key.service_id, key.backend_id) {
+            let row = rows.entry(labels.clone()).or_insert_with(|| BackendRow {
+                labels,
+                ..BackendRow::default()
+            });
+            row.new_flows += stats.new_flows;
+            row.answered += stats.answered;
+            row.failed += stats.failed;
+        }
+    }
+    for ((service_id, backend_id), live) in flows {
+        if let Some(labels) = labels(*service_id, *backend_id) {
+            let row = rows.entry(labels.clone()).or_insert_with(|| BackendRow {
+                labels,
+                ..BackendRow::default()
+            });
+            row.active_flows += live.active;
+            row.bytes += live.bytes;
+        }
+    }
+    let mut rows: Vec<BackendRow> = rows.into_values().collect();
+    rows.sort_by(|a, b| {
+        (b.new_flows, b.active_flows)
+            .cmp(&(a.new_flows, a.active_flows))
+            .then_with(|| a.labels.cmp(&b.labels))
+    });
+    let omitted = rows.len().saturating_sub(limit);
+    rows.truncate(limit);
+    (rows, omitted)
 }
 
 fn verdict_labels(reason: Reason) -> [(&'static str, &'static str); 2] {
@@ -537,6 +783,65 @@ mod tests {
             text.contains("lb_snat_ports_in_use_max{address=\"198.51.100.11\"} 7"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn backend_rows_merge_frontends_and_keep_the_busiest() {
+        let stats = |new_flows, failed| LbBackendStats {
+            new_flows,
+            answered: new_flows - failed,
+            failed,
+            last_failed_ns: 0,
+        };
+        let key = |service_id, backend_id| Lb4MemberKey {
+            service_id,
+            backend_id,
+        };
+        // Services 1 and 2 are the ClusterIP and NodePort frontends of
+        // default/web:http; 3 is another service.
+        let counters = BTreeMap::from([
+            (key(1, 10), stats(5, 1)),
+            (key(2, 10), stats(2, 2)),
+            (key(1, 11), stats(1, 0)),
+            (key(3, 12), stats(9, 0)),
+            // A service the name map no longer knows: skipped.
+            (key(4, 10), stats(100, 0)),
+        ]);
+        let flows = BTreeMap::from([(
+            (2, 10),
+            BackendFlows {
+                active: 3,
+                bytes: 700,
+            },
+        )]);
+        let service = |id: u32| match id {
+            1 | 2 => Some(["default".into(), "web".into(), "http".into()]),
+            3 => Some(["default".into(), "db".into(), "".into()]),
+            _ => None,
+        };
+        let backend = |id: u32| Some(format!("10.244.1.{id}:8080"));
+        let (rows, omitted) = backend_rows(&counters, flows.iter(), service, backend, 2);
+        assert_eq!(omitted, 1, "three backends, two kept");
+        assert_eq!(rows[0].labels[1], "db", "busiest first");
+        assert_eq!(
+            rows[1],
+            BackendRow {
+                labels: [
+                    "default".into(),
+                    "web".into(),
+                    "http".into(),
+                    "10.244.1.10:8080".into()
+                ],
+                new_flows: 7,
+                answered: 4,
+                failed: 3,
+                active_flows: 3,
+                bytes: 700,
+            },
+            "both frontends of the port in one series"
+        );
+        let (rows, omitted) = backend_rows(&counters, flows.iter(), service, backend, 0);
+        assert_eq!((rows.len(), omitted), (0, 3), "--backend-metrics-limit 0");
     }
 
     #[test]

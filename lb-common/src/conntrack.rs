@@ -434,6 +434,10 @@ pub trait CtEntry {
     fn set_state(&mut self, state: u8, now_ns: u64);
     /// Records the time of a packet (see [`needs_refresh`]).
     fn set_last_seen(&mut self, now_ns: u64);
+    /// The flow's (service id, backend id).
+    fn service_backend(&self) -> (u32, u32);
+    /// Bytes counted on this entry (this direction of the flow).
+    fn bytes(&self) -> u64;
 }
 
 macro_rules! impl_ct_entry {
@@ -472,6 +476,14 @@ macro_rules! impl_ct_entry {
             #[inline(always)]
             fn set_last_seen(&mut self, now_ns: u64) {
                 self.last_seen_ns = now_ns;
+            }
+            #[inline(always)]
+            fn service_backend(&self) -> (u32, u32) {
+                (self.service_id, self.backend_id)
+            }
+            #[inline(always)]
+            fn bytes(&self) -> u64 {
+                self.bytes
             }
         }
     )*};

@@ -11,6 +11,7 @@
 
 pub mod affinity;
 pub mod backend;
+pub mod backend_stats;
 pub mod config;
 pub mod conntrack;
 pub mod frag;

@@ -25,6 +25,7 @@ use lb_common::{
 use crate::{
     LB_CONFIG_V3, LB4_BACKENDS_V1, LB4_CT_V3, LB4_MEMBERS_V1, LB6_BACKENDS_V1, LB6_CT_V2,
     parse::{self, Flow, Flow6},
+    stats,
 };
 
 /// SNAT source ports are taken from 61000-65522 (the kernel's default
@@ -241,6 +242,22 @@ pub fn follow<T: CtTable>(
     let mut next = state;
     if !forward {
         next |= CT_REPLIED;
+        if state & CT_REPLIED == 0 {
+            // The first answer: a RST refuses the connection attempt.
+            // Counted here, on the state change: established packets never
+            // reach this.
+            let refused = seen.proto == PROTO_TCP && seen.tcp_flags & parse::TCP_RST != 0;
+            let (service_id, backend_id, _) = T::flow_id(e);
+            stats::count_backend(
+                service_id,
+                backend_id,
+                if refused {
+                    stats::BACKEND_FAILED
+                } else {
+                    stats::BACKEND_ANSWERED
+                },
+            );
+        }
     }
     if seen.proto == PROTO_TCP {
         // A FIN before any answer closes nothing (netfilter ignores it in

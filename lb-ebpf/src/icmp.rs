@@ -20,7 +20,7 @@
 
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
-    conntrack::{Lb4CtKey, REWRITE_DST, REWRITE_SRC},
+    conntrack::{CT_REPLIED, CtEntry, DIR_REPLY, Lb4CtKey, REWRITE_DST, REWRITE_SRC},
     stats::Reason,
 };
 
@@ -31,6 +31,7 @@ use crate::{
         ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_HLEN, IP6_SRC_OFF,
         Ipv4Fields, Ipv4Hdr, L4Ports, PacketBuf, ipv4_at, ptr_at,
     },
+    stats,
     trace::Observation,
 };
 
@@ -38,6 +39,8 @@ use crate::{
 pub const DEST_UNREACH: u8 = 3;
 pub const TIME_EXCEEDED: u8 = 11;
 pub const PARAMETER_PROBLEM: u8 = 12;
+/// The destination-unreachable code of path-MTU discovery.
+const FRAG_NEEDED: u8 = 4;
 
 /// An ICMP error quoting a TCP or UDP packet.
 pub struct IcmpError {
@@ -52,6 +55,10 @@ pub struct IcmpError {
     pub inner_l4_off: usize,
     /// The quoted packet's 5-tuple as it was sent.
     pub inner: Lb4CtKey,
+    /// Whether the error refuses a connection attempt: destination
+    /// unreachable other than "fragmentation needed" (path-MTU discovery
+    /// is no failure).
+    pub refuses: bool,
 }
 
 /// Translates the ICMP packet whose header is at `icmp_off` in place if it
@@ -82,6 +89,7 @@ pub fn translate<C: PacketBuf>(
     };
     obs.service_id = entry.service_id;
     obs.backend_id = entry.backend_id;
+    count_refusal(err.refuses, &entry);
     let dst_rw = entry.rewrite & REWRITE_DST != 0;
     let src_rw = entry.rewrite & REWRITE_SRC != 0;
     // The quote mirrored: its source is the entry's destination side.
@@ -182,7 +190,7 @@ fn parse<C: PacketBuf>(ctx: &C, icmp_off: usize) -> Result<Option<IcmpError>, Re
     let outer = ptr_at::<C, Ipv4Hdr>(ctx, ETH_HLEN)?;
     let (saddr, daddr) = unsafe { ((*outer).saddr, (*outer).daddr) };
     let icmp = ptr_at::<C, [u8; 8]>(ctx, icmp_off)?;
-    let kind = unsafe { (*icmp)[0] };
+    let (kind, code) = unsafe { ((*icmp)[0], (*icmp)[1]) };
     if kind != DEST_UNREACH && kind != TIME_EXCEEDED && kind != PARAMETER_PROBLEM {
         return Ok(None);
     }
@@ -220,7 +228,19 @@ fn parse<C: PacketBuf>(ctx: &C, icmp_off: usize) -> Result<Option<IcmpError>, Re
             proto,
             _pad: [0; 3],
         },
+        refuses: kind == DEST_UNREACH && code != FRAG_NEEDED,
     }))
+}
+
+/// A refusing error about a flow not answered yet fails its connection
+/// attempt (the entry is the one the error travels by: a reply entry for
+/// an error about the client's packets).
+#[inline(always)]
+fn count_refusal<E: CtEntry>(refuses: bool, entry: &E) {
+    if refuses && entry.direction() == DIR_REPLY && entry.state() & CT_REPLIED == 0 {
+        let (service_id, backend_id) = entry.service_backend();
+        stats::count_backend(service_id, backend_id, stats::BACKEND_FAILED);
+    }
 }
 
 /// ICMPv6 types that quote the offending packet (RFC 4443).
@@ -370,6 +390,8 @@ fn try_translate6<C: PacketBuf>(ctx: &C, obs: &mut Observation) -> Result<Reason
             (*ports)[3] = port[1];
         }
         *icmp_csum = icmp_sum.to_be_bytes();
+        // Last: fewer live values around its branches.
+        count_refusal(kind == ICMPV6_DEST_UNREACH, entry);
     }
     Ok(Reason::IcmpErrorTranslated)
 }

@@ -41,6 +41,7 @@ use lb_common::{
 };
 // Inspection (lbctl): service names, per-service counters, flow trace.
 use lb_common::{
+    backend_stats::{self, LbBackendStats},
     service_name::{self, LbServiceName},
     service_stats::{self, LbServiceStats},
     trace::{self as tr, TraceEvent},
@@ -186,6 +187,17 @@ static LB_SERVICE_STATS_V1: LruPerCpuHashMap<
     LbServiceStats,
     { service_stats::MAX_ENTRIES as usize },
 > = LruPerCpuHashMap::new();
+
+/// New flows and connection-attempt outcomes per (service, backend): an
+/// entry per membership, made and removed by the agent with it (see
+/// `lb_common::backend_stats`).
+#[btf_map]
+static LB_BACKEND_STATS_V1: HashMap<
+    Lb4MemberKey,
+    LbBackendStats,
+    { backend_stats::MAX_ENTRIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Flow-trace events while `FLAG_TRACE` is set (`lbctl trace`).
 #[btf_map]
@@ -572,6 +584,9 @@ pub struct Scratch6 {
     frag_key: Lb6FragKey,
     /// The backend a new flow was given (read by the flow trace).
     backend_addr: [u8; 16],
+    /// The key of a per-backend counter (`stats::count_backend`, both
+    /// families): the IPv4 new-flow frame has no stack left for it.
+    member_key: Lb4MemberKey,
 }
 
 #[btf_map]

@@ -521,3 +521,96 @@ fn an_ipv6_pod_reaching_its_own_service_gets_its_replies_through_the_hairpin_add
         );
     }
 }
+
+/// The IPv6 ClusterIP of `closed6`, whose endpoint (echo-a) listens on
+/// neither of its target ports.
+const CLOSED6: Ipv6Addr = vip6(0x1b);
+
+/// Node 1's per-backend counters of the IPv6 backend `addr:port`/`proto`,
+/// summed over the services that use it: (new flows, answered, failed).
+fn backend_counters6(env: &DualStack, addr: Ipv6Addr, port: u16, proto: u8) -> (u64, u64, u64) {
+    let tables = env.agents.tables(1);
+    let ids: Vec<u32> = tables
+        .dump_backends6()
+        .expect("backends")
+        .into_iter()
+        .filter(|(_, b)| b.addr == addr.octets() && b.port == port && b.proto == proto)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(!ids.is_empty(), "no backend [{addr}]:{port}/{proto}");
+    tables
+        .dump_backend_stats()
+        .expect("backend stats")
+        .into_iter()
+        .filter(|(key, _)| ids.contains(&key.backend_id))
+        .fold((0, 0, 0), |(n, a, f), (_, s)| {
+            (n + s.new_flows, a + s.answered, f + s.failed)
+        })
+}
+
+#[test]
+fn ipv6_backend_counters_count_answered_and_refused_attempts() {
+    let env = DualStack::start("ipv6_backend_counters_count_answered_and_refused_attempts");
+    let a6 = env.ip6(ECHO_A.0);
+    write_manifest(
+        env._manifests.path(),
+        "closed6.yaml",
+        &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: closed6, namespace: default}}\n\
+             spec:\n{}  ports: [{{name: web, port: 80, targetPort: 9999, protocol: TCP}}, \
+             {{name: dns, port: 53, targetPort: 9999, protocol: UDP}}]\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: closed6-1\n  \
+             namespace: default\n  labels: {{kubernetes.io/service-name: closed6}}\n\
+             addressType: IPv6\nports: [{{name: web, port: 9999, protocol: TCP}}, \
+             {{name: dns, port: 9999, protocol: UDP}}]\nendpoints:\n\
+             - addresses: [\"{a6}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  \
+             nodeName: node-1\n",
+            v6_only(CLOSED6, "")
+        ),
+    );
+    env.agents.wait_until("closed6 programmed on node 1", || {
+        env.agents.tables(1).dump_backends6().is_ok_and(|b| {
+            b.iter()
+                .any(|(_, b)| b.addr == a6.octets() && b.port == 9999)
+        })
+    });
+    // The echo service's probes in start() were answered.
+    let (new, answered, failed) = backend_counters6(&env, a6, 8080, lb_common::PROTO_TCP);
+    let (new_b, answered_b, failed_b) =
+        backend_counters6(&env, env.ip6(ECHO_B.0), 8080, lb_common::PROTO_TCP);
+    assert!(new + new_b > 0, "new flows counted");
+    assert_eq!((answered + answered_b, failed + failed_b), (new + new_b, 0));
+    // Refused: three TCP connects (RST from echo-a's stack) and two
+    // datagrams (ICMPv6 port unreachable), from the same node.
+    let ns = env.ns(CLIENT_1.0);
+    for _ in 0..3 {
+        let result = ns
+            .run(|| TcpStream::connect_timeout(&v6(CLOSED6, 80), TIMEOUT).map(|_| ()))
+            .expect("run");
+        let error = result.expect_err("port 9999 is closed");
+        assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+    }
+    for _ in 0..2 {
+        let answer = ns
+            .run(|| -> std::io::Result<usize> {
+                let socket = UdpSocket::bind("[::]:0")?;
+                socket.connect(v6(CLOSED6, 53))?;
+                socket.set_read_timeout(Some(TIMEOUT))?;
+                socket.send(b"query")?;
+                socket.recv(&mut [0u8; 64])
+            })
+            .expect("run");
+        let error = answer.expect_err("port 9999 is closed");
+        assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+    }
+    assert_eq!(
+        backend_counters6(&env, a6, 9999, lb_common::PROTO_TCP),
+        (3, 0, 3),
+        "TCP to the closed port: (new, answered, failed)"
+    );
+    assert_eq!(
+        backend_counters6(&env, a6, 9999, lb_common::PROTO_UDP),
+        (2, 0, 2),
+        "UDP to the closed port: (new, answered, failed)"
+    );
+}

@@ -27,7 +27,7 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// agent on them, the service answering.
 struct Demo {
     cluster: Cluster,
-    _manifests: TempDir,
+    manifests: TempDir,
 }
 
 impl Demo {
@@ -57,10 +57,7 @@ impl Demo {
         args.extend(agent_args.iter().map(|a| a.to_string()));
         cluster.start_agent(&args);
         cluster.wait_until_serving(SocketAddrV4::new(VIP, 80));
-        Demo {
-            cluster,
-            _manifests: manifests,
-        }
+        Demo { cluster, manifests }
     }
 
     fn lbctl(&self, args: &[&str]) -> String {
@@ -430,4 +427,180 @@ fn bpf_log_prints_a_line_per_new_flow_only_with_the_flag() {
         .config()
         .expect("config");
     assert_ne!(config.flags & lb_common::config::FLAG_LOG, 0);
+}
+
+/// A Service whose endpoint is echo-a on ports nothing listens on: TCP
+/// attempts are refused with a RST, UDP datagrams with ICMP port
+/// unreachable, both from the pod's own stack.
+const CLOSED_MANIFEST: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: closed
+  namespace: default
+spec:
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20]
+  ipFamilies: [IPv4]
+  ports:
+  - {name: web, port: 80, protocol: TCP, targetPort: 9999}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 9999}
+  type: ClusterIP
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: closed-1
+  namespace: default
+  labels: {kubernetes.io/service-name: closed}
+addressType: IPv4
+endpoints:
+- addresses: [10.244.1.11]
+  conditions: {ready: true, serving: true, terminating: false}
+  nodeName: node-1
+ports:
+- {name: web, port: 9999, protocol: TCP}
+- {name: dns, port: 9999, protocol: UDP}
+"#;
+
+/// The `lbctl backends -o json` row of `address`/`protocol`.
+fn backend_row(rows: &Value, address: &str, protocol: &str) -> Value {
+    rows.as_array()
+        .expect("array")
+        .iter()
+        .find(|r| r["address"] == address && r["protocol"] == protocol)
+        .cloned()
+        .unwrap_or_else(|| panic!("no backend {address}/{protocol}:\n{rows:#}"))
+}
+
+#[test]
+fn backends_show_new_flows_failed_attempts_and_active_flows() {
+    let demo = Demo::start_with(
+        "backends_show_new_flows_failed_attempts_and_active_flows",
+        &["--conntrack-gc-interval", "1s"],
+    );
+    lb_tests::cluster::write_manifest(demo.manifests.path(), "closed.yaml", CLOSED_MANIFEST);
+    let closed = Ipv4Addr::new(10, 96, 0, 20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while demo.cluster.programmed_backends(closed, 80).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "closed never programmed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Refused attempts: five TCP connects (RST) and three datagrams
+    // (ICMP port unreachable), each a new flow.
+    let refused = demo
+        .cluster
+        .client()
+        .run(move || {
+            let mut refused = 0;
+            for _ in 0..5 {
+                let target = std::net::SocketAddr::from(SocketAddrV4::new(closed, 80));
+                if let Err(e) = std::net::TcpStream::connect_timeout(&target, TIMEOUT)
+                    && e.kind() == std::io::ErrorKind::ConnectionRefused
+                {
+                    refused += 1;
+                }
+            }
+            for port in 0..3u16 {
+                let socket =
+                    UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 44000 + port))
+                        .expect("bind");
+                socket
+                    .connect(SocketAddrV4::new(closed, 53))
+                    .expect("connect");
+                socket.send(b"query").expect("send");
+                socket.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+                let mut buf = [0u8; 64];
+                // The translated ICMP error reaches the connected socket.
+                if socket.recv(&mut buf).is_err() {
+                    refused += 1;
+                }
+            }
+            refused
+        })
+        .expect("run in client");
+    assert_eq!(refused, 8, "every attempt to the closed ports is refused");
+    // Answered attempts, and one connection held open.
+    for _ in 0..4 {
+        xtask::http_get(demo.cluster.client(), SocketAddrV4::new(VIP, 80), TIMEOUT)
+            .expect("echo answers");
+    }
+    let held = demo
+        .cluster
+        .client()
+        .run(|| std::net::TcpStream::connect_timeout(&SocketAddrV4::new(VIP, 80).into(), TIMEOUT))
+        .expect("run in client")
+        .expect("held connection");
+    // The collector's census (1 s interval) has seen the held flow.
+    std::thread::sleep(Duration::from_millis(2500));
+
+    // The table docs/inspecting.md shows (visible with --nocapture).
+    println!("{}", demo.lbctl(&["backends"]));
+    let rows = demo.lbctl_json(&["backends"]);
+    let tcp = backend_row(&rows, "10.244.1.11:9999", "TCP");
+    assert_eq!(tcp["new_flows"], 5, "{tcp:#}");
+    assert_eq!(tcp["failed"], 5, "every RST counted: {tcp:#}");
+    assert_eq!(tcp["answered"], 0, "{tcp:#}");
+    assert_eq!(tcp["traffic"][0]["service"], "default/closed", "{tcp:#}");
+    let udp = backend_row(&rows, "10.244.1.11:9999", "UDP");
+    assert_eq!(udp["new_flows"], 3, "{udp:#}");
+    assert_eq!(udp["failed"], 3, "every ICMP error counted: {udp:#}");
+    let echo: Vec<Value> = PODS
+        .iter()
+        .map(|(_, ip)| backend_row(&rows, &format!("{ip}:8080"), "TCP"))
+        .collect();
+    let sum = |field: &str| {
+        echo.iter()
+            .map(|r| r[field].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    // wait_until_serving's probes count too: at least ours.
+    assert!(sum("new_flows") >= 5, "{echo:#?}");
+    assert_eq!(sum("failed"), 0, "{echo:#?}");
+    assert_eq!(
+        sum("answered"),
+        sum("new_flows"),
+        "every echo attempt answered: {echo:#?}"
+    );
+    assert_eq!(sum("active_flows"), 1, "the held connection: {echo:#?}");
+    assert!(sum("bytes") > 0, "{echo:#?}");
+
+    // The same facts in Prometheus, labelled by service port and backend.
+    let text = lb_tests::cluster::http_get_path(
+        demo.cluster.topology.node_ns(),
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249),
+        "/metrics",
+    )
+    .expect("scrape /metrics");
+    for (series, want) in [
+        (
+            r#"lb_backend_failed_attempts_total{namespace="default",service="closed",port="web",backend="10.244.1.11:9999"}"#,
+            5,
+        ),
+        (
+            r#"lb_backend_new_flows_total{namespace="default",service="closed",port="dns",backend="10.244.1.11:9999"}"#,
+            3,
+        ),
+        (
+            r#"lb_backend_failed_attempts_total{namespace="default",service="closed",port="dns",backend="10.244.1.11:9999"}"#,
+            3,
+        ),
+    ] {
+        let line = format!("{series} {want}");
+        assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+    }
+    let active: u64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with(
+                r#"lb_backend_active_flows{namespace="default",service="echo",port="http""#,
+            )
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum();
+    assert_eq!(active, 1, "the held connection:\n{text}");
+    drop(held);
 }

@@ -20,7 +20,10 @@ use lb_common::{
     source_range::{Lb4SourceRange, Lb4SourceRangeKey, Lb6SourceRangeKey},
     stats::Counter,
 };
-use lb_common::{service_name::LbServiceName, service_stats::LbServiceStats, trace::TraceEvent};
+use lb_common::{
+    backend_stats::LbBackendStats, service_name::LbServiceName, service_stats::LbServiceStats,
+    trace::TraceEvent,
+};
 use xtask::TempDir;
 
 /// struct name -> (size, [(field, byte offset)]), as bpftool prints them.
@@ -245,6 +248,12 @@ fn kernel_and_agent_agree_on_every_shared_struct() {
             ct_forward,
             ct_reply,
             dropped
+        }),
+        host_layout!(LbBackendStats {
+            new_flows,
+            answered,
+            failed,
+            last_failed_ns
         }),
         host_layout!(Lb4SockKey {
             cookie,

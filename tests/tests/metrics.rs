@@ -148,3 +148,59 @@ fn metrics_report_programming_maps_datapath_counters_and_relists() {
             )
     );
 }
+
+#[test]
+fn programming_latency_is_measured_from_the_endpoint_slices_trigger_time() {
+    let pods = [
+        ("echo-a", Ipv4Addr::new(10, 244, 1, 11)),
+        ("echo-b", Ipv4Addr::new(10, 244, 1, 12)),
+    ];
+    let test_start = std::time::Instant::now();
+    let cluster = ApiCluster::start(
+        "programming_latency_is_measured_from_the_endpoint_slices_trigger_time",
+        &pods,
+        &[
+            objects::service("echo", VIP),
+            objects::endpoint_slice("echo", "echo-1", &pods),
+        ],
+    );
+    cluster.wait_for_backends(
+        VIP,
+        80,
+        Some(pods.iter().map(|(_, ip)| *ip).collect()),
+        Duration::from_secs(20),
+    );
+    let from_change = "lb_network_programming_from_change_duration_seconds";
+    let before = scrape(&cluster);
+    // The initial list carried no trigger time: nothing observed yet.
+    assert_eq!(must(&before, &format!("{from_change}_count"), &[]), 0.0);
+    // echo-b left 2 s ago; the controller's annotation says so, and the
+    // change reaches the agent only now. The agent started over 2 s
+    // earlier still (changes from before its start are not measured).
+    if let Some(wait) = Duration::from_secs(3).checked_sub(test_start.elapsed()) {
+        std::thread::sleep(wait);
+    }
+    let trigger =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(2);
+    let mut slice = objects::endpoint_slice("echo", "echo-1", &pods[..1]);
+    slice["metadata"]["annotations"] = serde_json::json!({
+        "endpoints.kubernetes.io/last-change-trigger-time": trigger.to_string(),
+    });
+    cluster.api.apply(slice).expect("apply");
+    cluster.wait_for_backends(VIP, 80, Some(vec![pods[0].1]), Duration::from_secs(20));
+    let after = scrape(&cluster);
+    assert_eq!(must(&after, &format!("{from_change}_count"), &[]), 1.0);
+    let took = must(&after, &format!("{from_change}_sum"), &[]);
+    assert!(
+        (2.0..60.0).contains(&took),
+        "from the trigger 2 s ago, not from receipt: {took} s"
+    );
+    // From receipt, the same program took far less.
+    let receipt = "lb_network_programming_duration_seconds";
+    let receipt_took = must(&after, &format!("{receipt}_sum"), &[])
+        - must(&before, &format!("{receipt}_sum"), &[]);
+    assert!(
+        receipt_took < took,
+        "{receipt_took} s from receipt vs {took} s from the trigger"
+    );
+}

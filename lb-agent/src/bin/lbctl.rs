@@ -15,13 +15,13 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::maps::{Map, MapData, RingBuf};
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_agent::datapath::{BackendEntry, KernelTables, ServiceKey};
+use lb_agent::datapath::{BackendEntry, KernelTables, ServiceKey, ct_sweep::BackendFlows};
 use lb_agent::model::SourceRange;
 use lb_common::{
     PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     backend::{FLAG_LOCAL, FLAG_TERMINATING},
     config::FLAG_TRACE,
-    conntrack::{CtState, DIR_FORWARD, REWRITE_SRC, timeout_ns},
+    conntrack::{CtEntry, CtState, DIR_FORWARD, REWRITE_SRC, is_expired, timeout_ns},
     service::{
         FLAG_ADDRESS, FLAG_LOCAL_ONLY, FLAG_MAGLEV, KIND_CLUSTER_IP, KIND_EXTERNAL_IP,
         KIND_LOAD_BALANCER, KIND_NODE_PORT, Lb4Service, SCOPE_INTERNAL,
@@ -322,14 +322,114 @@ fn backends(tables: &KernelTables, names: &Names) -> anyhow::Result<Vec<Value>> 
             }
         }
     }
+    let counters = tables.dump_backend_stats()?;
+    let flows = live_flows_by_backend(tables)?;
     Ok(all_backends(tables)?
         .iter()
         .map(|(id, b)| {
             let mut row = backend_json(*id, b);
             row["services"] = json!(used_by.get(id).cloned().unwrap_or_default());
+            // Per service: the datapath's counters and the live flows.
+            let mut traffic: BTreeMap<u32, [u64; 5]> = BTreeMap::new();
+            for (key, c) in &counters {
+                if key.backend_id == *id {
+                    let t = traffic.entry(key.service_id).or_default();
+                    t[0] += c.new_flows;
+                    t[1] += c.answered;
+                    t[2] += c.failed;
+                }
+            }
+            for ((service_id, backend_id), live) in &flows {
+                if backend_id == id {
+                    let t = traffic.entry(*service_id).or_default();
+                    t[3] += live.active;
+                    t[4] += live.bytes;
+                }
+            }
+            let total = traffic.values().fold([0u64; 5], |mut acc, t| {
+                for (a, v) in acc.iter_mut().zip(t) {
+                    *a += v;
+                }
+                acc
+            });
+            for (i, field) in TRAFFIC_FIELDS.iter().enumerate() {
+                row[*field] = json!(total[i]);
+            }
+            row["traffic"] = traffic
+                .iter()
+                .map(|(service_id, t)| {
+                    let mut per = json!({
+                        "service_id": service_id,
+                        "service": names.service(*service_id),
+                        "port_name": names.port_name(*service_id),
+                    });
+                    for (i, field) in TRAFFIC_FIELDS.iter().enumerate() {
+                        per[*field] = json!(t[i]);
+                    }
+                    per
+                })
+                .collect();
             row
         })
         .collect())
+}
+
+/// The per-backend traffic fields of `lbctl backends`: the datapath's
+/// counters, then what the live conntrack entries hold.
+const TRAFFIC_FIELDS: [&str; 5] = ["new_flows", "answered", "failed", "active_flows", "bytes"];
+
+/// Live (not expired) flows per (service id, backend id): flows not
+/// closed, and bytes both ways of every live entry.
+fn live_flows_by_backend(
+    tables: &KernelTables,
+) -> anyhow::Result<BTreeMap<(u32, u32), BackendFlows>> {
+    let now = coarse_monotonic_ns();
+    let timeouts = tables.config()?.ct;
+    let mut flows: BTreeMap<(u32, u32), BackendFlows> = BTreeMap::new();
+    let mut add = |proto: u8, e: &dyn CtEntryView| {
+        if is_expired(&timeouts, proto, e.state(), e.last_seen_ns(), now) {
+            return;
+        }
+        let f = flows.entry(e.service_backend()).or_default();
+        f.bytes += e.bytes();
+        if e.direction() == DIR_FORWARD && !CtState::of(proto, e.state()).is_closed() {
+            f.active += 1;
+        }
+    };
+    for (k, e) in tables.dump_conntrack()? {
+        add(k.proto, &e);
+    }
+    for (k, e) in tables.dump_conntrack6()? {
+        add(k.proto, &e);
+    }
+    Ok(flows)
+}
+
+/// The [`CtEntry`] reads of either family, object-safe.
+trait CtEntryView {
+    fn state(&self) -> u8;
+    fn last_seen_ns(&self) -> u64;
+    fn service_backend(&self) -> (u32, u32);
+    fn bytes(&self) -> u64;
+    fn direction(&self) -> u8;
+}
+
+impl<E: CtEntry> CtEntryView for E {
+    fn state(&self) -> u8 {
+        CtEntry::state(self)
+    }
+    fn last_seen_ns(&self) -> u64 {
+        CtEntry::last_seen_ns(self)
+    }
+    fn service_backend(&self) -> (u32, u32) {
+        CtEntry::service_backend(self)
+    }
+    fn bytes(&self) -> u64 {
+        CtEntry::bytes(self)
+    }
+    fn direction(&self) -> u8 {
+        CtEntry::direction(self)
+    }
 }
 
 /// The datapath's clock (`bpf_ktime_get_coarse_ns`).
@@ -994,7 +1094,18 @@ fn print_table(command: &Command, rows: &Value) {
         }
         _ => {
             let columns: &[&str] = match command {
-                Command::Backends => &["id", "address", "protocol", "state", "local", "services"],
+                Command::Backends => &[
+                    "id",
+                    "address",
+                    "protocol",
+                    "state",
+                    "local",
+                    "services",
+                    "new_flows",
+                    "failed",
+                    "active_flows",
+                    "bytes",
+                ],
                 Command::Conntrack { .. } => &[
                     "client",
                     "frontend",

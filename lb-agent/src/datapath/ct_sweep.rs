@@ -46,6 +46,17 @@ pub struct TableCensus {
     /// source address (the node's, the hairpin address, or a client's own
     /// for a remapped port): the SNAT ports in use.
     pub snat_ports: BTreeMap<IpAddr, u64>,
+    /// Live flows and their bytes by (service id, backend id).
+    pub by_backend: BTreeMap<(u32, u32), BackendFlows>,
+}
+
+/// What the live conntrack entries of one (service, backend) hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendFlows {
+    /// Flows not closed (their forward entries: one per flow).
+    pub active: u64,
+    /// Bytes both ways of every live flow, closed ones included.
+    pub bytes: u64,
 }
 
 /// What one [`Sweeper::sweep`] call did.
@@ -165,6 +176,15 @@ where
             }
             let state = CtState::of(proto, entry.state());
             *walk.census.by_state.entry(state.name()).or_default() += 1;
+            let flows = walk
+                .census
+                .by_backend
+                .entry(entry.service_backend())
+                .or_default();
+            flows.bytes += entry.bytes();
+            if entry.direction() != DIR_REPLY && !state.is_closed() {
+                flows.active += 1;
+            }
             // A reply entry that rewrites its destination back to the
             // client came to a translated source: its key's destination
             // is the SNAT address (the node's or the hairpin address; a

@@ -32,6 +32,7 @@ use lb_common::{
 };
 // Inspection maps (lbctl): names and per-service counters.
 use lb_common::{
+    backend_stats::{self, LbBackendStats},
     service_name::{self, LbServiceName},
     service_stats::{self, LbServiceStats},
 };
@@ -39,6 +40,9 @@ use lb_common::{
 use super::programmer::{
     BackendEntry, RemovedUdpBackend, ServiceKey, SourceRangeEntry, TableWriter,
 };
+
+/// `BPF_NOEXIST`: an update that only creates.
+const BPF_NOEXIST: u64 = 1;
 
 /// The keys of a socket reverse map whose (backend, frontend), as `peers`
 /// reads them from an entry, is one of `removed`.
@@ -115,6 +119,8 @@ pub struct KernelTables {
     pub service_names: HashMap<MapData, u32, LbServiceName>,
     /// Per-CPU counters per service id.
     pub service_stats: PerCpuHashMap<MapData, u32, LbServiceStats>,
+    /// New flows and attempt outcomes per (service, backend).
+    pub backend_stats: HashMap<MapData, Lb4MemberKey, LbBackendStats>,
     /// Inserts refused because the map was full, by map name, since the
     /// last [`KernelTables::take_map_full`] (`lb_map_full_total`).
     full: BTreeMap<&'static str, u64>,
@@ -190,6 +196,8 @@ impl KernelTables {
                 .with_context(|| layout(service_name::NAME))?,
             service_stats: PerCpuHashMap::try_from(get(service_stats::NAME)?)
                 .with_context(|| layout(service_stats::NAME))?,
+            backend_stats: HashMap::try_from(get(backend_stats::NAME)?)
+                .with_context(|| layout(backend_stats::NAME))?,
             full: BTreeMap::new(),
         })
     }
@@ -432,6 +440,30 @@ impl KernelTables {
             .collect()
     }
 
+    /// Every (service, backend)'s counters.
+    pub fn dump_backend_stats(&self) -> anyhow::Result<BTreeMap<Lb4MemberKey, LbBackendStats>> {
+        Ok(self.backend_stats.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Makes the counter entry of every membership that has none (maps
+    /// pinned by an agent that had no such map, or a membership whose
+    /// entry could not be made): the programs only count into existing
+    /// entries. Returns how many were made.
+    pub fn backfill_backend_stats(&mut self) -> anyhow::Result<usize> {
+        let members: Vec<Lb4MemberKey> = self.members.keys().collect::<Result<_, _>>()?;
+        let mut made = 0;
+        for key in members {
+            if self
+                .backend_stats
+                .insert(key, LbBackendStats::default(), BPF_NOEXIST)
+                .is_ok()
+            {
+                made += 1;
+            }
+        }
+        Ok(made)
+    }
+
     /// Every conntrack entry (both directions).
     pub fn dump_conntrack(&self) -> anyhow::Result<Vec<(Lb4CtKey, Lb4CtEntry)>> {
         Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
@@ -480,10 +512,20 @@ impl TableWriter for KernelTables {
         Ok(self.backends.remove(&id)?)
     }
     fn put_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()> {
+        // A new membership starts with fresh counters (ids may be handed
+        // out again after an agent restart); the programs count into them.
+        if self.members.get(key, 0).is_err() {
+            // Not fatal: the service works without its counters (a full
+            // map is counted; the entry is made again at the next start).
+            let result = self.backend_stats.insert(key, LbBackendStats::default(), 0);
+            let _ = self.inserted(backend_stats::NAME, result);
+        }
         let result = self.members.insert(key, Lb4Member { present: 1 }, 0);
         self.inserted(member::NAME, result)
     }
     fn delete_member(&mut self, key: &Lb4MemberKey) -> anyhow::Result<()> {
+        // The counters go with the membership; missing ones are fine.
+        let _ = self.backend_stats.remove(key);
         Ok(self.members.remove(key)?)
     }
     fn put_service_name(&mut self, service_id: u32, name: &LbServiceName) -> anyhow::Result<()> {

@@ -134,7 +134,7 @@ impl Default for MapSizes {
 }
 
 /// Every map the programs use, with its pinned name.
-pub const MAP_NAMES: [&str; 22] = [
+pub const MAP_NAMES: [&str; 23] = [
     service::NAME,
     slot::NAME,
     backend::NAME,
@@ -160,6 +160,8 @@ pub const MAP_NAMES: [&str; 22] = [
     lb_common::service_name::NAME,
     lb_common::service_stats::NAME,
     lb_common::trace::NAME,
+    // Per-backend new flows and connection-attempt outcomes.
+    lb_common::backend_stats::NAME,
 ];
 
 /// The loaded programs and their maps.
@@ -192,6 +194,8 @@ impl Datapath {
             // One membership per backend of a service: as many as the slots
             // of one revision, so --max-slots bounds both.
             .map_max_entries(member::NAME, sizes.slots)
+            // A counter entry per membership.
+            .map_max_entries(lb_common::backend_stats::NAME, sizes.slots)
             // One name and one counter entry per frontend.
             .map_max_entries(lb_common::service_name::NAME, sizes.services)
             .map_max_entries(lb_common::service_stats::NAME, sizes.services);

@@ -92,7 +92,45 @@ impl std::fmt::Display for ObjectKey {
 const KEPT_ANNOTATIONS: &[&str] = &[
     "service.kubernetes.io/topology-mode",
     "service.kubernetes.io/topology-aware-hints",
+    TRIGGER_TIME_ANNOTATION,
 ];
+
+/// When the change an EndpointSlice carries happened (a pod became ready,
+/// went away...), set by the endpointslice controller: kube-proxy measures
+/// its programming latency from it, and so do we.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The trigger times of the EndpointSlice changes `new` holds that `old`
+/// did not (a new slice, or a new value of its annotation), at or after
+/// `since` (the agent's start: the initial list's slices changed before
+/// anything could program them, as kube-proxy's tracker ignores them).
+/// An absent or unparsable annotation gives nothing.
+pub fn new_trigger_times(
+    old: Option<&ClusterState>,
+    new: &ClusterState,
+    since: std::time::SystemTime,
+) -> Vec<std::time::SystemTime> {
+    let trigger = |slice: &EndpointSlice| {
+        slice
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(TRIGGER_TIME_ANNOTATION)
+            .cloned()
+    };
+    new.endpoint_slices()
+        .filter_map(|(key, slice)| {
+            let value = trigger(slice)?;
+            let before = old.and_then(|old| old.endpoint_slice(&key.namespace, &key.name));
+            if before.and_then(trigger).as_deref() == Some(value.as_str()) {
+                return None;
+            }
+            let at: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
+            let at = std::time::SystemTime::from(at);
+            (at >= since).then_some(at)
+        })
+        .collect()
+}
 
 /// The current objects of the cluster that matter to a service proxy.
 ///
@@ -274,5 +312,61 @@ mod tests {
                 .and_then(|labels| labels.get("service.kubernetes.io/service-proxy-name")),
             Some(&"other".to_owned())
         );
+    }
+
+    fn slice_triggered(name: &str, trigger: Option<&str>) -> ClusterObject {
+        ClusterObject::EndpointSlice(EndpointSlice {
+            metadata: ObjectMeta {
+                namespace: Some("default".into()),
+                name: Some(name.into()),
+                annotations: trigger.map(|t| {
+                    BTreeMap::from([
+                        (TRIGGER_TIME_ANNOTATION.to_owned(), t.to_owned()),
+                        ("other".to_owned(), "dropped".to_owned()),
+                    ])
+                }),
+                ..ObjectMeta::default()
+            },
+            ..EndpointSlice::default()
+        })
+    }
+
+    #[test]
+    fn trigger_times_of_new_and_changed_slices_since_the_start() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let at = |secs: u64| UNIX_EPOCH + Duration::from_secs(secs);
+        let start = at(1_800_000_000);
+        let mut old = ClusterState::default();
+        old.upsert(slice_triggered("same", Some("2027-01-15T08:00:10Z")));
+        old.upsert(slice_triggered("moved", Some("2027-01-15T08:00:10Z")));
+        let mut new = old.clone();
+        // 2027-01-15T08:00:20Z is 1_800_000_020 s after the epoch.
+        new.upsert(slice_triggered("moved", Some("2027-01-15T08:00:20Z")));
+        new.upsert(slice_triggered("fresh", Some("2027-01-15T08:00:30.5Z")));
+        new.upsert(slice_triggered(
+            "before-start",
+            Some("2027-01-15T07:59:00Z"),
+        ));
+        new.upsert(slice_triggered("garbled", Some("yesterday")));
+        new.upsert(slice_triggered("unannotated", None));
+        let mut times = new_trigger_times(Some(&old), &new, start);
+        times.sort();
+        assert_eq!(
+            times,
+            vec![
+                at(1_800_000_020),
+                at(1_800_000_030) + Duration::from_millis(500)
+            ],
+            "the changed and the new slice, nothing else"
+        );
+        // The annotation survives stripping; the others do not.
+        let kept = new.endpoint_slice("default", "fresh").expect("stored");
+        assert_eq!(
+            kept.metadata.annotations.as_ref().map(BTreeMap::len),
+            Some(1)
+        );
+        // With no previous state every annotated slice since the start counts.
+        assert_eq!(new_trigger_times(None, &new, start).len(), 3);
+        assert!(new_trigger_times(None, &new, at(1_900_000_000)).is_empty());
     }
 }
