@@ -318,6 +318,9 @@ fn the_api_server_address_can_come_from_the_config_map() {
     // Shipped unset: an address only the cluster's owner knows.
     let data = config.data.clone().unwrap_or_default();
     for var in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
-        assert!(!data.contains_key(var), "{var} is set in the shipped ConfigMap");
+        assert!(
+            !data.contains_key(var),
+            "{var} is set in the shipped ConfigMap"
+        );
     }
 }
