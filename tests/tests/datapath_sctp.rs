@@ -192,46 +192,45 @@ fn sctp_address_only_translation_leaves_the_crc_as_it_was() {
 #[test]
 fn sctp_nodeport_to_a_remote_backend_is_snatted_with_valid_crcs_on_tc() {
     let mut fx = fixture("sctp_nodeport_to_a_remote_backend_is_snatted_with_valid_crcs_on_tc");
-    for (hook, client_port) in [(Hook::TcNode, 50001)] {
-        let init = Packet::sctp((EXT, client_port), (NODE, NODE_PORT), &sctp_init(0xb1));
-        let out = fx.pass(hook, &init);
-        assert_eq!(
-            (out.src, out.dst),
-            (NODE, REMOTE),
-            "{hook:?}: INIT not DNATed and SNATed"
-        );
-        let (snat_port, dst_port) = out.ports().expect("ports");
-        assert_eq!(dst_port, TARGET);
-        assert!(
-            (61000..=65522).contains(&snat_port),
-            "{hook:?}: SNAT port {snat_port} outside its range"
-        );
+    let (hook, client_port) = (Hook::TcNode, 50001);
+    let init = Packet::sctp((EXT, client_port), (NODE, NODE_PORT), &sctp_init(0xb1));
+    let out = fx.pass(hook, &init);
+    assert_eq!(
+        (out.src, out.dst),
+        (NODE, REMOTE),
+        "{hook:?}: INIT not DNATed and SNATed"
+    );
+    let (snat_port, dst_port) = out.ports().expect("ports");
+    assert_eq!(dst_port, TARGET);
+    assert!(
+        (61000..=65522).contains(&snat_port),
+        "{hook:?}: SNAT port {snat_port} outside its range"
+    );
 
-        // The backend's answer comes back over the underlay.
-        let reply = fx.pass(
-            hook,
-            &in_association(
-                Packet::sctp((REMOTE, TARGET), (NODE, snat_port), &init_ack()),
-                0xb1,
-            ),
-        );
-        assert_eq!(
-            (reply.src, reply.dst, reply.ports()),
-            (NODE, EXT, Some((NODE_PORT, client_port))),
-            "{hook:?}: INIT-ACK not reverse-translated"
-        );
+    // The backend's answer comes back over the underlay.
+    let reply = fx.pass(
+        hook,
+        &in_association(
+            Packet::sctp((REMOTE, TARGET), (NODE, snat_port), &init_ack()),
+            0xb1,
+        ),
+    );
+    assert_eq!(
+        (reply.src, reply.dst, reply.ports()),
+        (NODE, EXT, Some((NODE_PORT, client_port))),
+        "{hook:?}: INIT-ACK not reverse-translated"
+    );
 
-        let data = Packet::sctp(
-            (EXT, client_port),
-            (NODE, NODE_PORT),
-            &sctp_data(1, &[7; 900]),
-        );
-        let out = fx.pass(hook, &in_association(data, 0x5eed_0001));
-        assert_eq!(
-            (out.src, out.dst, out.ports()),
-            (NODE, REMOTE, Some((snat_port, TARGET)))
-        );
-    }
+    let data = Packet::sctp(
+        (EXT, client_port),
+        (NODE, NODE_PORT),
+        &sctp_data(1, &[7; 900]),
+    );
+    let out = fx.pass(hook, &in_association(data, 0x5eed_0001));
+    assert_eq!(
+        (out.src, out.dst, out.ports()),
+        (NODE, REMOTE, Some((snat_port, TARGET)))
+    );
 }
 
 #[test]
@@ -288,11 +287,7 @@ fn sctp_on_xdp_and_over_ipv6_passes_untouched() {
     let (verdict, out) = fx.run(Hook::Xdp, &init.emit());
     assert_eq!(verdict, Hook::Xdp.pass());
     assert_eq!(out, init.emit(), "XDP changed an SCTP packet");
-    let init6 = Packet6::sctp(
-        (POD_CLIENT6, 40000),
-        (CLUSTER_IP6, PORT),
-        &sctp_init(0xe1),
-    );
+    let init6 = Packet6::sctp((POD_CLIENT6, 40000), (CLUSTER_IP6, PORT), &sctp_init(0xe1));
     let (verdict, out) = fx.run(Hook::TcPod, &init6.emit());
     assert_eq!(verdict, Hook::TcPod.pass());
     assert_eq!(out, init6.emit(), "an IPv6 SCTP packet was changed");
