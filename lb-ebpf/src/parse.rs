@@ -1,6 +1,7 @@
-//! Header parsing: Ethernet -> IPv4 -> TCP/UDP/SCTP, and Ethernet -> IPv6
-//! -> extension headers -> TCP/UDP/SCTP. Every read goes through [`ptr_at`], the
-//! one bounds-checked accessor.
+//! Header parsing: Ethernet -> IPv4 -> TCP/UDP/SCTP (SCTP on TC only,
+//! [`PacketBuf::SCTP`]), and Ethernet -> IPv6 -> extension headers ->
+//! TCP/UDP. Every read goes through [`ptr_at`], the one bounds-checked
+//! accessor.
 
 use crate::sctp;
 use aya_ebpf::programs::{TcContext, XdpContext};
@@ -102,7 +103,7 @@ impl Flow {
     }
 }
 
-/// An IPv6 TCP, UDP or SCTP packet: [`Flow`] with 128-bit addresses. It lives
+/// An IPv6 TCP or UDP packet: [`Flow`] with 128-bit addresses. It lives
 /// in the per-CPU scratch map (`LB6_SCRATCH`), not on the stack.
 #[repr(C)]
 pub struct Flow6 {
@@ -110,9 +111,9 @@ pub struct Flow6 {
     pub key: Lb6CtKey,
     /// Offset of the L4 header (after every extension header).
     pub l4_off: usize,
-    /// Offset of the L4 checksum field (SCTP: its CRC32c).
+    /// Offset of the L4 checksum field.
     pub csum_off: usize,
-    /// TCP flags byte, 0 for UDP and SCTP.
+    /// TCP flags byte, 0 for UDP.
     pub tcp_flags: u8,
     /// Offset of the fragment header of a fragment that has others after
     /// it (a first fragment with more to come, or a non-first one); 0
@@ -127,19 +128,19 @@ impl Flow6 {
         self.key.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 
-    /// What a reject answers: a TCP SYN, or any UDP or SCTP packet (as
-    /// kube-proxy's REJECT rules do).
+    /// What a reject answers: a TCP SYN, or any UDP datagram.
     #[inline(always)]
     pub fn is_connection_attempt(&self) -> bool {
-        self.key.proto == PROTO_UDP || self.key.proto == PROTO_SCTP || self.is_syn()
+        self.key.proto == PROTO_UDP || self.is_syn()
     }
 }
 
 /// What the IPv6 parser found.
 pub enum Packet6 {
-    /// TCP, UDP or SCTP: the [`Flow6`] given to the parser is filled in.
+    /// TCP or UDP: the [`Flow6`] given to the parser is filled in.
     Flow,
-    /// None of those (ICMPv6 included: neighbour discovery passes).
+    /// Neither TCP nor UDP (ICMPv6 and SCTP included: neighbour discovery
+    /// passes).
     OtherL4,
     /// A non-first fragment: no L4 header, its bytes are payload.
     Fragment,

@@ -9,7 +9,7 @@
 //! by zeros, and `crc0` of that is the change, as a polynomial, times
 //! `x^(8 * len)` modulo the CRC polynomial. Two carry-less products do it,
 //! whatever the packet's length, with no read past the SCTP common header
-//! (paged skbs and XDP fragments included). A packet whose CRC was wrong
+//! (paged skbs included). A packet whose CRC was wrong
 //! stays wrong, as an incremental TCP or UDP checksum update keeps it.
 
 /// The CRC32c polynomial, bit-reflected (the CRC is computed LSB first).
