@@ -41,11 +41,11 @@ const _: () = assert!(AGENT_SOCK_DESTROYED < MAX_ENTRIES);
 pub enum Reason {
     /// Neither IPv4 nor IPv6 (the name predates IPv6 support).
     PassNotIpv4 = 0,
-    /// IPv4 or IPv6 but neither TCP nor UDP.
+    /// IPv4 or IPv6 but neither TCP, UDP nor SCTP.
     PassOtherL4 = 1,
     /// A non-first IPv4 or IPv6 fragment (no L4 header to read).
     PassFragment = 2,
-    /// TCP/UDP not addressed to a service and not part of a tracked flow.
+    /// TCP, UDP or SCTP not addressed to a service and not part of a tracked flow.
     PassNotService = 3,
     /// First packet of a flow: backend chosen, destination translated.
     NewFlow = 4,
@@ -98,6 +98,10 @@ pub enum Reason {
     /// A reject (ICMP port unreachable) above the per-CPU rate limit
     /// (`LB_REJECT_LIMIT_V1`): the packet is dropped unanswered.
     DropRejectRateLimited = 28,
+    /// The first fragment of an SCTP datagram whose ports a translation
+    /// changes: SCTP's CRC32c covers the whole datagram, whose length the
+    /// first fragment does not carry, so its checksum cannot be updated.
+    DropSctpFragment = 32,
 }
 
 impl Reason {
@@ -105,7 +109,7 @@ impl Reason {
     pub const FIRST_DROP: u32 = 16;
 
     /// Every reason, for readers that list all counters.
-    pub const ALL: [Reason; 26] = [
+    pub const ALL: [Reason; 27] = [
         Reason::PassNotIpv4,
         Reason::PassOtherL4,
         Reason::PassFragment,
@@ -132,6 +136,7 @@ impl Reason {
         Reason::DropSnatExhausted,
         Reason::DropFragmentUnknown,
         Reason::DropRejectRateLimited,
+        Reason::DropSctpFragment,
     ];
 
     /// Stable name for metrics and `lbctl stats`.
@@ -163,6 +168,7 @@ impl Reason {
             Reason::DropSnatExhausted => "drop_snat_exhausted",
             Reason::DropFragmentUnknown => "drop_fragment_unknown",
             Reason::DropRejectRateLimited => "drop_reject_rate_limited",
+            Reason::DropSctpFragment => "drop_sctp_fragment",
         }
     }
 
@@ -173,3 +179,4 @@ impl Reason {
 }
 
 const _: () = assert!((Reason::DropRejectRateLimited as u32) < MAX_ENTRIES);
+const _: () = assert!((Reason::DropSctpFragment as u32) < MAX_ENTRIES);

@@ -13,6 +13,7 @@ mod nat;
 mod parse;
 mod policy;
 mod reject;
+mod sctp;
 mod service;
 mod sock;
 mod stats;

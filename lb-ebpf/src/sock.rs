@@ -24,6 +24,8 @@ use crate::{Hook, LB4_SOCK_REVNAT_V1, LB6_SOCK_REVNAT_V1, service, stats};
 const ECONNREFUSED: i32 = 111;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
+const IPPROTO_TCP: u32 = PROTO_TCP as u32;
+const IPPROTO_UDP: u32 = PROTO_UDP as u32;
 const AF_INET6: u32 = 10;
 
 /// What the hook tells the kernel: 1 lets the call go on, 0 fails it.
@@ -35,12 +37,15 @@ fn sock_addr(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
     ctx.sock_addr
 }
 
-/// The protocol of a socket type the programs balance.
+/// The protocol of a socket the programs balance: TCP streams and UDP
+/// datagrams. SCTP sockets (SOCK_STREAM or SOCK_SEQPACKET with
+/// IPPROTO_SCTP) are left to the packet path: a multi-homed association
+/// reaches addresses that connect() never shows.
 #[inline(always)]
-fn proto_of(type_: u32) -> Option<u8> {
-    match type_ {
-        SOCK_STREAM => Some(PROTO_TCP),
-        SOCK_DGRAM => Some(PROTO_UDP),
+fn proto_of(type_: u32, protocol: u32) -> Option<u8> {
+    match (type_, protocol) {
+        (SOCK_STREAM, IPPROTO_TCP) => Some(PROTO_TCP),
+        (SOCK_DGRAM, IPPROTO_UDP) => Some(PROTO_UDP),
         _ => None,
     }
 }
@@ -98,8 +103,9 @@ unsafe fn write_ip6(words: *mut [u32; 4], addr: [u8; 16]) {
 fn requested(ctx: &SockAddrContext) -> Option<Lb4CtKey> {
     let sa = sock_addr(ctx);
     // SAFETY: the context is the kernel's bpf_sock_addr for this call.
-    let (ip, port, type_) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).type_) };
-    let proto = proto_of(type_)?;
+    let (ip, port, type_, protocol) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).type_, (*sa).protocol) };
+    let proto = proto_of(type_, protocol)?;
     Some(Lb4CtKey {
         src_addr: [0; 4],
         dst_addr: ip.to_ne_bytes(),
@@ -185,8 +191,8 @@ fn reverse(ctx: &SockAddrContext) -> i32 {
 fn requested6(ctx: &SockAddrContext) -> Option<Lb6CtKey> {
     let sa = sock_addr(ctx);
     // SAFETY: the context is the kernel's bpf_sock_addr for this call.
-    let (port, type_) = unsafe { ((*sa).user_port, (*sa).type_) };
-    let proto = proto_of(type_)?;
+    let (port, type_, protocol) = unsafe { ((*sa).user_port, (*sa).type_, (*sa).protocol) };
+    let proto = proto_of(type_, protocol)?;
     // SAFETY: user_ip6 of the same context, read word by word.
     let dst_addr = unsafe { read_ip6(core::ptr::addr_of!((*sa).user_ip6)) };
     Some(Lb6CtKey {

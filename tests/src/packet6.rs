@@ -136,15 +136,25 @@ impl Packet6 {
         self
     }
 
-    /// (source port, destination port) for TCP and UDP.
-    pub fn ports(&self) -> Option<(u16, u16)> {
-        match self.transport {
-            Transport::Tcp {
-                src_port, dst_port, ..
-            }
-            | Transport::Udp { src_port, dst_port } => Some((src_port, dst_port)),
-            Transport::Other { .. } => None,
+    /// An SCTP packet of `chunks`, verification tag 0 (an INIT's).
+    pub fn sctp(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), chunks: &[u8]) -> Self {
+        Self {
+            src: src.0,
+            dst: dst.0,
+            hop_limit: 64,
+            ext: Vec::new(),
+            transport: Transport::Sctp {
+                src_port: src.1,
+                dst_port: dst.1,
+                verification_tag: 0,
+            },
+            payload: chunks.to_vec(),
         }
+    }
+
+    /// (source port, destination port) for TCP, UDP and SCTP.
+    pub fn ports(&self) -> Option<(u16, u16)> {
+        self.transport.ports()
     }
 
     /// The frame as it would be on the wire.
