@@ -534,6 +534,19 @@ impl NodeAgents {
             .collect()
     }
 
+    /// Waits (bounded, as [`Self::wait_until`]) until every agent has
+    /// attached its programs, which it does after its first program: from
+    /// then on each node translates.
+    pub fn wait_attached(&self) {
+        for (k, agent) in self.agents.iter().enumerate() {
+            self.wait_until(&format!("node-{}'s programs attached", k + 1), || {
+                agent
+                    .log_contents()
+                    .contains("programs attached after the first program")
+            });
+        }
+    }
+
     /// The last lines of every agent's log, for assertion messages.
     pub fn logs(&self) -> String {
         self.agents

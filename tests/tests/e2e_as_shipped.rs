@@ -214,6 +214,7 @@ fn the_agent_as_shipped_serves_cluster_ip_and_node_port() {
             "the agent may gain privileges"
         );
     }
+    shipped.agents.wait_attached();
     shipped.agents.wait_until("the ClusterIP answers", || {
         http_get(
             shipped.cluster.pod(CLIENT.0).expect("client").ns(),
