@@ -457,8 +457,13 @@ pub struct NodeAgents {
 }
 
 impl NodeAgents {
+    /// Starts one agent per node and waits until each has attached its
+    /// programs (it does so after its first program: a map that is
+    /// programmed is not yet a device that translates).
     pub fn start(cluster: &xtask::Cluster, manifests: &std::path::Path, extra: &[&str]) -> Self {
-        Self::start_restricted(cluster, manifests, extra, None)
+        let agents = Self::start_restricted(cluster, manifests, extra, None);
+        agents.wait_attached();
+        agents
     }
 
     /// [`NodeAgents::start`], each agent under `restrictions` (a container's
