@@ -35,9 +35,10 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => {
             let mut p = Packet::udp((src, src_port), (dst, dst_port), payload);
-            // An opaque protocol; 6 and 17 would be read back as TCP/UDP.
+            // An opaque protocol; 6, 17 and 132 would be read back as
+            // TCP, UDP and SCTP.
             let protocol = match head[13] {
-                6 | 17 => 1,
+                6 | 17 | 132 => 1,
                 other => other,
             };
             p.transport = Transport::Other { protocol };
